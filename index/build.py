@@ -1,0 +1,207 @@
+"""Build one immutable index version from a latents file.
+
+The scoring of calibration latents is injected (``calibrate``) so that the store depends on no
+scoring code; ``latentsieve index build`` passes the workers' implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from index.bandwidth import choose_bandwidth
+from index.checksums import sha256_file
+from index.errors import StoreError
+from index.latent_files import load_latents
+from index.manifest import (
+    KNOWN_KINDS,
+    Calibration,
+    IndexManifest,
+    ModuleReference,
+    Policy,
+    SamplerRecipe,
+    check_model_name,
+)
+from index.module_refs import resolve_module_spec
+from index.store import INDEX_FILE, LatentStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_COUNT = 10_000
+# Sampler calibration draws seeds far from the small seeds upstream pipelines usually send.
+CALIBRATION_SEED_START = 1_000_000_000
+CALIBRATION_INDEX_SEED = 0
+_ADD_BLOCK = 65_536
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What to score for the percentile reference of a new version."""
+
+    latents: np.ndarray  # (N, d) float32 training latents
+    sigma: float
+    source: str  # "sampler" | "leave_one_out"
+    count: int
+    seed_start: int | None
+    indices: np.ndarray | None  # leave-one-out rows (count,)
+    sampler: SamplerRecipe | None
+    mapping: ModuleReference | None
+    version_dir: Path
+    progress: bool
+
+
+Calibrator = Callable[[CalibrationRequest], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """The options of ``latentsieve index build`` (CONTRACT §4)."""
+
+    model: str
+    latents_file: Path
+    sigma: str = "auto"
+    kind: str = "flat"
+    pca: int | None = None
+    sampler: str | None = None
+    generator: str | None = None
+    mapping: str | None = None
+    calibration_count: int = DEFAULT_CALIBRATION_COUNT
+    min_percentile: float = Policy().min_percentile
+    progress: bool = True
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("latentsieve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def check_options(options: BuildOptions) -> None:
+    """Refuse bad options before any file is read or written."""
+    check_model_name(options.model)
+    if options.kind not in KNOWN_KINDS:
+        raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(KNOWN_KINDS)}")
+    if options.kind != "flat":
+        raise StoreError(
+            f"--kind {options.kind} is not available in this release (approximate scoring is on "
+            "the roadmap); use --kind flat"
+        )
+    if options.pca is not None:
+        raise StoreError("--pca is not available in this release; build without it")
+    if options.calibration_count < 1:
+        raise StoreError("the calibration count must be >= 1")
+
+
+def write_flat_index(latents: np.ndarray, path: Path, progress: bool) -> None:
+    """IndexFlatL2 over the raw float32 latents (N, d), added in blocks with a progress bar."""
+    index = faiss.IndexFlatL2(latents.shape[1])
+    blocks = range(0, latents.shape[0], _ADD_BLOCK)
+    for start in tqdm(blocks, desc="index", unit="block", disable=not progress):
+        index.add(latents[start : start + _ADD_BLOCK])
+    faiss.write_index(index, str(path))
+
+
+def summarise(scores: np.ndarray) -> dict[str, float]:
+    """Quantiles of calibration scores (nats), for dashboards and docs."""
+    levels = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+    values = np.quantile(scores, levels)
+    return {f"q{level:g}": float(value) for level, value in zip(levels, values, strict=True)}
+
+
+def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrator) -> Path:
+    """Validate, build, calibrate and publish a new version; returns its folder.
+
+    Any failure raises StoreError (or the calibrator's error) and leaves nothing in the store.
+    """
+    check_options(options)
+    raw = load_latents(options.latents_file)
+    latent_shape = tuple(int(size) for size in raw.shape[1:])
+    latents = raw.reshape(raw.shape[0], -1)
+    n, dim = latents.shape
+    bandwidth = choose_bandwidth(options.sigma, latents)
+    sampler = SamplerRecipe.parse(options.sampler, latent_shape) if options.sampler else None
+    if sampler is not None and options.mapping is None:
+        numel = int(np.prod(sampler.shape))
+        if numel != dim:
+            raise StoreError(
+                f"--sampler draws {numel} numbers per latent ({sampler}), the index latents "
+                f"have {dim}; give a --mapping or a matching shape"
+            )
+    source_sha = sha256_file(options.latents_file)
+    created = datetime.now(UTC)
+    with store.staging(options.model) as staged:
+        write_flat_index(latents, staged / INDEX_FILE, options.progress)
+        generator = (
+            resolve_module_spec(options.generator, "generator", staged)
+            if options.generator
+            else None
+        )
+        mapping = (
+            resolve_module_spec(options.mapping, "mapping", staged) if options.mapping else None
+        )
+        if sampler is not None:
+            count = options.calibration_count
+            request = CalibrationRequest(
+                latents, bandwidth.sigma, "sampler", count, CALIBRATION_SEED_START, None,
+                sampler, mapping, staged, options.progress,
+            )
+        else:
+            count = min(options.calibration_count, n)
+            rng = np.random.default_rng(CALIBRATION_INDEX_SEED)
+            rows = np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
+            np.save(staged / "calibration_indices.npy", rows)
+            request = CalibrationRequest(
+                latents, bandwidth.sigma, "leave_one_out", count, None, rows,
+                None, mapping, staged, options.progress,
+            )
+        scores = np.sort(np.asarray(calibrate(request), dtype=np.float64))
+        if scores.shape != (count,) or not np.all(np.isfinite(scores)):
+            raise StoreError(f"calibration produced {scores.shape} scores, some not finite")
+        np.save(staged / "calibration.npy", scores)
+        calibration = Calibration(
+            source=request.source,  # type: ignore[arg-type]
+            count=count,
+            sigma=bandwidth.sigma,
+            seed_start=request.seed_start,
+            indices_file="calibration_indices.npy" if request.indices is not None else None,
+            log_density_min=float(scores[0]),
+            log_density_max=float(scores[-1]),
+            quantiles=summarise(scores),
+        )
+        files = {path.name: sha256_file(path) for path in sorted(staged.iterdir())}
+        digest = hashlib.sha256((source_sha + repr(sorted(files.items()))).encode()).hexdigest()
+        manifest = IndexManifest(
+            model=options.model,
+            version=f"{created:%Y%m%dT%H%M%S%f}Z-{digest[:8]}",
+            created_at=created,
+            package_version=_package_version(),
+            n=n,
+            dim=dim,
+            latent_shape=latent_shape,
+            bandwidth=bandwidth,
+            sampler=sampler,
+            generator=generator,
+            mapping=mapping,
+            calibration=calibration,
+            policy=Policy(min_percentile=options.min_percentile),
+            source_file=str(options.latents_file),
+            source_sha256=source_sha,
+            files=files,
+        )
+        target = store.publish(staged, manifest)
+    log.info(
+        "built index version",
+        extra={"model": options.model, "version": manifest.version, "n": n, "dim": dim},
+    )
+    return target

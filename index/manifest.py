@@ -1,0 +1,140 @@
+"""The manifest of one immutable index version, and the recipes it records."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from index.errors import StoreError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+IndexKind = Literal["flat"]
+KNOWN_KINDS = ("flat", "ivf", "hnsw")
+SamplerDType = Literal["float32", "float16"]
+
+
+def check_model_name(name: str) -> str:
+    """Model names are one path segment: lowercase letters, digits, '.', '_', '-' (<= 64)."""
+    if not MODEL_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise StoreError(
+            f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplerRecipe(_Frozen):
+    """Seed -> latent recipe (CONTRACT §5): one CPU torch.Generator per seed, N(0, I) draws."""
+
+    device: Literal["torch-cpu"] = "torch-cpu"
+    dtype: SamplerDType = "float32"
+    shape: tuple[int, ...]
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not shape or any(size < 1 for size in shape):
+            raise ValueError(f"sampler shape must be non-empty positive sizes, got {shape}")
+        return shape
+
+    @classmethod
+    def parse(cls, text: str, default_shape: tuple[int, ...]) -> SamplerRecipe:
+        """``torch-cpu[:DTYPE][:SHAPE]``, e.g. ``torch-cpu:float16:4x64x64``."""
+        parts = text.strip().split(":")
+        if parts[0] != "torch-cpu":
+            raise StoreError(
+                f"unknown sampler {parts[0]!r} in {text!r}; supported: torch-cpu[:DTYPE][:SHAPE]"
+            )
+        dtype = "float32"
+        shape = default_shape
+        for part in parts[1:]:
+            if part in ("float32", "float16"):
+                dtype = part
+            elif re.fullmatch(r"\d+(x\d+)*", part):
+                shape = tuple(int(size) for size in part.split("x"))
+            else:
+                raise StoreError(
+                    f"bad sampler field {part!r} in {text!r}: expected float32|float16 or a "
+                    "shape like 4x64x64"
+                )
+        try:
+            return cls(dtype=dtype, shape=shape)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise StoreError(f"bad sampler {text!r}: {exc}") from exc
+
+    def __str__(self) -> str:
+        return f"{self.device}:{self.dtype}:{'x'.join(str(size) for size in self.shape)}"
+
+
+class ModuleReference(_Frozen):
+    """A generator or mapping: a TorchScript copy in the version, or an import path."""
+
+    spec: str
+    source: Literal["torchscript", "import"]
+    file: str | None = None  # the copy inside the version directory (torchscript)
+    sha256: str  # of the TorchScript file, or of the imported module's source file
+
+
+class Bandwidth(_Frozen):
+    """The kernel bandwidth and how it was chosen."""
+
+    sigma: float = Field(gt=0)
+    rule: Literal["fixed", "knn_median"]
+    k: int | None = None
+    sample_size: int | None = None
+    seed: int | None = None
+    detail: str
+
+
+class Calibration(_Frozen):
+    """Where the percentile reference scores came from (CONTRACT §1)."""
+
+    source: Literal["sampler", "leave_one_out"]
+    count: int = Field(ge=1)
+    sigma: float = Field(gt=0)
+    seed_start: int | None = None  # sampler: seeds seed_start .. seed_start + count - 1
+    indices_file: str | None = None  # leave-one-out: the training rows scored
+    scores_file: str = "calibration.npy"  # sorted float64 log densities at ``sigma``
+    log_density_min: float
+    log_density_max: float
+    quantiles: dict[str, float]
+
+
+class Policy(_Frozen):
+    """The default accept/reject rules of a model (overridable per request)."""
+
+    min_percentile: float = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class IndexManifest(_Frozen):
+    """Everything needed to load and trust one version; written last, read first."""
+
+    format_version: int = FORMAT_VERSION
+    model: str
+    version: str
+    created_at: datetime
+    package_version: str
+    kind: IndexKind = "flat"
+    exact: bool = True
+    metric: Literal["l2"] = "l2"
+    n: int = Field(ge=2)
+    dim: int = Field(ge=1)
+    latent_shape: tuple[int, ...]
+    bandwidth: Bandwidth
+    sampler: SamplerRecipe | None = None
+    generator: ModuleReference | None = None
+    mapping: ModuleReference | None = None
+    calibration: Calibration
+    policy: Policy = Policy()
+    source_file: str
+    source_sha256: str
+    files: dict[str, str]  # file name in the version directory -> sha256

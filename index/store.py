@@ -1,0 +1,191 @@
+"""The store directory: one folder per model, one immutable folder per version inside it.
+
+    STORE/
+      digits-vae/
+        20261123T121314123456Z-1a2b3c4d/   manifest.json, index.faiss, calibration.npy, ...
+      .staging/                           builds in progress; renamed into place when complete
+
+A version becomes visible only by an atomic rename of its finished folder, and the manifest (with
+the sha256 of every other file) is the last file written, so a reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from pydantic import ValidationError
+
+from index.checksums import sha256_file
+from index.errors import StoreError
+from index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
+
+INDEX_FILE = "index.faiss"
+STAGING = ".staging"
+
+
+@dataclass
+class LoadedVersion:
+    """One verified version in memory. ``latents`` is a zero-copy (N, d) float32 view of the
+    memory-mapped FAISS flat index, valid while ``index`` lives."""
+
+    manifest: IndexManifest
+    path: Path
+    index: faiss.Index
+    latents: np.ndarray
+    calibration_scores: np.ndarray  # sorted float64 log densities at manifest.calibration.sigma
+    calibration_indices: np.ndarray | None  # leave-one-out rows, else None
+
+
+class LatentStore:
+    """Read and write versions under one root directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def models(self) -> list[str]:
+        """Names of models with at least one complete version, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and self.versions(entry.name)
+        )
+
+    def versions(self, model: str) -> list[str]:
+        """Complete versions of ``model``, oldest first (names sort by build time)."""
+        folder = self.root / check_model_name(model)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in folder.iterdir()
+            if entry.is_dir() and (entry / MANIFEST_NAME).is_file()
+        )
+
+    def newest(self, model: str) -> str | None:
+        versions = self.versions(model)
+        return versions[-1] if versions else None
+
+    def read_manifest(self, model: str, version: str) -> IndexManifest:
+        path = self.root / check_model_name(model) / version / MANIFEST_NAME
+        try:
+            return IndexManifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise StoreError(f"{model}/{version}: no manifest at {path}") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise StoreError(
+                f"{path}: invalid manifest ({'.'.join(map(str, first['loc']))}: {first['msg']})"
+            ) from exc
+
+    def load(self, model: str, version: str | None = None, verify: bool = True) -> LoadedVersion:
+        """Load ``version`` (default: newest) after checking every file's sha256."""
+        version = version or self.newest(model)
+        if version is None:
+            raise StoreError(f"model {model!r} has no index version in {self.root}")
+        manifest = self.read_manifest(model, version)
+        folder = self.root / model / version
+        if verify:
+            verify_files(folder, manifest.files)
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as exc:
+            raise StoreError(f"{folder / INDEX_FILE}: unreadable FAISS index ({exc})") from exc
+        flat = faiss.downcast_index(index)
+        if not isinstance(flat, faiss.IndexFlatL2):
+            raise StoreError(f"{folder / INDEX_FILE}: expected IndexFlatL2, got {type(flat)}")
+        if (flat.ntotal, flat.d) != (manifest.n, manifest.dim):
+            raise StoreError(
+                f"{folder}: index holds {flat.ntotal} x {flat.d}, manifest says "
+                f"{manifest.n} x {manifest.dim}"
+            )
+        latents = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
+            flat.ntotal, flat.d
+        )
+        calibration = manifest.calibration
+        scores = np.load(folder / calibration.scores_file, allow_pickle=False)
+        indices = (
+            np.load(folder / calibration.indices_file, allow_pickle=False)
+            if calibration.indices_file
+            else None
+        )
+        # ``index`` owns the C++ object (and the memory map); ``flat`` is a borrowed view.
+        return LoadedVersion(manifest, folder, index, latents, scores, indices)
+
+    @contextlib.contextmanager
+    def staging(self, model: str) -> Iterator[Path]:
+        """A private folder for a build; removed on any error, so no partial version remains."""
+        check_model_name(model)
+        folder = self.root / STAGING / f"{model}-{uuid.uuid4().hex}"
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def publish(self, staged: Path, manifest: IndexManifest) -> Path:
+        """Write the manifest last, then rename the staged folder to its version name."""
+        target = self.root / manifest.model / manifest.version
+        if target.exists():
+            raise StoreError(f"{target} already exists; versions are immutable")
+        payload = manifest.model_dump_json(indent=2)
+        with open(staged / MANIFEST_NAME, "w", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staged, target)
+        return target
+
+    def describe(self) -> list[dict[str, object]]:
+        """One row per version for ``index list``: model, version, kind, N, d, sigma, ..."""
+        rows: list[dict[str, object]] = []
+        for model in self.models():
+            for version in self.versions(model):
+                manifest = self.read_manifest(model, version)
+                rows.append(
+                    {
+                        "model": model,
+                        "version": version,
+                        "newest": version == self.newest(model),
+                        "kind": manifest.kind,
+                        "n": manifest.n,
+                        "dim": manifest.dim,
+                        "latent_shape": list(manifest.latent_shape),
+                        "sigma": manifest.bandwidth.sigma,
+                        "sigma_rule": manifest.bandwidth.rule,
+                        "sampler": str(manifest.sampler) if manifest.sampler else None,
+                        "calibration": manifest.calibration.source,
+                        "created_at": manifest.created_at.isoformat(),
+                    }
+                )
+        return rows
+
+
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    """Raise StoreError naming the first file whose sha256 differs from the manifest's."""
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise StoreError(f"{path}: listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise StoreError(
+                f"{path}: checksum mismatch (manifest {expected[:12]}..., file {actual[:12]}...); "
+                "the version is corrupted, rebuild it"
+            )
+
+
+def manifest_json(manifest: IndexManifest) -> dict[str, object]:
+    """The manifest as plain JSON data."""
+    return dict(json.loads(manifest.model_dump_json()))

@@ -1,0 +1,247 @@
+"""The ``latentsieve`` command line (CONTRACT §4).
+
+Every option falls back to an environment variable ``LATENTSIEVE_<OPTION>`` (``--store`` ->
+``LATENTSIEVE_STORE``, ``--redis`` -> ``LATENTSIEVE_REDIS_URL``). Errors print one line on stderr
+and exit with status 2; nothing is written to the store on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from index.errors import StoreError
+
+log = logging.getLogger("latentsieve")
+
+DEMO_MODEL = "digits-vae"
+_ENV_NAMES = {"redis": "LATENTSIEVE_REDIS_URL"}
+
+
+class CliError(Exception):
+    """A user error reported as one line."""
+
+
+def _env(option: str) -> str | None:
+    name = _ENV_NAMES.get(option, "LATENTSIEVE_" + option.upper().replace("-", "_"))
+    return os.environ.get(name)
+
+
+def _add(parser: argparse.ArgumentParser, option: str, **kwargs: object) -> None:
+    """An option whose default comes from its LATENTSIEVE_* variable."""
+    env = _env(option)
+    if env is not None:
+        kwargs["default"] = env
+        kwargs.pop("required", None)
+    parser.add_argument(f"--{option}", **kwargs)  # type: ignore[arg-type]
+
+
+def parse_seed_range(text: str) -> range:
+    """``A-B`` (inclusive) or a single seed ``A``; seeds lie in [0, 2^64)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not match:
+        raise CliError(f"--seeds must look like A-B (e.g. 0-99), got {text!r}")
+    start = int(match.group(1))
+    stop = int(match.group(2)) if match.group(2) is not None else start
+    if stop < start:
+        raise CliError(f"--seeds {text!r}: the end {stop} is before the start {start}")
+    if stop >= 2**64:
+        raise CliError(f"--seeds {text!r}: seeds must be < 2^64")
+    return range(start, stop + 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentsieve", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=_env("log-level") or "warning")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="build and list index versions")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="build a new immutable index version")
+    _add(build, "store", required=True)
+    _add(build, "model", required=True)
+    _add(build, "latents", required=True, help=".npy, .pt/.pth or .safetensors, shape (N, ...)")
+    _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
+    _add(build, "kind", default="flat", help="flat (ivf and hnsw are on the roadmap)")
+    _add(build, "pca", type=int, default=None)
+    _add(build, "sampler", default=None, help="torch-cpu[:DTYPE][:SHAPE]")
+    _add(build, "generator", default=None, help="TorchScript file or package.module:factory")
+    _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
+    _add(build, "calibration-count", type=int, default=None)
+    _add(build, "min-percentile", type=float, default=None, help="default policy")
+    build.add_argument("--no-progress", action="store_true")
+
+    listing = index_commands.add_parser("list", help="list models and versions")
+    _add(listing, "store", required=True)
+
+    score = commands.add_parser("score", help="offline batch scoring, same results as /score")
+    _add(score, "store", required=True)
+    _add(score, "model", required=True)
+    source = score.add_mutually_exclusive_group(required=_env("latents") is None)
+    source.add_argument("--latents", default=_env("latents"))
+    source.add_argument("--seeds", default=None, help="A-B, inclusive")
+    _add(score, "sigma", type=float, default=None)
+    _add(score, "out", default=None, help="FILE.json or FILE.npy (default: JSON on stdout)")
+
+    serve = commands.add_parser("serve", help="run the HTTP gateway")
+    _add(serve, "store", required=True)
+    _add(serve, "host", default="127.0.0.1")
+    _add(serve, "port", type=int, default=8000)
+    _add(serve, "redis", default=None)
+
+    worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
+    _add(worker, "store", required=True)
+    _add(worker, "redis", required=True)
+    _add(worker, "metrics-port", type=int, default=None)
+
+    demo = commands.add_parser("demo", help="build the bundled digits-vae index if missing")
+    _add(demo, "store", default="store")
+    demo.add_argument("--seeds", default="0-7", help="seeds to score once it is built")
+    return parser
+
+
+def _build(args: argparse.Namespace) -> int:
+    from index.build import DEFAULT_CALIBRATION_COUNT, BuildOptions, build_version
+    from index.manifest import Policy
+    from index.store import LatentStore
+    from workers.calibration import calibrate_build
+
+    options = BuildOptions(
+        model=args.model,
+        latents_file=Path(args.latents),
+        sigma=args.sigma,
+        kind=args.kind,
+        pca=int(args.pca) if args.pca is not None else None,
+        sampler=args.sampler,
+        generator=args.generator,
+        mapping=args.mapping,
+        calibration_count=int(args.calibration_count or DEFAULT_CALIBRATION_COUNT),
+        min_percentile=float(
+            args.min_percentile
+            if args.min_percentile is not None
+            else Policy().min_percentile
+        ),
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    folder = build_version(LatentStore(args.store), options, calibrate_build)
+    print(json.dumps({"model": options.model, "version": folder.name, "path": str(folder)}))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from index.store import LatentStore
+
+    print(json.dumps(LatentStore(args.store).describe(), indent=2))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from index.latent_files import load_latents
+    from index.store import LatentStore
+    from workers.scoring import ModelScorer, score_report
+
+    store = LatentStore(args.store)
+    if args.model not in store.models():
+        raise CliError(f"unknown model {args.model!r} in {args.store}; see 'index list'")
+    scorer = ModelScorer(store.load(args.model))
+    manifest = scorer.manifest
+    seeds: range | None = None
+    if args.seeds is not None:
+        seeds = parse_seed_range(args.seeds)
+        if len(seeds) > 10_000_000:
+            raise CliError("--seeds: at most 10,000,000 seeds per run")
+        latents = scorer.draw(seeds)
+    else:
+        raw = load_latents(args.latents, min_count=1)
+        if tuple(raw.shape[1:]) != manifest.latent_shape and raw[0].size != manifest.dim:
+            raise CliError(
+                f"{args.latents}: latents of shape {tuple(raw.shape[1:])} do not match the "
+                f"model's latent shape {manifest.latent_shape} ({manifest.dim} numbers)"
+            )
+        latents = raw.reshape(raw.shape[0], -1)
+    sigma = manifest.bandwidth.sigma if args.sigma is None else float(args.sigma)
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise CliError(f"--sigma must be a finite number > 0, got {args.sigma}")
+    batch = scorer.score(latents, sigma)
+    report = score_report(scorer, batch, sigma, manifest.policy, seeds)
+    _write_report(report, batch.log_density, batch.percentile, seeds, args.out)
+    return 0
+
+
+def _write_report(
+    report: dict[str, object],
+    log_density: np.ndarray,
+    percentile: np.ndarray,
+    seeds: Sequence[int] | None,
+    out: str | None,
+) -> None:
+    if out is None:
+        print(json.dumps(report, indent=2))
+        return
+    path = Path(out)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    elif path.suffix == ".npy":
+        results = report["results"]
+        assert isinstance(results, list)
+        table = np.zeros(
+            len(results),
+            dtype=[("seed", "u8"), ("log_density", "f8"), ("percentile", "f8"), ("accept", "?")],
+        )
+        table["seed"] = list(seeds) if seeds is not None else np.arange(len(results))
+        table["log_density"] = log_density
+        table["percentile"] = percentile
+        table["accept"] = [bool(result["accept"]) for result in results]
+        np.save(path, table)
+    else:
+        raise CliError(f"--out must end in .json or .npy, got {out!r}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.main import run_server
+
+    run_server(store=args.store, host=args.host, port=int(args.port), redis_url=args.redis)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from latentsieve.demo import ensure_demo_index
+
+    version = ensure_demo_index(Path(args.store))
+    print(json.dumps({"model": DEMO_MODEL, "version": version, "store": str(args.store)}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from latentsieve.logs import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        if args.command == "index":
+            return _build(args) if args.index_command == "build" else _list(args)
+        if args.command == "score":
+            return _score(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
+        raise CliError(
+            "'latentsieve worker' (distributed mode over Redis Streams) is not available in "
+            "this release; run 'latentsieve serve' (embedded workers)"
+        )
+    except (CliError, StoreError, ValueError, OSError) as exc:
+        print(f"latentsieve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

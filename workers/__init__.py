@@ -1,0 +1,1 @@
+"""Compute only: the density engine, samplers, generator adapters, calibration and batching."""

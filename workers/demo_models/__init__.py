@@ -1,0 +1,1 @@
+"""Small bundled demo models (weights shipped in the repository)."""

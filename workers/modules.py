@@ -1,0 +1,39 @@
+"""Load generator and mapping modules recorded in a manifest (TorchScript copy or import path)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from index.checksums import sha256_file
+from index.manifest import ModuleReference
+
+
+class ModuleLoadError(RuntimeError):
+    """A recorded generator/mapping cannot be loaded or no longer matches its checksum."""
+
+
+def load_module(reference: ModuleReference, version_dir: Path) -> nn.Module:
+    """The module, in eval mode on the CPU, after checking its sha256 against the manifest."""
+    if reference.source == "torchscript":
+        assert reference.file is not None
+        path = version_dir / reference.file
+        if sha256_file(path) != reference.sha256:
+            raise ModuleLoadError(f"{path}: checksum differs from the manifest")
+        module: nn.Module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        module_name, factory_name = reference.spec.split(":", 1)
+        python_module = importlib.import_module(module_name)
+        origin = getattr(python_module, "__file__", None)
+        if origin is None or sha256_file(origin) != reference.sha256:
+            raise ModuleLoadError(
+                f"{reference.spec}: the module source changed since the index was built "
+                "(sha256 differs); rebuild the index"
+            )
+        module = getattr(python_module, factory_name)()
+        if not isinstance(module, nn.Module):
+            raise ModuleLoadError(f"{reference.spec} returned {type(module)}, not an nn.Module")
+    return module.eval()

@@ -1,0 +1,30 @@
+"""Seeds -> index-space latents: the model's sampler followed by its mapping (identity default)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from index.manifest import SamplerRecipe
+from workers.samplers import draw_latents
+
+
+class SeedLatents:
+    """Draw with the recorded recipe, then map into the index space and flatten."""
+
+    def __init__(self, recipe: SamplerRecipe, mapping: nn.Module | None) -> None:
+        self.recipe = recipe
+        self.mapping = mapping
+
+    def draw(self, seeds: Sequence[int]) -> np.ndarray:
+        """seeds (n,) -> (n, d) float32 index-space latents."""
+        draws = draw_latents(self.recipe, seeds)
+        if self.mapping is None:
+            mapped = draws.float()
+        else:
+            with torch.no_grad():
+                mapped = self.mapping(draws.float())
+        return np.ascontiguousarray(mapped.reshape(len(seeds), -1).numpy(), dtype=np.float32)
