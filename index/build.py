@@ -30,7 +30,7 @@ from index.manifest import (
     SamplerRecipe,
     check_model_name,
 )
-from index.module_refs import resolve_module_spec
+from index.module_refs import copy_module_file, resolve_module_spec
 from index.store import INDEX_FILE, LatentStore
 
 log = logging.getLogger(__name__)
@@ -138,18 +138,15 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
                 f"--sampler draws {numel} numbers per latent ({sampler}), the index latents "
                 f"have {dim}; give a --mapping or a matching shape"
             )
+    generator = resolve_module_spec(options.generator, "generator") if options.generator else None
+    mapping = resolve_module_spec(options.mapping, "mapping") if options.mapping else None
     source_sha = sha256_file(options.latents_file)
     created = datetime.now(UTC)
     with store.staging(options.model) as staged:
         write_flat_index(latents, staged / INDEX_FILE, options.progress)
-        generator = (
-            resolve_module_spec(options.generator, "generator", staged)
-            if options.generator
-            else None
-        )
-        mapping = (
-            resolve_module_spec(options.mapping, "mapping", staged) if options.mapping else None
-        )
+        for reference in (generator, mapping):
+            if reference is not None:
+                copy_module_file(reference, staged)
         if sampler is not None:
             count = options.calibration_count
             request = CalibrationRequest(

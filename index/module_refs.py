@@ -14,15 +14,14 @@ from index.manifest import ModuleReference
 IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def resolve_module_spec(spec: str, role: str, version_dir: Path) -> ModuleReference:
-    """A TorchScript file is copied into ``version_dir`` as ``{role}.pt``; an import path
-    ``package.module:factory`` is recorded with the sha256 of the module's source file."""
+def resolve_module_spec(spec: str, role: str) -> ModuleReference:
+    """Check ``spec`` without writing anything: a TorchScript file (to be copied into the version
+    as ``{role}.pt`` by :func:`copy_module_file`) or an import path ``package.module:factory``
+    recorded with the sha256 of the module's source file."""
     path = Path(spec)
     if path.is_file():
-        target = version_dir / f"{role}.pt"
-        shutil.copyfile(path, target)
         return ModuleReference(
-            spec=spec, source="torchscript", file=target.name, sha256=sha256_file(target)
+            spec=spec, source="torchscript", file=f"{role}.pt", sha256=sha256_file(path)
         )
     if IMPORT_SPEC.fullmatch(spec):
         module_name = spec.split(":", 1)[0]
@@ -36,3 +35,13 @@ def resolve_module_spec(spec: str, role: str, version_dir: Path) -> ModuleRefere
     raise StoreError(
         f"--{role} {spec!r}: expected a TorchScript file or an import path package.module:factory"
     )
+
+
+def copy_module_file(reference: ModuleReference, version_dir: Path) -> None:
+    """Copy a TorchScript module into the version folder and check the copy's sha256."""
+    if reference.source != "torchscript" or reference.file is None:
+        return
+    target = version_dir / reference.file
+    shutil.copyfile(reference.spec, target)
+    if sha256_file(target) != reference.sha256:
+        raise StoreError(f"{reference.spec}: changed while it was being copied; build again")

@@ -109,9 +109,7 @@ class LatentStore:
                 f"{folder}: index holds {flat.ntotal} x {flat.d}, manifest says "
                 f"{manifest.n} x {manifest.dim}"
             )
-        latents = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(
-            flat.ntotal, flat.d
-        )
+        latents = np.asarray(_FlatVectors(index, flat))
         calibration = manifest.calibration
         scores = np.load(folder / calibration.scores_file, allow_pickle=False)
         indices = (
@@ -119,7 +117,6 @@ class LatentStore:
             if calibration.indices_file
             else None
         )
-        # ``index`` owns the C++ object (and the memory map); ``flat`` is a borrowed view.
         return LoadedVersion(manifest, folder, index, latents, scores, indices)
 
     @contextlib.contextmanager
@@ -170,6 +167,21 @@ class LatentStore:
                     }
                 )
         return rows
+
+
+class _FlatVectors:
+    """Exposes a flat index's vectors to NumPy without a copy, as the array's ``base``: the
+    array then keeps ``owner`` (the object that frees the C++ index and its memory map) alive."""
+
+    def __init__(self, owner: faiss.Index, flat: faiss.IndexFlat) -> None:
+        self.owner = owner
+        view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
+        self.__array_interface__ = {
+            "shape": (int(flat.ntotal), int(flat.d)),
+            "typestr": "<f4",
+            "data": (view.__array_interface__["data"][0], True),  # read-only: a file mapping
+            "version": 3,
+        }
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
