@@ -80,6 +80,25 @@ def test_total_underflow_stays_finite_and_exact(backend: str, sigma: float) -> N
     np.testing.assert_allclose(got, -sq.min(1) / (2 * sigma**2) - math.log(500), rtol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 0.05])
+def test_a_much_closer_latent_in_a_later_block_is_rescaled_not_overflowed(
+    backend: str, sigma: float
+) -> None:
+    """The shift comes from the first block; a later block 100s of nats higher must not
+    overflow (float32 overflows past 88 nats, float64 past 709)."""
+    rng = np.random.default_rng(4)
+    far = rng.normal(30.0, 1.0, (64, 4))
+    near = rng.normal(0.0, 0.1, (64, 4))
+    latents = np.concatenate([far, near]).astype(np.float32)
+    queries = near[:5].astype(np.float32) + 0.01
+    engine = DensityEngine(latents, backend=backend, latent_block=64)  # type: ignore[arg-type]
+    got = engine.log_density(queries, sigma)
+    want = log_density_reference(queries, latents, sigma)
+    np.testing.assert_allclose(got.log_density, want, atol=CONTRACT_TOLERANCE, rtol=0)
+    assert np.all(got.precision != 32)  # the float32 pass flagged the overflow
+
+
 def test_float32_path_is_used_where_it_is_accurate_enough() -> None:
     rng = np.random.default_rng(2)
     latents = clustered(rng, 2000, 128, 1.0, 0.0)
