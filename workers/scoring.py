@@ -45,6 +45,9 @@ class ModelScorer:
     seed_latents: SeedLatents | None = field(init=False)
     _calibrations: OrderedDict[float, np.ndarray] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    # One calibration computed at a time per model: concurrent requests for a new sigma wait for
+    # the first one's result instead of each scoring the whole calibration set.
+    _compute_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         manifest = self.loaded.manifest
@@ -68,26 +71,35 @@ class ModelScorer:
     def calibration(self, sigma: float) -> np.ndarray:
         """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
         once (same calibration set) and the last ``CALIBRATIONS_KEPT`` are kept."""
+        cached = self._cached_calibration(sigma)
+        if cached is not None:
+            return cached
+        with self._compute_lock:
+            cached = self._cached_calibration(sigma)
+            if cached is not None:
+                return cached
+            spec = self.manifest.calibration
+            scores = score_calibration(
+                self.engine,
+                sigma,
+                count=spec.count,
+                seed_start=spec.seed_start,
+                indices=self.loaded.calibration_indices,
+                draw=self.draw if spec.source == "sampler" else None,
+            )
+            scores.sort()
+            with self._lock:
+                self._calibrations[sigma] = scores
+                while len(self._calibrations) > CALIBRATIONS_KEPT:
+                    self._calibrations.popitem(last=False)
+            return scores
+
+    def _cached_calibration(self, sigma: float) -> np.ndarray | None:
         with self._lock:
             cached = self._calibrations.get(sigma)
             if cached is not None:
                 self._calibrations.move_to_end(sigma)
-                return cached
-        spec = self.manifest.calibration
-        scores = score_calibration(
-            self.engine,
-            sigma,
-            count=spec.count,
-            seed_start=spec.seed_start,
-            indices=self.loaded.calibration_indices,
-            draw=self.draw if spec.source == "sampler" else None,
-        )
-        scores.sort()
-        with self._lock:
-            self._calibrations[sigma] = scores
-            while len(self._calibrations) > CALIBRATIONS_KEPT:
-                self._calibrations.popitem(last=False)
-        return scores
+            return cached
 
     def score(self, latents: np.ndarray, sigma: float | None = None) -> ScoredBatch:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's)."""

@@ -1,0 +1,406 @@
+"""W1 through HTTP: what does the gateway add on top of the density math?
+
+Workload W1: N = 60,000 training latents of d = 512 (100 centres ~ N(0, I), each point a centre
+plus 0.5 N(0, I), float32, fixed seed), built into a temporary store with
+
+    latentsieve index build --sigma 20 --calibration-count 2000
+
+and served by ``latentsieve serve`` on a free loopback port. Measured in one run:
+
+1. throughput: 2,000 fresh query latents as base64 batches of 250 per ``POST /score`` (all
+   batches in flight at once, and one after another), against NumPy ``q @ Z.T`` of the same
+   shapes (2,000 x 512 by 512 x 60,000, float32) timed in this process; target HTTP <= 1.5x;
+2. the cost of the JSON nested-list form against the base64 form for the same 250-latent batch
+   (bytes on the wire, client encoding time, round trip);
+3. p50/p99 latency of single requests of 16 fresh latents at concurrency 1, 8 and 32;
+4. p99 latency of fully cached requests (16 latents already scored) at concurrency 8;
+   target <= 5 ms.
+
+Every uncached measurement sends latents never sent before, so the score cache cannot help.
+Request bodies are encoded before the clock starts, except in (2). Timings are wall-clock
+seconds from ``time.perf_counter``; the client runs in this process, so at high concurrency
+part of the latency is the client's own event loop.
+
+    python benchmarks/bench_http.py            # full size, writes docs/performance-http.md
+    python benchmarks/bench_http.py --quick    # N = 6,000 smoke run, same table
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.client import encode_latents
+
+MODEL = "w1"
+HEADERS = {"content-type": "application/json"}
+THROUGHPUT_TARGET = 1.5
+CACHED_P99_TARGET_MS = 5.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload sizes: ``n`` training latents of dimension ``d``; batches in latents."""
+
+    n: int
+    d: int
+    queries: int
+    batch: int
+    small_batch: int
+    requests_per_level: int
+    repeats: int
+
+
+FULL = Sizes(n=60_000, d=512, queries=2_000, batch=250, small_batch=16,
+             requests_per_level=400, repeats=3)
+QUICK = Sizes(n=6_000, d=512, queries=500, batch=250, small_batch=16,
+              requests_per_level=100, repeats=2)
+
+
+def clustered(count: int, d: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
+    """``count`` points: a random centre plus 0.5 N(0, I), float32 (count, d)."""
+    labels = rng.integers(0, len(centres), size=count)
+    noise = rng.standard_normal((count, d), dtype=np.float32)
+    return (centres[labels] + np.float32(0.5) * noise).astype(np.float32)
+
+
+class QueryStream:
+    """Fresh W1-distributed query latents; no latent is handed out twice."""
+
+    def __init__(self, d: int, centres: np.ndarray, seed: int = 1) -> None:
+        self.d = d
+        self.centres = centres
+        self.rng = np.random.default_rng(seed)
+
+    def take(self, count: int) -> np.ndarray:
+        return clustered(count, self.d, self.rng, self.centres)
+
+
+def score_body(latents: np.ndarray, form: str = "base64") -> bytes:
+    """A ``POST /score`` body for ``latents`` (n, d) in the base64 or nested-list form."""
+    payload = encode_latents(latents) if form == "base64" else latents.tolist()
+    return json.dumps({"model": MODEL, "latents": payload}).encode()
+
+
+def percentile_ms(latencies_s: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(latencies_s) * 1e3, q))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def latentsieve() -> list[str]:
+    installed = Path(sys.executable).with_name("latentsieve")
+    if installed.exists():
+        return [str(installed)]
+    found = shutil.which("latentsieve")
+    return [found] if found else [sys.executable, "-m", "latentsieve.cli"]
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without LATENTSIEVE_* settings, so the server runs on defaults."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("LATENTSIEVE_")}
+
+
+def build_store(store: Path, training: np.ndarray) -> float:
+    """Write the W1 index into ``store``; returns the build time in seconds."""
+    latents_file = store.parent / "w1-latents.npy"
+    np.save(latents_file, training)
+    started = time.perf_counter()
+    subprocess.run(
+        [*latentsieve(), "index", "build", "--store", str(store), "--model", MODEL,
+         "--latents", str(latents_file), "--sigma", "20", "--calibration-count", "2000",
+         "--no-progress"],
+        check=True, env=clean_env(), stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+class Server:
+    """``latentsieve serve`` on a free loopback port, stopped on exit."""
+
+    def __init__(self, store: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [*latentsieve(), "serve", "--store", str(store), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=clean_env(),
+        )
+
+    def wait_ready(self, timeout_s: float = 300.0) -> float:
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.process.returncode}); "
+                                   f"see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the server was not ready after {timeout_s} s; see {self.log.name}")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+async def post(client: httpx.AsyncClient, body: bytes) -> tuple[float, dict[str, Any]]:
+    """One ``POST /score``; (seconds, parsed answer). Raises on a non-200 answer."""
+    started = time.perf_counter()
+    response = await client.post("/score", content=body, headers=HEADERS)
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"/score answered {response.status_code}: {response.text[:300]}")
+    return elapsed, response.json()
+
+
+async def run_concurrently(
+    client: httpx.AsyncClient, bodies: list[bytes], concurrency: int
+) -> tuple[list[float], float, list[dict[str, Any]]]:
+    """Send ``bodies`` with at most ``concurrency`` in flight: (latencies s, wall s, answers)."""
+    queue = list(reversed(bodies))
+    latencies: list[float] = []
+    answers: list[dict[str, Any]] = []
+
+    async def lane() -> None:
+        while queue:
+            elapsed, answer = await post(client, queue.pop())
+            latencies.append(elapsed)
+            answers.append(answer)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - started, answers
+
+
+def numpy_baseline(queries: np.ndarray, training: np.ndarray, repeats: int) -> float:
+    """Best wall time (s) of ``q @ Z.T`` in float32: the bare cost of the distances."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product = queries @ training.T
+        best = min(best, time.perf_counter() - started)
+        del product
+    return best
+
+
+async def measure(url: str, sizes: Sizes, stream: QueryStream) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    results: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        batches = sizes.queries // sizes.batch
+        warm = [score_body(stream.take(sizes.batch)) for _ in range(batches)]
+        await run_concurrently(client, warm, batches)
+
+        concurrent_s, sequential_s = float("inf"), float("inf")
+        for _ in range(sizes.repeats):
+            bodies = [score_body(stream.take(sizes.batch)) for _ in range(batches)]
+            _, wall, _ = await run_concurrently(client, bodies, batches)
+            concurrent_s = min(concurrent_s, wall)
+            bodies = [score_body(stream.take(sizes.batch)) for _ in range(batches)]
+            _, wall, _ = await run_concurrently(client, bodies, 1)
+            sequential_s = min(sequential_s, wall)
+        results["throughput"] = {"concurrent_s": concurrent_s, "sequential_s": sequential_s,
+                                 "batches": batches}
+
+        forms: dict[str, dict[str, float]] = {}
+        for form in ("base64", "json"):
+            encode_s, round_trip_s, size = float("inf"), float("inf"), 0
+            for _ in range(sizes.repeats + 1):
+                latents = stream.take(sizes.batch)
+                started = time.perf_counter()
+                body = score_body(latents, form)
+                encode_s = min(encode_s, time.perf_counter() - started)
+                elapsed, _ = await post(client, body)
+                round_trip_s = min(round_trip_s, elapsed)
+                size = len(body)
+            forms[form] = {"bytes": size, "encode_s": encode_s, "round_trip_s": round_trip_s}
+        results["forms"] = forms
+
+        levels: dict[int, dict[str, float]] = {}
+        for concurrency in (1, 8, 32):
+            await run_concurrently(
+                client, [score_body(stream.take(sizes.small_batch)) for _ in range(64)],
+                concurrency,
+            )
+            bodies = [score_body(stream.take(sizes.small_batch))
+                      for _ in range(sizes.requests_per_level)]
+            latencies, wall, _ = await run_concurrently(client, bodies, concurrency)
+            levels[concurrency] = {
+                "p50_ms": percentile_ms(latencies, 50),
+                "p99_ms": percentile_ms(latencies, 99),
+                "requests_per_s": len(bodies) / wall,
+            }
+        results["latency"] = levels
+
+        cached_bodies = [score_body(stream.take(sizes.small_batch)) for _ in range(64)]
+        await run_concurrently(client, cached_bodies, 8)
+        await run_concurrently(client, cached_bodies, 8)
+        repeated = cached_bodies * max(1, sizes.requests_per_level // len(cached_bodies))
+        latencies, wall, answers = await run_concurrently(client, repeated, 8)
+        all_cached = all(
+            bool(result["cached"]) for answer in answers for result in answer["results"]
+        )
+        results["cached"] = {
+            "p50_ms": percentile_ms(latencies, 50),
+            "p99_ms": percentile_ms(latencies, 99),
+            "requests_per_s": len(repeated) / wall,
+            "all_cached": all_cached,
+        }
+    return results
+
+
+def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command: str,
+                 build_s: float, ready_s: float, load: tuple[float, float]) -> str:
+    """The markdown report; ``load`` is the 1-minute load average before and after the run."""
+    throughput = numbers["throughput"]
+    forms = numbers["forms"]
+    levels = numbers["latency"]
+    cached = numbers["cached"]
+    assert isinstance(throughput, dict) and isinstance(forms, dict)
+    assert isinstance(levels, dict) and isinstance(cached, dict)
+    concurrent_ratio = throughput["concurrent_s"] / numpy_s
+    sequential_ratio = throughput["sequential_s"] / numpy_s
+    base, nested = forms["base64"], forms["json"]
+    lines = [
+        "# HTTP performance (W1 through the gateway)",
+        "",
+        f"Generated by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, NumPy {np.__version__}. "
+        "Client and server share the machine; 1-minute load average "
+        f"{load[0]:.2f} before and {load[1]:.2f} after the run (above the core count means "
+        "other work competed for the CPU).",
+        "",
+        f"W1: N = {sizes.n:,} training latents, d = {sizes.d}, 100 clusters, sigma 20, flat "
+        f"(exact) index; index build {build_s:.1f} s, server ready {ready_s:.1f} s after start.",
+        "",
+        "## Throughput against NumPy",
+        "",
+        "| measurement | time | latents/s | vs NumPy | target |",
+        "|---|---:|---:|---:|---:|",
+        f"| NumPy `q @ Z.T`, ({sizes.queries} x {sizes.d}) @ ({sizes.d} x {sizes.n:,}) float32 "
+        f"| {numpy_s * 1e3:.1f} ms | {sizes.queries / numpy_s:,.0f} | 1.00x | |",
+        f"| `POST /score`, {throughput['batches']} base64 batches of {sizes.batch}, all in "
+        f"flight | {throughput['concurrent_s'] * 1e3:.1f} ms "
+        f"| {sizes.queries / throughput['concurrent_s']:,.0f} | {concurrent_ratio:.2f}x "
+        f"| <= {THROUGHPUT_TARGET}x |",
+        f"| `POST /score`, same batches one after another "
+        f"| {throughput['sequential_s'] * 1e3:.1f} ms "
+        f"| {sizes.queries / throughput['sequential_s']:,.0f} | {sequential_ratio:.2f}x | |",
+        "",
+        f"## Latent encoding, one batch of {sizes.batch} x {sizes.d}",
+        "",
+        "| form | body bytes | client encode | round trip (incl. scoring) |",
+        "|---|---:|---:|---:|",
+        f"| base64 float32 | {base['bytes']:,} | {base['encode_s'] * 1e3:.2f} ms "
+        f"| {base['round_trip_s'] * 1e3:.1f} ms |",
+        f"| JSON nested list | {nested['bytes']:,} | {nested['encode_s'] * 1e3:.2f} ms "
+        f"| {nested['round_trip_s'] * 1e3:.1f} ms |",
+        f"| JSON / base64 | {nested['bytes'] / base['bytes']:.1f}x "
+        f"| {nested['encode_s'] / base['encode_s']:.1f}x "
+        f"| {nested['round_trip_s'] / base['round_trip_s']:.2f}x |",
+        "",
+        f"## Latency, requests of {sizes.small_batch} fresh latents "
+        f"({sizes.requests_per_level} requests per level)",
+        "",
+        "| concurrency | p50 | p99 | requests/s | latents/s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for concurrency, level in levels.items():
+        lines.append(
+            f"| {concurrency} | {level['p50_ms']:.1f} ms | {level['p99_ms']:.1f} ms "
+            f"| {level['requests_per_s']:,.0f} "
+            f"| {level['requests_per_s'] * sizes.small_batch:,.0f} |"
+        )
+    lines += [
+        "",
+        "## Cached hits",
+        "",
+        "| concurrency | p50 | p99 | requests/s | every result cached | target p99 |",
+        "|---:|---:|---:|---:|---|---:|",
+        f"| 8 | {cached['p50_ms']:.2f} ms | {cached['p99_ms']:.2f} ms "
+        f"| {cached['requests_per_s']:,.0f} | {'yes' if cached['all_cached'] else 'NO'} "
+        f"| <= {CACHED_P99_TARGET_MS:.0f} ms |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def workdir(keep: bool) -> Iterator[Path]:
+    """A temporary folder for the store, removed afterwards unless ``keep``."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    try:
+        yield folder
+    finally:
+        if keep:
+            print(f"kept {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N = 6,000 smoke run")
+    parser.add_argument("--out", type=Path, default=Path("docs/performance-http.md"))
+    parser.add_argument("--keep", action="store_true", help="keep the temporary store")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    command = "python benchmarks/bench_http.py" + (" --quick" if args.quick else "")
+
+    load_before = os.getloadavg()[0]
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, sizes.d), dtype=np.float32)
+    training = clustered(sizes.n, sizes.d, rng, centres)
+    stream = QueryStream(sizes.d, centres)
+    numpy_s = numpy_baseline(stream.take(sizes.queries), training, sizes.repeats + 1)
+
+    with workdir(args.keep) as folder:
+        store = folder / "store"
+        build_s = build_store(store, training)
+        with Server(store, folder / "serve.log") as server:
+            ready_s = server.wait_ready()
+            numbers = asyncio.run(measure(server.url, sizes, stream))
+    load = (load_before, os.getloadavg()[0])
+    table = report_table(sizes, numbers, numpy_s, command, build_s, ready_s, load)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

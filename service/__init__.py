@@ -1,0 +1,1 @@
+"""The HTTP gateway: app factory, routers, schemas, settings, auth, errors, metrics, cache."""

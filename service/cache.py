@@ -1,0 +1,354 @@
+"""The score cache: one key function and two back ends (in-process LRU, Redis).
+
+A cached entry is the part of a result that depends only on the latent, the index version, the
+bandwidth and the requested descriptors: ``log_density`` (nats) and ``percentile`` (in [0, 1]).
+The accept/reject decision is not cached, because a request may override the policy.
+
+Neither back end ever raises from ``get_many``/``set_many``: a cache failure turns into misses
+(reads) or skipped writes, is counted in ``errors`` and logged at most once per interval, so a
+dead Redis costs at most one short socket timeout and never fails a request.
+
+Counters (read by the gateway, which owns the Prometheus names):
+
+- ``hits``   keys found
+- ``misses`` keys not found (including every key of a failed read)
+- ``errors`` ``get_many``/``set_many`` calls that could not use the back end
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Protocol, TypedDict
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "ls:v1:"
+# Per-entry bytes on top of the key's length: the str object, OrderedDict slot and the tuple of
+# three floats (about 250 bytes measured with tracemalloc on CPython 3.11).
+ENTRY_OVERHEAD_BYTES = 256
+DEFAULT_SOCKET_TIMEOUT_S = 0.25
+DEFAULT_RETRY_INTERVAL_S = 0.5
+DEFAULT_WARN_INTERVAL_S = 30.0
+
+
+class CachedScore(TypedDict):
+    """The cached part of one result: ``log_density`` in nats, ``percentile`` in [0, 1]."""
+
+    log_density: float
+    percentile: float
+
+
+class CacheSettings(Protocol):
+    """The fields of ``service.settings.Settings`` that choose and size the cache."""
+
+    @property
+    def redis_url(self) -> str | None: ...
+
+    @property
+    def cache_bytes(self) -> int: ...
+
+    @property
+    def cache_ttl_s(self) -> float: ...
+
+
+def _length_prefixed(parts: Iterable[bytes]) -> bytes:
+    return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+
+
+def cache_key(
+    model: str,
+    index_version: str,
+    sigma: float,
+    descriptors: tuple[str, ...],
+    latent: bytes,
+) -> str:
+    """``"ls:v1:<sha256 hex>"`` over every input that changes a score.
+
+    Each part is length-prefixed so no two different inputs share an encoding. ``sigma`` enters
+    exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
+    and repeats do not matter. ``latent`` is the latent's bytes as the gateway normalises them
+    (one dtype and byte order for every request form).
+    """
+    names = sorted(set(descriptors))
+    parts = [
+        KEY_PREFIX.encode(),
+        model.encode(),
+        index_version.encode(),
+        float(sigma).hex().encode(),
+        len(names).to_bytes(8, "big"),
+        *(name.encode() for name in names),
+        latent,
+    ]
+    return KEY_PREFIX + hashlib.sha256(_length_prefixed(parts)).hexdigest()
+
+
+class ScoreCache(Protocol):
+    """What the gateway needs from a cache; implementations never raise from get/set."""
+
+    hits: int
+    misses: int
+    errors: int
+
+    async def get_many(self, keys: list[str]) -> list[CachedScore | None]:
+        """One entry (or ``None`` for a miss) per key, in order."""
+        ...
+
+    async def set_many(self, items: list[tuple[str, CachedScore]]) -> None:
+        """Store every ``(key, score)``; failures are counted, not raised."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the cache is unusable afterwards."""
+        ...
+
+
+class _Throttled:
+    """Log a warning at most once per ``interval_s`` seconds, with the count suppressed."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self._suppressed = 0
+
+    def warning(self, message: str, **fields: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        log.warning(message, extra={**fields, "suppressed": self._suppressed})
+        self._last = now
+        self._suppressed = 0
+
+
+class MemoryCache:
+    """In-process LRU bounded by the approximate bytes of its keys and values.
+
+    An entry costs ``len(key) + ENTRY_OVERHEAD_BYTES``; inserting past ``max_bytes`` evicts the
+    least recently used entries. ``max_bytes <= 0`` disables the cache (every read misses).
+    ``ttl_s`` (seconds, ``None`` = forever) bounds how long an entry is served; since a key
+    names an immutable index version, expiry only bounds memory, never staleness. A lock makes
+    it safe from several threads as well as tasks (no awaits happen while it is held).
+    """
+
+    def __init__(self, max_bytes: int, ttl_s: float | None = None) -> None:
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"cache ttl must be > 0 seconds or None, got {ttl_s}")
+        self.max_bytes = int(max_bytes)
+        self.ttl_s = ttl_s
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.evictions = 0
+        self._bytes = 0
+        self._entries: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def size_bytes(self) -> int:
+        """Approximate bytes held now."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def entry_bytes(key: str) -> int:
+        """Approximate cost of one entry in bytes."""
+        return len(key) + ENTRY_OVERHEAD_BYTES
+
+    async def get_many(self, keys: list[str]) -> list[CachedScore | None]:
+        now = time.monotonic()
+        found: list[CachedScore | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None and entry[2] <= now:
+                    self._remove(key)
+                    entry = None
+                if entry is None:
+                    found.append(None)
+                    continue
+                self._entries.move_to_end(key)
+                found.append(CachedScore(log_density=entry[0], percentile=entry[1]))
+            hit_count = sum(score is not None for score in found)
+            self.hits += hit_count
+            self.misses += len(keys) - hit_count
+        return found
+
+    async def set_many(self, items: list[tuple[str, CachedScore]]) -> None:
+        expires = time.monotonic() + self.ttl_s if self.ttl_s is not None else float("inf")
+        with self._lock:
+            for key, score in items:
+                cost = self.entry_bytes(key)
+                if cost > self.max_bytes:
+                    continue
+                if key in self._entries:
+                    self._remove(key)
+                self._entries[key] = (
+                    float(score["log_density"]),
+                    float(score["percentile"]),
+                    expires,
+                )
+                self._bytes += cost
+                while self._bytes > self.max_bytes:
+                    oldest = next(iter(self._entries))
+                    self._remove(oldest)
+                    self.evictions += 1
+
+    async def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _remove(self, key: str) -> None:
+        del self._entries[key]
+        self._bytes -= self.entry_bytes(key)
+
+
+def _encode(score: CachedScore) -> bytes:
+    """Compact JSON ``[log_density, percentile]``; ``repr`` floats round-trip exactly."""
+    return json.dumps([score["log_density"], score["percentile"]], separators=(",", ":")).encode()
+
+
+def _decode(raw: bytes | str) -> CachedScore:
+    log_density, percentile = json.loads(raw)
+    return CachedScore(log_density=float(log_density), percentile=float(percentile))
+
+
+class RedisCache:
+    """Scores in Redis: one ``MGET`` per read, one pipelined ``SET ... PX`` batch per write.
+
+    Values are compact JSON ``[log_density, percentile]`` under ``cache_key`` keys, expiring
+    after ``ttl_s`` seconds (millisecond precision; ``None`` = no expiry). Socket connect and
+    read timeouts are ``socket_timeout_s`` and redis-py's retries are off, so a dead or
+    unreachable Redis costs one short timeout. After a failure the cache does not touch Redis
+    for ``retry_interval_s`` seconds (reads miss, writes are skipped, both counted in
+    ``errors``); the next call after that reconnects, so a restarted Redis is used again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl_s: float | None = 3600.0,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S,
+        warn_interval_s: float = DEFAULT_WARN_INTERVAL_S,
+    ) -> None:
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"cache ttl must be > 0 seconds or None, got {ttl_s}")
+        self.url = url
+        self.ttl_ms = max(1, round(ttl_s * 1000)) if ttl_s is not None else None
+        self.socket_timeout_s = socket_timeout_s
+        self.retry_interval_s = retry_interval_s
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+        self._down_until = -float("inf")
+        self._warn = _Throttled(warn_interval_s)
+        self._client: Redis = Redis.from_url(
+            url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            decode_responses=False,
+        )
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, operation: str, exc: BaseException | None) -> None:
+        self.errors += 1
+        if exc is not None:
+            self._down_until = time.monotonic() + self.retry_interval_s
+            self._warn.warning(
+                "redis cache unavailable; serving without it",
+                operation=operation,
+                error=f"{type(exc).__name__}: {exc}",
+                url=_redacted(self.url),
+            )
+
+    def _deadline_s(self) -> float:
+        # Connect and read each get socket_timeout_s; the outer bound is a safety net only.
+        return 4 * self.socket_timeout_s
+
+    async def get_many(self, keys: list[str]) -> list[CachedScore | None]:
+        if not keys:
+            return []
+        if not self._available():
+            self._failed("get", None)
+            self.misses += len(keys)
+            return [None] * len(keys)
+        try:
+            async with asyncio.timeout(self._deadline_s()):
+                raw_values: list[bytes | str | None] = await self._client.mget(keys)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("get", exc)
+            self.misses += len(keys)
+            return [None] * len(keys)
+        found: list[CachedScore | None] = []
+        for raw in raw_values:
+            score: CachedScore | None = None
+            if raw is not None:
+                try:
+                    score = _decode(raw)
+                except (ValueError, TypeError) as exc:
+                    self._warn.warning("unreadable redis cache entry", error=str(exc))
+            found.append(score)
+        hit_count = sum(score is not None for score in found)
+        self.hits += hit_count
+        self.misses += len(keys) - hit_count
+        return found
+
+    async def set_many(self, items: list[tuple[str, CachedScore]]) -> None:
+        if not items:
+            return
+        if not self._available():
+            self._failed("set", None)
+            return
+        try:
+            async with asyncio.timeout(self._deadline_s()):
+                pipe = self._client.pipeline(transaction=False)
+                for key, score in items:
+                    pipe.set(key, _encode(score), px=self.ttl_ms)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("set", exc)
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError) as exc:
+            log.debug("closing the redis cache client failed", extra={"error": str(exc)})
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
+
+
+def make_cache(settings: CacheSettings) -> ScoreCache:
+    """A ``RedisCache`` when ``settings.redis_url`` is set, else a ``MemoryCache``.
+
+    ``settings.cache_bytes`` sizes the in-process cache (bytes); ``settings.cache_ttl_s``
+    (seconds, ``<= 0`` = no expiry) applies to both.
+    """
+    ttl_s = settings.cache_ttl_s if settings.cache_ttl_s > 0 else None
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, ttl_s=ttl_s)
+    return MemoryCache(settings.cache_bytes, ttl_s=ttl_s)

@@ -1,0 +1,78 @@
+"""The gateway's one error type and its one JSON shape: ``{"detail": "..."}``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request that cannot be served: HTTP status, a detail a person can act on, headers."""
+
+    def __init__(
+        self, status: int, detail: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one error body."""
+    return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+
+
+def describe_validation_errors(
+    errors: Sequence[Any], allowed_fields: Sequence[str] | None = None, limit: int = 3
+) -> str:
+    """Pydantic errors -> one readable line per error: ``field: what was wrong``."""
+    lines: list[str] = []
+    for error in list(errors)[:limit]:
+        loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden" and allowed_fields:
+            message += f" (allowed fields: {', '.join(allowed_fields)})"
+        lines.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more")
+    return "; ".join(lines) or "invalid request"
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status, exc.detail, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, describe_validation_errors(exc.errors()))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug must still answer in the one error shape, and leave a trace in the logs.
+    log.exception("unhandled error", extra={"path": request.url.path})
+    return error_response(500, "internal error; the server logged the cause")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error the app can raise to ``{"detail": ...}``."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,27 @@
+"""``latentsieve serve``: settings from the arguments and ``LATENTSIEVE_*``, then uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def run_server(
+    store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None
+) -> None:
+    """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now."""
+    overrides: dict[str, Any] = {"store": Path(store), "host": host, "port": port}
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    settings = Settings(**overrides)
+    app = create_app(settings, reload_on_sighup=True)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()

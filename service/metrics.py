@@ -1,0 +1,119 @@
+"""Prometheus metrics of the gateway (CONTRACT §6), on a registry owned by one app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
+BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))
+LOG_DENSITY_BUCKET_COUNT = 20
+
+
+def log_density_buckets(ranges: Sequence[tuple[float, float]]) -> tuple[float, ...]:
+    """20 linear bucket bounds (nats) over the union of calibration ranges, widened 10%."""
+    if not ranges:
+        return FALLBACK_LOG_DENSITY_BUCKETS
+    low = min(lo for lo, _ in ranges)
+    high = max(hi for _, hi in ranges)
+    margin = max(0.1 * (high - low), 1e-3)
+    # Scores are log of a mean of terms <= 1, so nothing lies above 0 nats.
+    low, high = low - margin, min(high + margin, 0.0)
+    step = (high - low) / (LOG_DENSITY_BUCKET_COUNT - 1)
+    return tuple(round(low + step * i, 6) for i in range(LOG_DENSITY_BUCKET_COUNT))
+
+
+class _GaugeCallback(Collector):
+    """A labelled gauge read from the app's state at scrape time."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str],
+        read: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, value in sorted(self.read().items()):
+            family.add_metric(list(values), value)
+        yield family
+
+
+class ServiceMetrics:
+    """Every metric the gateway exports; ``render`` gives the text format."""
+
+    def __init__(self, log_density_bounds: Sequence[float]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.log_density = Histogram(
+            "latentsieve_score_log_density", "Log densities returned (nats).", ["model"],
+            buckets=log_density_bounds, registry=self.registry,
+        )
+        self.percentile = Histogram(
+            "latentsieve_score_percentile", "Calibration percentiles returned.", ["model"],
+            buckets=PERCENTILE_BUCKETS, registry=self.registry,
+        )
+        self.decisions = Counter(
+            "latentsieve_decisions", "Accept/reject verdicts; reason is empty for accepts.",
+            ["model", "decision", "reason"], registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "latentsieve_request_duration_seconds", "HTTP request latency (seconds).",
+            ["route", "status"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "latentsieve_batch_size", "Latents per computed batch.", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.cache_requests = Counter(
+            "latentsieve_cache_requests", "Score cache lookups per latent.", ["result"],
+            registry=self.registry,
+        )
+
+    def watch_queue_depth(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """``latentsieve_queue_depth{model}``: rows waiting in the batcher, read at scrape."""
+        self.registry.register(
+            _GaugeCallback(
+                "latentsieve_queue_depth", "Latents waiting to be scored.", ["model"],
+                lambda: {(model,): float(depth) for model, depth in read().items()},
+            )
+        )
+
+    def watch_index_latents(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """``latentsieve_index_latents{model, version}``: N of each served version."""
+        self.registry.register(
+            _GaugeCallback(
+                "latentsieve_index_latents", "Training latents in each served index.",
+                ["model", "version"],
+                lambda: {key: float(n) for key, n in read().items()},
+            )
+        )
+
+    def observe_results(
+        self, model: str, log_density: Sequence[float], percentile: Sequence[float],
+        reasons: Sequence[Sequence[str]],
+    ) -> None:
+        """Scores and verdicts of one answered batch."""
+        density = self.log_density.labels(model=model)
+        for value in log_density:
+            density.observe(value)
+        percentiles = self.percentile.labels(model=model)
+        for value in percentile:
+            percentiles.observe(value)
+        accepted = sum(1 for why in reasons if not why)
+        if accepted:
+            self.decisions.labels(model=model, decision="accept", reason="").inc(accepted)
+        for why in reasons:
+            for reason in why:
+                self.decisions.labels(model=model, decision="reject", reason=reason).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,98 @@
+"""The models being served, and their hot reload from the store.
+
+The registry maps a model name to the ``ModelScorer`` of its newest loaded version. A reload
+loads a newer version in a worker thread and swaps one dict reference, so a request that
+already holds a scorer keeps scoring with it while new requests see the new version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from index.errors import StoreError
+from index.store import LatentStore
+from workers.scoring import ModelScorer
+
+log = logging.getLogger(__name__)
+
+
+class ModelRegistry:
+    """Name -> scorer of the newest successfully loaded version."""
+
+    def __init__(
+        self, store: LatentStore, on_load: Callable[[ModelScorer], None] | None = None
+    ) -> None:
+        self.store = store
+        self.on_load = on_load
+        self._models: dict[str, ModelScorer] = {}
+        self._failed: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> ModelScorer | None:
+        """The scorer serving ``name`` now, or None (a dict lookup: never the filesystem)."""
+        return self._models.get(name)
+
+    def snapshot(self) -> dict[str, ModelScorer]:
+        """Every served model, as of now."""
+        return dict(self._models)
+
+    def request_reload(self) -> None:
+        """Ask the watch loop to check the store now (SIGHUP)."""
+        self._wake.set()
+
+    def _newest_versions(self) -> dict[str, str]:
+        newest: dict[str, str] = {}
+        for name in self.store.models():
+            version = self.store.newest(name)
+            if version is not None:
+                newest[name] = version
+        return newest
+
+    def _load(self, name: str, version: str) -> ModelScorer:
+        return ModelScorer(self.store.load(name, version))
+
+    async def refresh(self) -> list[str]:
+        """Load every model whose newest version is not the one served; returns
+        ``model/version`` of each newly loaded version. A version that fails to load is
+        logged once and skipped; the previous version keeps serving."""
+        async with self._lock:
+            try:
+                newest = await asyncio.to_thread(self._newest_versions)
+            except (OSError, StoreError) as exc:
+                log.warning("cannot list the store", extra={"error": str(exc)})
+                return []
+            loaded: list[str] = []
+            for name, version in newest.items():
+                current = self._models.get(name)
+                if current is not None and current.manifest.version == version:
+                    continue
+                if (name, version) in self._failed:
+                    continue
+                try:
+                    scorer = await asyncio.to_thread(self._load, name, version)
+                except (OSError, StoreError, ValueError, RuntimeError) as exc:
+                    self._failed.add((name, version))
+                    log.error(
+                        "cannot load index version",
+                        extra={"model": name, "version": version, "error": str(exc)},
+                    )
+                    continue
+                self._models = {**self._models, name: scorer}
+                loaded.append(f"{name}/{version}")
+                if self.on_load is not None:
+                    self.on_load(scorer)
+                log.info("serving index version", extra={"model": name, "version": version})
+            return loaded
+
+    async def watch(self, interval_s: float) -> None:
+        """Refresh every ``interval_s`` seconds or as soon as ``request_reload`` is called."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.refresh()

@@ -1,0 +1,1 @@
+"""One APIRouter per concern: scoring (/score, /select), models (/models), health."""

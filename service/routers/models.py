@@ -1,0 +1,41 @@
+"""``GET /models``: what each served model is and how it decides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.app import RuntimeDep
+from service.schemas import ModelsResponse
+from workers.scoring import ModelScorer
+
+router = APIRouter(tags=["models"])
+
+
+def describe_model(scorer: ModelScorer) -> dict[str, Any]:
+    """One ``ModelInfo`` row for a served version."""
+    manifest = scorer.manifest
+    return {
+        "name": manifest.model,
+        "index_version": manifest.version,
+        "d": manifest.dim,
+        "N": manifest.n,
+        "latent_shape": list(manifest.latent_shape),
+        "sigma": manifest.bandwidth.sigma,
+        "kind": manifest.kind,
+        "exact": manifest.exact,
+        "sampler": str(manifest.sampler) if manifest.sampler is not None else None,
+        # No descriptor engine is served yet, even for models that record a generator.
+        "descriptors": False,
+        "generator": manifest.generator is not None,
+        "policy": manifest.policy.model_dump(),
+    }
+
+
+@router.get("/models", response_class=JSONResponse, responses={200: {"model": ModelsResponse}})
+async def list_models(runtime: RuntimeDep) -> JSONResponse:
+    """Every served model, sorted by name."""
+    served = runtime.registry.snapshot()
+    return JSONResponse({"models": [describe_model(served[name]) for name in sorted(served)]})

@@ -1,0 +1,238 @@
+"""``POST /score`` and ``POST /select``: validate, resolve the model, look up the cache, score
+the misses through the batcher, decide with the policy, answer (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from index.manifest import Policy
+from service.app import Runtime, RuntimeDep, json_body, read_json
+from service.cache import CachedScore, cache_key
+from service.errors import ServiceError
+from service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
+from workers.batcher import DynamicBatcher, QueueFull
+from workers.scoring import ModelScorer, ScoredBatch, score_report
+from workers.selection import pick_diverse
+
+router = APIRouter(tags=["scoring"])
+RETRY_AFTER_S = "1"
+NO_DESCRIPTORS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoreKey:
+    """What one computed batch shares: a model version and a sigma (the scorer rides along)."""
+
+    model: str
+    version: str
+    sigma: float
+    scorer: ModelScorer = field(compare=False, hash=False, repr=False)
+
+
+def score_rows(key: ScoreKey, latents: np.ndarray) -> np.ndarray:
+    """Batcher compute: latents (n, d) -> (n, 2) float64 [log_density nats, percentile]."""
+    batch = key.scorer.score(latents, key.sigma)
+    return np.column_stack([batch.log_density, batch.percentile])
+
+
+def queue_depth_by_model(
+    batcher: DynamicBatcher[ScoreKey], served: Iterable[str]
+) -> dict[str, int]:
+    """Queued latents per model (0 for idle served models), all versions and sigmas together."""
+    depth: dict[str, int] = dict.fromkeys(served, 0)
+    for key, rows in batcher.queued_by_key().items():
+        depth[key.model] = depth.get(key.model, 0) + rows
+    return depth
+
+
+def resolve_model(runtime: Runtime, name: str) -> ModelScorer:
+    """The scorer serving ``name`` now; 404 naming the served models otherwise."""
+    scorer = runtime.registry.get(name)
+    if scorer is None:
+        served = ", ".join(sorted(runtime.registry.snapshot())) or "none"
+        raise ServiceError(404, f"unknown model {name!r}; served models: {served}")
+    return scorer
+
+
+def check_batch(runtime: Runtime, count: int, what: str) -> None:
+    """413 when a request carries more latents than ``max_batch``."""
+    limit = runtime.settings.max_batch
+    if count > limit:
+        raise ServiceError(413, f"{count} {what} in one request; at most {limit} are allowed")
+
+
+async def draw_seeds(scorer: ModelScorer, seeds: Sequence[int]) -> np.ndarray:
+    """Seeds -> (n, d) float32 with the model's recorded sampler; 422 without one."""
+    if scorer.seed_latents is None:
+        raise ServiceError(
+            422,
+            f"model {scorer.manifest.model!r} has no sampler, so it cannot take seeds; "
+            "send latents instead",
+        )
+    return await asyncio.to_thread(scorer.draw, seeds)
+
+
+async def score_latents(
+    runtime: Runtime, scorer: ModelScorer, latents: np.ndarray, sigma: float, deadline: float
+) -> tuple[ScoredBatch, list[bool]]:
+    """Cached scores where present, the batcher for the rest; returns scores and hit flags."""
+    manifest = scorer.manifest
+    keys = [
+        cache_key(manifest.model, manifest.version, sigma, NO_DESCRIPTORS, row.tobytes())
+        for row in latents
+    ]
+    hits = await runtime.cache.get_many(keys)
+    log_density = np.empty(len(keys), dtype=np.float64)
+    percentile = np.empty(len(keys), dtype=np.float64)
+    misses = [row for row, hit in enumerate(hits) if hit is None]
+    for row, hit in enumerate(hits):
+        if hit is not None:
+            log_density[row] = hit["log_density"]
+            percentile[row] = hit["percentile"]
+    runtime.metrics.cache_requests.labels(result="hit").inc(len(keys) - len(misses))
+    runtime.metrics.cache_requests.labels(result="miss").inc(len(misses))
+    if len(misses) > runtime.settings.queue_limit:
+        # Could never fit, however long the client waits: not a 429.
+        raise ServiceError(
+            413,
+            f"{len(misses)} uncached latents exceed the queue limit of "
+            f"{runtime.settings.queue_limit}",
+        )
+    if misses:
+        # A sigma other than the build's needs its own calibration: compute it here, once per
+        # sigma and model, so that the batch loop (shared by every request) never does.
+        await asyncio.to_thread(scorer.calibration, sigma)
+        key = ScoreKey(manifest.model, manifest.version, sigma, scorer)
+        try:
+            computed = await runtime.batcher.submit(key, latents[misses], deadline)
+        except QueueFull as exc:
+            raise ServiceError(
+                429, f"the scoring queue is full ({exc}); retry after {RETRY_AFTER_S} s",
+                {"Retry-After": RETRY_AFTER_S},
+            ) from exc
+        log_density[misses] = computed[:, 0]
+        percentile[misses] = computed[:, 1]
+        fresh: list[tuple[str, CachedScore]] = [
+            (keys[row], CachedScore(log_density=float(density), percentile=float(rank)))
+            for row, density, rank in zip(misses, computed[:, 0], computed[:, 1], strict=True)
+        ]
+        await runtime.cache.set_many(fresh)
+    cached = [hit is not None for hit in hits]
+    return ScoredBatch(log_density, percentile), cached
+
+
+def finish_report(
+    runtime: Runtime,
+    scorer: ModelScorer,
+    batch: ScoredBatch,
+    cached: Sequence[bool],
+    sigma: float,
+    policy: Policy,
+    seeds: Sequence[int] | None,
+) -> dict[str, Any]:
+    """The CONTRACT §3 body; decisions are recomputed from the scores for this policy."""
+    report = score_report(scorer, batch, sigma, policy, seeds)
+    results: list[dict[str, Any]] = report["results"]  # type: ignore[assignment]
+    for result, hit in zip(results, cached, strict=True):
+        result["cached"] = hit
+    runtime.metrics.observe_results(
+        scorer.manifest.model,
+        batch.log_density.tolist(),
+        batch.percentile.tolist(),
+        [result["reasons"] for result in results],
+    )
+    return report
+
+
+def _deadline(runtime: Runtime) -> float:
+    return asyncio.get_running_loop().time() + runtime.settings.request_timeout_s
+
+
+def _timed_out(runtime: Runtime) -> ServiceError:
+    return ServiceError(
+        504, f"no result within {runtime.settings.request_timeout_s} s; retry or send fewer"
+    )
+
+
+@router.post(
+    "/score",
+    response_class=JSONResponse,
+    responses={200: {"model": ScoreResponse}},
+    openapi_extra=json_body(ScoreRequest),
+)
+async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """Score latents or seeds and decide on each with the model's (or the given) policy."""
+    body = validate_body(ScoreRequest, await read_json(request, runtime.settings))
+    scorer = resolve_model(runtime, body.model)
+    manifest = scorer.manifest
+    check_batch(runtime, body.batch_size, "latents" if body.seeds is None else "seeds")
+    if body.descriptors:
+        raise ServiceError(
+            422,
+            f"model {manifest.model!r} has no descriptors (it needs a generator-backed "
+            "descriptor engine); leave 'descriptors' out",
+        )
+    sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
+    policy = body.policy or manifest.policy
+    deadline = _deadline(runtime)
+    try:
+        async with asyncio.timeout_at(deadline):
+            latents = body.latent_array()
+            if latents is None:
+                latents = await draw_seeds(scorer, body.seeds or [])
+            elif latents.shape[1] != manifest.dim:
+                raise ServiceError(
+                    422,
+                    f"each latent has {latents.shape[1]} numbers; model {manifest.model!r} "
+                    f"takes {manifest.dim} (latent shape {list(manifest.latent_shape)})",
+                )
+            batch, cached = await score_latents(runtime, scorer, latents, sigma, deadline)
+    except TimeoutError as exc:
+        raise _timed_out(runtime) from exc
+    return JSONResponse(finish_report(runtime, scorer, batch, cached, sigma, policy, body.seeds))
+
+
+@router.post(
+    "/select",
+    response_class=JSONResponse,
+    responses={200: {"model": ScoreResponse}},
+    openapi_extra=json_body(SelectRequest),
+)
+async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """The ``keep`` best seeds of ``start .. start + count - 1`` by log density, best first;
+    with ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
+    body = validate_body(SelectRequest, await read_json(request, runtime.settings))
+    scorer = resolve_model(runtime, body.model)
+    manifest = scorer.manifest
+    limit = runtime.settings.select_max_count
+    if body.count > limit:
+        raise ServiceError(413, f"count {body.count} is over the limit of {limit} seeds")
+    check_batch(runtime, body.keep, "kept seeds")
+    sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
+    policy = body.policy or manifest.policy
+    seeds = range(body.start, body.start + body.count)
+    deadline = _deadline(runtime)
+    try:
+        async with asyncio.timeout_at(deadline):
+            latents = await draw_seeds(scorer, seeds)
+            batch, cached = await score_latents(runtime, scorer, latents, sigma, deadline)
+    except TimeoutError as exc:
+        raise _timed_out(runtime) from exc
+    # Best first; equal scores keep the lower seed first so the answer is deterministic.
+    order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
+    kept = await asyncio.to_thread(pick_diverse, latents, order, body.keep, body.min_distance)
+    chosen = ScoredBatch(batch.log_density[kept], batch.percentile[kept])
+    kept_seeds = [seeds[row] for row in kept]
+    report = finish_report(
+        runtime, scorer, chosen, [cached[row] for row in kept], sigma, policy, kept_seeds
+    )
+    report["accepted"] = kept_seeds
+    return JSONResponse(report)
+

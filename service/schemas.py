@@ -1,0 +1,282 @@
+"""Request and response bodies of the HTTP API (CONTRACT §3), and the strict JSON reader.
+
+Latents arrive as a nested list (first axis = batch, the rest flattened) or as base64 of a
+little-endian array; both are turned into one ``(n, d)`` float32 array here, the precision of
+the index, so that the cache key and the score see the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from index.manifest import Policy
+from service.errors import ServiceError, describe_validation_errors
+from workers.samplers import MAX_SEED
+
+DESCRIPTOR_NAMES = ("psi", "nu", "delta")
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+}
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncodedLatents(_Body):
+    """A base64 little-endian array: ``dtype``, ``shape`` ``[n, ...]`` and ``data``."""
+
+    dtype: Literal["float32", "float16", "float64"]
+    shape: list[Annotated[StrictInt, Field(ge=1)]] = Field(min_length=1, max_length=8)
+    data: str
+
+
+def _latents_form(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "nested"
+    if isinstance(value, dict):
+        return "encoded"
+    return None
+
+
+LatentsField = Annotated[
+    Annotated[list[Any], Tag("nested")] | Annotated[EncodedLatents, Tag("encoded")],
+    Discriminator(
+        _latents_form,
+        custom_error_type="latents_form",
+        custom_error_message=(
+            "latents must be a nested list of numbers or "
+            '{"dtype": "float32|float16|float64", "shape": [n, ...], "data": "<base64>"}'
+        ),
+    ),
+]
+
+
+def nested_latents(rows: list[Any]) -> np.ndarray:
+    """A rectangular nested list of numbers -> (n, d) float32; first axis = batch."""
+    if not rows:
+        raise ValueError("latents: send at least one latent")
+    try:
+        array = np.asarray(rows)
+    except ValueError as exc:
+        raise ValueError(
+            "latents: the nested list is ragged (rows of different lengths or depths); "
+            "every latent must have the same shape"
+        ) from exc
+    if array.dtype.kind not in "iuf":
+        raise ValueError(
+            f"latents: expected numbers only, got {array.dtype.name} values "
+            "(strings, booleans, nulls, objects or out-of-range integers)"
+        )
+    if array.ndim < 2 or array.shape[1] == 0:
+        raise ValueError(
+            f"latents: expected a list of latents (a list of lists of numbers), got shape "
+            f"{list(array.shape)}"
+        )
+    return _finite_float32(array.reshape(array.shape[0], -1))
+
+
+def encoded_latents(encoded: EncodedLatents) -> np.ndarray:
+    """Base64 of a little-endian array of ``encoded.shape`` -> (n, d) float32."""
+    dtype = DTYPES[encoded.dtype]
+    try:
+        raw = base64.b64decode(encoded.data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"latents.data: not valid base64 ({exc})") from exc
+    expected = math.prod(encoded.shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"latents.data: decodes to {len(raw)} bytes, but shape {encoded.shape} of "
+            f"{encoded.dtype} needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(encoded.shape[0], -1)
+    return _finite_float32(array)
+
+
+def _finite_float32(array: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(
+            "latents: every value must be a finite number representable as float32 "
+            "(no NaN, Infinity or overflowing values)"
+        )
+    return out
+
+
+class ScoreRequest(_Body):
+    """``POST /score``: exactly one of ``latents`` or ``seeds``."""
+
+    model: str = Field(min_length=1, max_length=256)
+    latents: LatentsField | None = None
+    seeds: list[Seed] | None = None
+    sigma: Sigma | None = None
+    descriptors: list[str] | None = None
+    policy: Policy | None = None
+    _array: np.ndarray | None = PrivateAttr(default=None)
+
+    @field_validator("descriptors")
+    @classmethod
+    def _known_descriptors(cls, names: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(names or ()) - set(DESCRIPTOR_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown descriptor(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(DESCRIPTOR_NAMES)}"
+            )
+        return names
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScoreRequest:
+        if (self.latents is None) == (self.seeds is None):
+            raise ValueError("send exactly one of 'latents' or 'seeds'")
+        if self.seeds is not None and not self.seeds:
+            raise ValueError("seeds: send at least one seed")
+        if isinstance(self.latents, EncodedLatents):
+            self._array = encoded_latents(self.latents)
+        elif self.latents is not None:
+            self._array = nested_latents(self.latents)
+        return self
+
+    def latent_array(self) -> np.ndarray | None:
+        """The decoded latents (n, d) float32, or None for a seed request."""
+        return self._array
+
+    @property
+    def batch_size(self) -> int:
+        """Latents or seeds in the request."""
+        if self._array is not None:
+            return int(self._array.shape[0])
+        return len(self.seeds or ())
+
+
+class SelectRequest(_Body):
+    """``POST /select``: the ``keep`` best of seeds ``start .. start + count - 1``."""
+
+    model: str = Field(min_length=1, max_length=256)
+    start: Seed = 0
+    count: Annotated[StrictInt, Field(ge=1)]
+    keep: Annotated[StrictInt, Field(ge=1)]
+    min_distance: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
+    sigma: Sigma | None = None
+    policy: Policy | None = None
+
+    @model_validator(mode="after")
+    def _keep_within_count(self) -> SelectRequest:
+        if self.keep > self.count:
+            raise ValueError(f"keep ({self.keep}) must be <= count ({self.count})")
+        if self.start + self.count - 1 > MAX_SEED:
+            raise ValueError("seeds start .. start + count - 1 must stay below 2^64")
+        return self
+
+
+class ScoreResult(BaseModel):
+    """One latent's score and verdict."""
+
+    log_density: float
+    percentile: float
+    accept: bool
+    reasons: list[str]
+    seed: int | None = None
+    error_bound: float
+    cached: bool
+
+
+class ScoreResponse(BaseModel):
+    """The body of a ``/score`` or ``/select`` answer."""
+
+    model: str
+    index_version: str
+    sigma: float
+    exact: bool
+    results: list[ScoreResult]
+    accepted: list[int]
+
+
+class ModelInfo(BaseModel):
+    """One served model as ``GET /models`` lists it."""
+
+    name: str
+    index_version: str
+    d: int
+    N: int
+    latent_shape: list[int]
+    sigma: float
+    kind: str
+    exact: bool
+    sampler: str | None
+    descriptors: bool
+    generator: bool
+    policy: Policy
+
+
+class ModelsResponse(BaseModel):
+    """``GET /models``."""
+
+    models: list[ModelInfo]
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings excluded (a scan, not a parse)."""
+    stripped = _STRING.sub(b'""', raw)
+    codes = np.frombuffer(stripped, dtype=np.uint8)
+    steps = (np.isin(codes, (91, 123)).astype(np.int8) - np.isin(codes, (93, 125)).astype(np.int8))
+    moves = steps[steps != 0].astype(np.int32)
+    return int(np.cumsum(moves).max()) if moves.size else 0
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in JSON numbers; send finite numbers only")
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """Strict JSON: no NaN/Infinity constants, nesting at most ``max_depth`` (else 422)."""
+    if not raw.strip():
+        raise ServiceError(422, "the request body is empty; send a JSON object")
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise ServiceError(
+            422, f"the JSON nests {depth} levels deep; at most {max_depth} are allowed"
+        )
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise ServiceError(422, f"malformed JSON body: {exc}") from exc
+
+
+def validate_body(schema: type[BodyT], data: Any) -> BodyT:
+    """Validate parsed JSON against ``schema``; errors -> 422 naming the field."""
+    if not isinstance(data, dict):
+        raise ServiceError(422, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ServiceError(
+            422, describe_validation_errors(exc.errors(), list(schema.model_fields))
+        ) from exc

@@ -1,0 +1,42 @@
+"""The gateway's one configuration object, read once from ``LATENTSIEVE_*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Limits, timeouts and locations of one gateway process; passed to ``create_app``."""
+
+    model_config = SettingsConfigDict(env_prefix="LATENTSIEVE_", extra="ignore")
+
+    store: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    redis_url: str | None = None
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=64 * MIB, ge=1)
+    max_batch: int = Field(default=4096, ge=1)
+    max_json_depth: int = Field(default=32, ge=2)
+    max_batch_size: int = Field(default=1024, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0)
+    queue_limit: int = Field(default=262_144, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    reload_interval_s: float = Field(default=2.0, gt=0)
+    cache_bytes: int = Field(default=64 * MIB, ge=0)
+    cache_ttl_s: float = Field(default=3600.0, ge=0)
+    select_max_count: int = Field(default=100_000, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``"k1,k2"`` (the environment form) -> ``["k1", "k2"]``; blanks are dropped."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value

@@ -1,0 +1,178 @@
+"""``POST /score`` in-process: the numbers equal ``ModelScorer.score``, decisions follow the
+policy, the second identical request is served from the cache."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from index.manifest import Policy
+from index.store import LatentStore
+from service.settings import Settings
+from workers.policy import PERCENTILE_BELOW_MIN
+from workers.scoring import ModelScorer
+
+pytestmark = pytest.mark.anyio
+MODEL = "digits-vae"
+NOSAMPLER = "nosampler"
+
+
+@pytest.fixture(scope="module")
+def scorer(store_root: Path) -> ModelScorer:
+    return ModelScorer(LatentStore(store_root).load(MODEL))
+
+
+def sample_latents(count: int, dim: int = 8, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((count, dim)) * 1.2).astype(np.float32)
+
+
+async def test_nested_latents_match_the_scorer(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    latents = sample_latents(5)
+    response = await app_client.post("/score", json={"model": MODEL, "latents": latents.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = scorer.score(latents)
+    assert body["model"] == MODEL
+    assert body["index_version"] == scorer.manifest.version
+    assert body["sigma"] == scorer.manifest.bandwidth.sigma
+    assert body["exact"] is True
+    got = np.array([r["log_density"] for r in body["results"]])
+    np.testing.assert_allclose(got, expected.log_density, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        [r["percentile"] for r in body["results"]], expected.percentile, atol=0
+    )
+    for result in body["results"]:
+        assert "seed" not in result and "descriptors" not in result
+        assert result["error_bound"] == 0.0 and result["cached"] is False
+        assert result["accept"] == (not result["reasons"])
+    assert body["accepted"] == [i for i, r in enumerate(body["results"]) if r["accept"]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+async def test_base64_latents_match_nested(
+    app_client: httpx.AsyncClient, scorer: ModelScorer, dtype: str
+) -> None:
+    latents = sample_latents(4, seed=11).astype(dtype)
+    encoded = {
+        "dtype": dtype,
+        "shape": [4, 2, 4],
+        "data": base64.b64encode(latents.astype(f"<{latents.dtype.str[1:]}").tobytes()).decode(),
+    }
+    response = await app_client.post("/score", json={"model": MODEL, "latents": encoded})
+    assert response.status_code == 200, response.text
+    expected = scorer.score(latents.astype(np.float32))
+    got = [r["log_density"] for r in response.json()["results"]]
+    np.testing.assert_allclose(got, expected.log_density, rtol=0, atol=1e-9)
+
+
+async def test_multi_axis_nested_latents_are_flattened(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    latents = sample_latents(3, seed=5)
+    response = await app_client.post(
+        "/score", json={"model": MODEL, "latents": latents.reshape(3, 2, 2, 2).tolist()}
+    )
+    assert response.status_code == 200, response.text
+    got = [r["log_density"] for r in response.json()["results"]]
+    np.testing.assert_allclose(got, scorer.score(latents).log_density, atol=1e-9)
+
+
+async def test_seeds_match_the_sampler(app_client: httpx.AsyncClient, scorer: ModelScorer) -> None:
+    seeds = [0, 7, 2**64 - 1]
+    response = await app_client.post("/score", json={"model": MODEL, "seeds": seeds})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = scorer.score(scorer.draw(seeds))
+    assert [r["seed"] for r in body["results"]] == seeds
+    np.testing.assert_allclose(
+        [r["log_density"] for r in body["results"]], expected.log_density, atol=1e-9
+    )
+    assert body["accepted"] == [r["seed"] for r in body["results"] if r["accept"]]
+
+
+async def test_sigma_override_changes_scores(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    latents = sample_latents(3, seed=8)
+    response = await app_client.post(
+        "/score", json={"model": MODEL, "latents": latents.tolist(), "sigma": 1.5}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["sigma"] == 1.5
+    expected = scorer.score(latents, 1.5)
+    np.testing.assert_allclose(
+        [r["log_density"] for r in body["results"]], expected.log_density, atol=1e-9
+    )
+    np.testing.assert_allclose([r["percentile"] for r in body["results"]], expected.percentile)
+
+
+async def test_policy_override_and_cached_verdicts(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    # Near the data and far from it: the far ones are rejected under any strict policy.
+    near = scorer.loaded.latents[:3].copy()
+    far = np.full((2, 8), 6.0, dtype=np.float32)
+    latents = np.concatenate([near, far])
+    payload = {"model": MODEL, "latents": latents.tolist()}
+    first = (await app_client.post("/score", json=payload)).json()
+    assert [r["cached"] for r in first["results"]] == [False] * 5
+    percentiles = np.array([r["percentile"] for r in first["results"]])
+    default = Policy().min_percentile
+    assert [r["accept"] for r in first["results"]] == (percentiles >= default).tolist()
+    assert first["results"][3]["reasons"] == [PERCENTILE_BELOW_MIN]
+
+    # The same latents again with a policy that refuses everything: scores come from the
+    # cache, the verdicts are recomputed for the new policy.
+    strict = {**payload, "policy": {"min_percentile": 1.0}}
+    second = (await app_client.post("/score", json=strict)).json()
+    assert [r["cached"] for r in second["results"]] == [True] * 5
+    assert [r["log_density"] for r in second["results"]] == [
+        r["log_density"] for r in first["results"]
+    ]
+    below = [r["percentile"] < 1.0 for r in second["results"]]
+    assert [not r["accept"] for r in second["results"]] == below
+    assert second["accepted"] == [i for i, b in enumerate(below) if not b]
+
+    lenient = {**payload, "policy": {"min_percentile": 0.0}}
+    third = (await app_client.post("/score", json=lenient)).json()
+    assert third["accepted"] == [0, 1, 2, 3, 4]
+    assert all(r["cached"] and r["reasons"] == [] for r in third["results"])
+
+
+async def test_cache_is_keyed_by_sigma(app_client: httpx.AsyncClient) -> None:
+    latents = sample_latents(2, seed=21).tolist()
+    await app_client.post("/score", json={"model": MODEL, "latents": latents})
+    other = await app_client.post("/score", json={"model": MODEL, "latents": latents, "sigma": 2.0})
+    assert [r["cached"] for r in other.json()["results"]] == [False, False]
+
+
+async def test_no_sampler_model_scores_latents(app_client: httpx.AsyncClient) -> None:
+    response = await app_client.post(
+        "/score", json={"model": NOSAMPLER, "latents": [[0.0] * 6, [5.0] * 6]}
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert results[0]["log_density"] > results[1]["log_density"]
+
+
+async def test_redis_cache_backend(
+    settings: Settings, redis_url: str, serve: Callable[..., Any]
+) -> None:
+    latents = sample_latents(3, seed=31).tolist()
+    async with serve(settings.model_copy(update={"redis_url": redis_url})) as client:
+        first = await client.post("/score", json={"model": MODEL, "latents": latents})
+        second = await client.post("/score", json={"model": MODEL, "latents": latents})
+    assert first.status_code == second.status_code == 200
+    assert [r["cached"] for r in first.json()["results"]] == [False] * 3
+    assert [r["cached"] for r in second.json()["results"]] == [True] * 3
+    assert second.json()["results"][0]["log_density"] == first.json()["results"][0]["log_density"]

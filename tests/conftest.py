@@ -1,0 +1,140 @@
+"""Shared fixtures: a store with the demo model and a model without a sampler, the app
+in-process (its lifespan entered) and a throwaway Redis server."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+
+from index.build import BuildOptions, build_version
+from index.store import LatentStore
+from latentsieve.demo import ensure_demo_index
+from service.app import create_app
+from service.settings import Settings
+from workers.calibration import calibrate_build
+
+NOSAMPLER = "nosampler"
+NOSAMPLER_DIM = 6
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def build_nosampler(root: Path, seed: int = 0) -> str:
+    """A version of ``nosampler`` (300 x 6 Gaussian latents, sigma 1, leave-one-out)."""
+    source = root.parent / f"nosampler-{seed}.npy"
+    rng = np.random.default_rng(seed)
+    np.save(source, rng.standard_normal((300, NOSAMPLER_DIM)).astype(np.float32))
+    options = BuildOptions(
+        model=NOSAMPLER, latents_file=source, sigma="1.0", calibration_count=300, progress=False
+    )
+    return build_version(LatentStore(root), options, calibrate_build).name
+
+
+@pytest.fixture
+def new_nosampler_version() -> Callable[[Path, int], str]:
+    """``build_nosampler``, for tests that publish versions while the app runs."""
+    return build_nosampler
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding ``digits-vae`` (d=8, sampler) and ``nosampler`` (d=6, no sampler)."""
+    root = tmp_path_factory.mktemp("base") / "store"
+    root.mkdir()
+    ensure_demo_index(root)
+    build_nosampler(root)
+    return root
+
+
+def store_listing(root: Path) -> dict[str, int]:
+    """Every path under the store with its mtime (ns): equal before and after = untouched."""
+    return {str(path.relative_to(root)): path.stat().st_mtime_ns for path in root.rglob("*")}
+
+
+@contextlib.asynccontextmanager
+async def serve_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app for ``settings`` with its lifespan entered, behind an httpx client."""
+    app = create_app(settings)
+    async with LifespanManager(app, startup_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+ServeApp = Callable[[Settings], contextlib.AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+@pytest.fixture
+def serve() -> ServeApp:
+    """``async with serve(settings) as client``: an app with settings of the test's own."""
+    return serve_app
+
+
+@pytest.fixture
+def snapshot_store() -> Callable[[Path], dict[str, int]]:
+    """``store_listing``, for tests that check a request left the store untouched."""
+    return store_listing
+
+
+@pytest.fixture
+def settings(store_root: Path) -> Settings:
+    """Default settings over the shared store; tests copy it with ``model_copy(update=...)``."""
+    return Settings(store=store_root, reload_interval_s=60.0)
+
+
+@pytest.fixture
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_app(settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private ``redis-server`` (no persistence) for the session; killed at the end."""
+    if not Path(REDIS_SERVER).exists() and shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else str(shutil.which("redis-server"))
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

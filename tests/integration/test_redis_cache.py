@@ -1,0 +1,174 @@
+"""``RedisCache`` against a real ``redis-server`` on loopback: roundtrip, TTL, Redis down/up."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import redis
+
+from service.cache import CachedScore, RedisCache, cache_key
+
+pytestmark = pytest.mark.anyio
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisProcess:
+    """One ``redis-server`` without persistence on a fixed loopback port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def _redis_server() -> Iterator[RedisProcess]:
+    if not shutil.which(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (make system-deps)")
+    server = RedisProcess(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def key(i: int) -> str:
+    return cache_key("digits-vae", "v0001", 1.5, (), i.to_bytes(4, "little"))
+
+
+def score(i: int) -> CachedScore:
+    return CachedScore(log_density=-1234.5678901234567 - i, percentile=(i % 100) / 99)
+
+
+async def test_roundtrip_counts_and_stored_format(_redis_server: RedisProcess) -> None:
+    cache = RedisCache(_redis_server.url, ttl_s=60)
+    try:
+        items = [(key(i), score(i)) for i in range(500)]
+        await cache.set_many(items)
+        found = await cache.get_many([key(i) for i in range(495, 505)])
+        assert found == [score(i) for i in range(495, 500)] + [None] * 5
+        assert (cache.hits, cache.misses, cache.errors) == (5, 5, 0)
+        assert await cache.get_many([]) == []
+        raw = redis.Redis(port=_redis_server.port)
+        assert raw.get(key(3)) == b"[-1237.5678901234567,0.030303030303030304]"
+        assert 59_000 < raw.pttl(key(3)) <= 60_000
+        raw.close()
+    finally:
+        await cache.close()
+
+
+async def test_unreadable_entry_is_a_miss(_redis_server: RedisProcess) -> None:
+    raw = redis.Redis(port=_redis_server.port)
+    raw.set(key(10_001), b"not json")
+    raw.close()
+    cache = RedisCache(_redis_server.url)
+    try:
+        assert await cache.get_many([key(10_001)]) == [None]
+        assert (cache.hits, cache.misses) == (0, 1)
+    finally:
+        await cache.close()
+
+
+async def test_entries_expire_after_ttl(_redis_server: RedisProcess) -> None:
+    cache = RedisCache(_redis_server.url, ttl_s=1)
+    try:
+        await cache.set_many([(key(20_000), score(1))])
+        assert await cache.get_many([key(20_000)]) == [score(1)]
+        await anyio.sleep(1.2)
+        assert await cache.get_many([key(20_000)]) == [None]
+    finally:
+        await cache.close()
+
+
+async def test_redis_down_means_misses_then_recovers(
+    _redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="service.cache")
+    cache = RedisCache(_redis_server.url, ttl_s=60, retry_interval_s=0.2)
+    try:
+        await cache.set_many([(key(30_000), score(7))])
+        assert await cache.get_many([key(30_000)]) == [score(7)]
+
+        _redis_server.stop()
+        for _ in range(3):
+            started = time.monotonic()
+            assert await cache.get_many([key(30_000), key(30_001)]) == [None, None]
+            await cache.set_many([(key(30_002), score(2))])
+            assert time.monotonic() - started < 1.0
+        assert cache.errors == 6
+        assert cache.misses == 6
+        assert len(caplog.records) == 1  # one warning per warn interval, not one per request
+
+        _redis_server.start()
+        deadline = time.monotonic() + 5
+        await cache.set_many([(key(30_003), score(3))])
+        while await cache.get_many([key(30_003)]) != [score(3)]:
+            assert time.monotonic() < deadline, "the cache did not reconnect to a restarted Redis"
+            await anyio.sleep(0.1)
+            await cache.set_many([(key(30_003), score(3))])
+        errors = cache.errors
+        await cache.set_many([(key(30_004), score(4))])
+        assert await cache.get_many([key(30_004)]) == [score(4)]
+        assert cache.errors == errors
+    finally:
+        _redis_server.stop()
+        _redis_server.start()
+        await cache.close()
+
+
+async def test_unresponsive_redis_costs_one_short_timeout() -> None:
+    """A peer that accepts TCP but never answers (a hung Redis) must not stall a request."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        cache = RedisCache(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.25)
+        try:
+            started = time.monotonic()
+            assert await cache.get_many([key(1)]) == [None]
+            await cache.set_many([(key(1), score(1))])
+            assert time.monotonic() - started < 1.0
+            assert cache.errors == 2
+        finally:
+            await cache.close()

@@ -1,0 +1,190 @@
+"""``latentsieve serve`` as a real process on loopback: it scores, and it picks up a new index
+version while requests keep flowing, without dropping one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from index.build import BuildOptions, build_version
+from index.store import LatentStore
+from latentsieve.demo import ensure_demo_index
+from workers.calibration import calibrate_build
+from workers.demo_models.digits_vae import training_latents
+
+MODEL = "digits-vae"
+
+
+def _latentsieve() -> list[str]:
+    installed = Path(sys.executable).with_name("latentsieve")
+    if installed.exists():
+        return [str(installed)]
+    found = shutil.which("latentsieve")
+    return [found] if found else [sys.executable, "-m", "latentsieve.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    store: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextlib.contextmanager
+def running_server(store: Path, reload_interval_s: float, log: Path) -> Iterator[Server]:
+    """``latentsieve serve --store STORE`` on a free port, ready, until the block ends."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
+    env["LATENTSIEVE_RELOAD_INTERVAL_S"] = str(reload_interval_s)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [*_latentsieve(), "serve", "--store", str(store), "--port", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve exited with {process.returncode}: {log.read_text()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"serve not ready in 60 s: {log.read_text()}")
+            time.sleep(0.1)
+        yield Server(url, store, process, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A private store with the demo model, polled every 0.5 s."""
+    store = tmp_path_factory.mktemp("serve") / "store"
+    ensure_demo_index(store)
+    with running_server(store, 0.5, tmp_path_factory.mktemp("logs") / "serve.log") as server:
+        yield server
+
+
+def test_serves_scores(server: Server) -> None:
+    response = httpx.post(
+        f"{server.url}/score", json={"model": MODEL, "seeds": [0, 1, 2]}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["seed"] for r in body["results"]] == [0, 1, 2]
+    assert body["index_version"] == LatentStore(server.store).newest(MODEL)
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert "latentsieve_request_duration_seconds" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_hot_reload_without_dropped_requests(server: Server, tmp_path: Path) -> None:
+    old = LatentStore(server.store).newest(MODEL)
+    statuses: list[int] = []
+    versions: set[str] = set()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer(offset: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            seed = offset
+            while not stop.is_set():
+                try:
+                    response = client.post("/score", json={"model": MODEL, "seeds": [seed]})
+                    statuses.append(response.status_code)
+                    versions.add(response.json().get("index_version", ""))
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                seed += 4
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        source = tmp_path / "more.npy"
+        latents = training_latents()
+        np.save(source, np.concatenate([latents, latents[:100] + 0.01]).astype(np.float32))
+        options = BuildOptions(
+            model=MODEL, latents_file=source, sigma="auto",
+            sampler="torch-cpu:float32:8", calibration_count=2000, progress=False,
+        )
+        new = build_version(LatentStore(server.store), options, calibrate_build).name
+        assert new != old
+        deadline = time.monotonic() + 15
+        shown = None
+        while time.monotonic() < deadline:
+            models = httpx.get(f"{server.url}/models", timeout=5).json()["models"]
+            shown = {m["name"]: m for m in models}[MODEL]
+            if shown["index_version"] == new:
+                break
+            time.sleep(0.2)
+        assert shown is not None and shown["index_version"] == new
+        assert shown["N"] == len(latents) + 100
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not failures, failures[:3]
+    assert statuses and set(statuses) == {200}
+    assert new in versions
+    after = httpx.post(f"{server.url}/score", json={"model": MODEL, "seeds": [5]}, timeout=10)
+    assert after.json()["index_version"] == new
+    assert server.process.poll() is None
+
+
+def test_sighup_triggers_a_reload_check(server: Server, tmp_path: Path) -> None:
+    # A second process on the same store that polls only every 10 minutes: only SIGHUP
+    # can make it see the new version within the test.
+    with running_server(server.store, 600.0, tmp_path / "slow.log") as slow:
+        check_sighup(slow, tmp_path)
+
+
+def check_sighup(server: Server, tmp_path: Path) -> None:
+    before = httpx.get(f"{server.url}/models").json()["models"][0]["index_version"]
+    source = tmp_path / "again.npy"
+    np.save(source, training_latents()[:500])
+    options = BuildOptions(
+        model=MODEL, latents_file=source, sigma="auto",
+        sampler="torch-cpu:float32:8", calibration_count=500, progress=False,
+    )
+    new = build_version(LatentStore(server.store), options, calibrate_build).name
+    deadline = time.monotonic() + 10
+    current = before
+    time.sleep(0.5)
+    assert httpx.get(f"{server.url}/models").json()["models"][0]["index_version"] == before
+    server.process.send_signal(signal.SIGHUP)
+    while time.monotonic() < deadline and current != new:
+        time.sleep(0.1)
+        current = httpx.get(f"{server.url}/models").json()["models"][0]["index_version"]
+    assert current == new
+    assert server.process.poll() is None

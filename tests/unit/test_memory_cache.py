@@ -1,0 +1,125 @@
+"""``MemoryCache``: byte-bounded LRU, hit/miss counters, TTL, and ``make_cache`` selection."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+import pytest
+
+from service.cache import CachedScore, MemoryCache, RedisCache, make_cache
+
+pytestmark = pytest.mark.anyio
+
+
+def key(i: int) -> str:
+    return f"ls:v1:{i:064x}"
+
+
+def score(i: int) -> CachedScore:
+    return CachedScore(log_density=-float(i) - 0.125, percentile=i / 100)
+
+
+ENTRY = MemoryCache.entry_bytes(key(0))
+
+
+async def test_roundtrip_and_counters() -> None:
+    cache = MemoryCache(100 * ENTRY)
+    await cache.set_many([(key(i), score(i)) for i in range(3)])
+    found = await cache.get_many([key(0), key(9), key(2), key(8)])
+    assert found == [score(0), None, score(2), None]
+    assert (cache.hits, cache.misses, cache.errors) == (2, 2, 0)
+    assert await cache.get_many([]) == []
+    assert (cache.hits, cache.misses) == (2, 2)
+
+
+async def test_returned_scores_are_copies() -> None:
+    cache = MemoryCache(10 * ENTRY)
+    await cache.set_many([(key(1), score(1))])
+    first = await cache.get_many([key(1)])
+    assert first[0] is not None
+    first[0]["log_density"] = 0.0
+    assert await cache.get_many([key(1)]) == [score(1)]
+
+
+async def test_evicts_least_recently_used_by_bytes() -> None:
+    cache = MemoryCache(3 * ENTRY)
+    await cache.set_many([(key(i), score(i)) for i in range(3)])
+    assert len(cache) == 3 and cache.size_bytes == 3 * ENTRY
+    await cache.get_many([key(0)])  # key 0 is now the most recently used
+    await cache.set_many([(key(3), score(3))])
+    assert cache.size_bytes <= cache.max_bytes
+    assert await cache.get_many([key(1)]) == [None]
+    assert await cache.get_many([key(0), key(2), key(3)]) == [score(0), score(2), score(3)]
+    assert cache.evictions == 1
+
+
+async def test_bound_counts_key_length() -> None:
+    cache = MemoryCache(10 * ENTRY)
+    long_key = "ls:v1:" + "x" * (4 * ENTRY)
+    await cache.set_many([(key(i), score(i)) for i in range(10)])
+    await cache.set_many([(long_key, score(99))])
+    assert cache.size_bytes <= cache.max_bytes
+    assert len(cache) == 10 - 5 + 1  # the long key displaced five ordinary entries
+    assert await cache.get_many([long_key]) == [score(99)]
+
+
+async def test_overwrite_does_not_double_count() -> None:
+    cache = MemoryCache(10 * ENTRY)
+    for _ in range(5):
+        await cache.set_many([(key(1), score(2))])
+    assert cache.size_bytes == ENTRY and len(cache) == 1
+    assert await cache.get_many([key(1)]) == [score(2)]
+
+
+async def test_zero_bytes_disables_and_oversized_entries_are_skipped() -> None:
+    disabled = MemoryCache(0)
+    await disabled.set_many([(key(1), score(1))])
+    assert await disabled.get_many([key(1)]) == [None]
+    small = MemoryCache(ENTRY - 1)
+    await small.set_many([(key(1), score(1))])
+    assert len(small) == 0 and small.size_bytes == 0
+
+
+async def test_ttl_expiry() -> None:
+    cache = MemoryCache(10 * ENTRY, ttl_s=0.05)
+    await cache.set_many([(key(1), score(1))])
+    assert await cache.get_many([key(1)]) == [score(1)]
+    time.sleep(0.06)
+    assert await cache.get_many([key(1)]) == [None]
+    assert cache.size_bytes == 0
+    with pytest.raises(ValueError, match="ttl"):
+        MemoryCache(10, ttl_s=0)
+
+
+async def test_concurrent_tasks_keep_the_bound() -> None:
+    cache = MemoryCache(50 * ENTRY)
+
+    async def writer(offset: int) -> None:
+        for i in range(200):
+            await cache.set_many([(key(offset + i), score(i))])
+            await cache.get_many([key(offset + i - 1)])
+
+    async with anyio.create_task_group() as group:
+        for offset in range(0, 8000, 1000):
+            group.start_soon(writer, offset)
+    assert len(cache) == 50 and cache.size_bytes == 50 * ENTRY
+    assert cache.hits + cache.misses == 8 * 200
+
+
+@dataclass
+class _Settings:
+    redis_url: str | None
+    cache_bytes: int = 1 << 20
+    cache_ttl_s: float = 60.0
+
+
+async def test_make_cache_picks_the_backend() -> None:
+    memory = make_cache(_Settings(redis_url=None))
+    assert isinstance(memory, MemoryCache) and memory.max_bytes == 1 << 20
+    assert memory.ttl_s == 60.0
+    redis = make_cache(_Settings(redis_url="redis://127.0.0.1:1/0", cache_ttl_s=0))
+    assert isinstance(redis, RedisCache) and redis.ttl_ms is None
+    await redis.close()
+    await memory.close()
