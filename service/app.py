@@ -50,8 +50,9 @@ class Runtime:
     metrics: ServiceMetrics
 
 
-def get_runtime(request: Request) -> Runtime:
-    """The running app's ``Runtime``; 503 while it is starting or stopping."""
+async def get_runtime(request: Request) -> Runtime:
+    """The running app's ``Runtime``; 503 while it is starting or stopping (async: a sync
+    dependency would cost every request a trip through the threadpool)."""
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise ServiceError(503, "the service is starting; retry shortly")

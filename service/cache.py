@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Protocol, TypedDict
 
 from redis.asyncio import Redis
@@ -63,35 +63,51 @@ class CacheSettings(Protocol):
     def cache_ttl_s(self) -> float: ...
 
 
-def _length_prefixed(parts: Iterable[bytes]) -> bytes:
-    return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
+def _length_prefixed(part: bytes) -> bytes:
+    return len(part).to_bytes(8, "big") + part
 
 
-def cache_key(
+def cache_keys(
     model: str,
     index_version: str,
     sigma: float,
     descriptors: tuple[str, ...],
-    latent: bytes,
-) -> str:
-    """``"ls:v1:<sha256 hex>"`` over every input that changes a score.
+    latents: Sequence[bytes],
+) -> list[str]:
+    """``"ls:v1:<sha256 hex>"`` per latent, over every input that changes a score.
 
     Each part is length-prefixed so no two different inputs share an encoding. ``sigma`` enters
     exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
-    and repeats do not matter. ``latent`` is the latent's bytes as the gateway normalises them
-    (one dtype and byte order for every request form).
+    and repeats do not matter. A latent is its bytes as the gateway normalises them (one dtype
+    and byte order for every request form). The shared prefix is hashed once per call.
     """
     names = sorted(set(descriptors))
-    parts = [
-        KEY_PREFIX.encode(),
-        model.encode(),
-        index_version.encode(),
-        float(sigma).hex().encode(),
-        len(names).to_bytes(8, "big"),
-        *(name.encode() for name in names),
-        latent,
-    ]
-    return KEY_PREFIX + hashlib.sha256(_length_prefixed(parts)).hexdigest()
+    prefix = hashlib.sha256(
+        b"".join(
+            _length_prefixed(part)
+            for part in (
+                KEY_PREFIX.encode(),
+                model.encode(),
+                index_version.encode(),
+                float(sigma).hex().encode(),
+                len(names).to_bytes(8, "big"),
+                *(name.encode() for name in names),
+            )
+        )
+    )
+    keys = []
+    for latent in latents:
+        digest = prefix.copy()
+        digest.update(_length_prefixed(latent))
+        keys.append(KEY_PREFIX + digest.hexdigest())
+    return keys
+
+
+def cache_key(
+    model: str, index_version: str, sigma: float, descriptors: tuple[str, ...], latent: bytes
+) -> str:
+    """The key of one latent (see :func:`cache_keys`)."""
+    return cache_keys(model, index_version, sigma, descriptors, [latent])[0]
 
 
 class ScoreCache(Protocol):

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from index.manifest import Policy
 from service.app import Runtime, RuntimeDep, json_body, read_json
-from service.cache import CachedScore, cache_key
+from service.cache import CachedScore, cache_keys
 from service.errors import ServiceError
 from service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
 from workers.batcher import DynamicBatcher, QueueFull
@@ -84,10 +84,9 @@ async def score_latents(
 ) -> tuple[ScoredBatch, list[bool]]:
     """Cached scores where present, the batcher for the rest; returns scores and hit flags."""
     manifest = scorer.manifest
-    keys = [
-        cache_key(manifest.model, manifest.version, sigma, NO_DESCRIPTORS, row.tobytes())
-        for row in latents
-    ]
+    keys = cache_keys(
+        manifest.model, manifest.version, sigma, NO_DESCRIPTORS, [row.tobytes() for row in latents]
+    )
     hits = await runtime.cache.get_many(keys)
     log_density = np.empty(len(keys), dtype=np.float64)
     percentile = np.empty(len(keys), dtype=np.float64)
