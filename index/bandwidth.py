@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from index.errors import StoreError
-from index.manifest import Bandwidth
+from index.manifest import SIGMA_MAX, SIGMA_MIN, Bandwidth, check_sigma
 
 AUTO_K = 10
 AUTO_SAMPLE = 2048
@@ -20,12 +20,11 @@ def parse_sigma(text: str | float) -> float | None:
     if isinstance(text, str) and text.strip().lower() == "auto":
         return None
     try:
-        sigma = float(text)
+        return check_sigma(float(text))
     except ValueError as exc:
-        raise StoreError(f"--sigma must be a number > 0 or 'auto', got {text!r}") from exc
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise StoreError(f"--sigma must be a finite number > 0 or 'auto', got {text!r}")
-    return sigma
+        raise StoreError(
+            f"--sigma must be a finite number in [1e-100, 1e100] or 'auto', got {text!r}"
+        ) from exc
 
 
 def knn_median_sigma(
@@ -49,7 +48,7 @@ def knn_median_sigma(
     has_own = own.any(axis=1)
     kth = np.where(has_own, squared[:, k], squared[:, k - 1])
     distance = float(np.median(np.sqrt(np.maximum(kth, 0.0))))
-    if not math.isfinite(distance) or distance <= 0:
+    if not math.isfinite(distance) or not SIGMA_MIN <= distance <= SIGMA_MAX:
         raise StoreError(
             f"--sigma auto: the median distance to the {k}-th neighbour is {distance}; "
             "most latents have k identical copies. Pass --sigma explicitly."

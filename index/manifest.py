@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Literal
@@ -16,6 +17,18 @@ MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 IndexKind = Literal["flat"]
 KNOWN_KINDS = ("flat", "ivf", "hnsw")
 SamplerDType = Literal["float32", "float16"]
+# Bandwidths outside this range make sigma^2 or d^2 / (2 sigma^2) leave float64's range for
+# float32 latents (d^2 <= ~1e83), so no score could be represented: they are refused.
+SIGMA_MIN = 1e-100
+SIGMA_MAX = 1e100
+
+
+def check_sigma(sigma: float) -> float:
+    """``sigma`` as a float if finite and within [SIGMA_MIN, SIGMA_MAX], else ValueError."""
+    value = float(sigma)
+    if not (math.isfinite(value) and SIGMA_MIN <= value <= SIGMA_MAX):
+        raise ValueError(f"sigma must be a finite number in [1e-100, 1e100], got {sigma!r}")
+    return value
 
 
 def check_model_name(name: str) -> str:
@@ -87,7 +100,7 @@ class ModuleReference(_Frozen):
 class Bandwidth(_Frozen):
     """The kernel bandwidth and how it was chosen."""
 
-    sigma: float = Field(gt=0)
+    sigma: float = Field(ge=SIGMA_MIN, le=SIGMA_MAX)
     rule: Literal["fixed", "knn_median"]
     k: int | None = None
     sample_size: int | None = None

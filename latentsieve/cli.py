@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from index.errors import StoreError
+from index.manifest import check_sigma
 
 log = logging.getLogger("latentsieve")
 
@@ -167,9 +168,7 @@ def _score(args: argparse.Namespace) -> int:
                 f"model's latent shape {manifest.latent_shape} ({manifest.dim} numbers)"
             )
         latents = raw.reshape(raw.shape[0], -1)
-    sigma = manifest.bandwidth.sigma if args.sigma is None else float(args.sigma)
-    if not (np.isfinite(sigma) and sigma > 0):
-        raise CliError(f"--sigma must be a finite number > 0, got {args.sigma}")
+    sigma = manifest.bandwidth.sigma if args.sigma is None else check_sigma(args.sigma)
     batch = scorer.score(latents, sigma)
     report = score_report(scorer, batch, sigma, manifest.policy, seeds)
     _write_report(report, batch.log_density, batch.percentile, seeds, args.out)

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from index.manifest import Policy
+from index.manifest import SIGMA_MAX, SIGMA_MIN, Policy
 from service.errors import ServiceError, describe_validation_errors
 from workers.samplers import MAX_SEED
 
@@ -42,7 +42,9 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
-Sigma = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Sigma = Annotated[
+    float, Field(ge=SIGMA_MIN, le=SIGMA_MAX, allow_inf_nan=False, strict=True)
+]
 
 
 class _Body(BaseModel):

@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from index.manifest import check_sigma
+
 UNIT_ROUNDOFF_F32 = 2.0**-24
 UNIT_ROUNDOFF_F64 = 2.0**-53
 # Safety factor of the rounding model (see rounding_bound), calibrated on measured errors.
@@ -167,8 +169,7 @@ class DensityEngine:
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (Q, {self.dim}), got {q.shape}")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        sigma = check_sigma(sigma)
         if exclude is not None:
             exclude = np.asarray(exclude, dtype=np.int64)
             if exclude.shape != (q.shape[0],) or self.n < 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -10,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from index.manifest import IndexManifest, Policy
+from index.manifest import IndexManifest, Policy, check_sigma
 from index.store import LoadedVersion
 from workers.calibration import score_calibration
 from workers.density import DensityEngine
@@ -103,9 +102,7 @@ class ModelScorer:
 
     def score(self, latents: np.ndarray, sigma: float | None = None) -> ScoredBatch:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's)."""
-        sigma = self.manifest.bandwidth.sigma if sigma is None else float(sigma)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
         log_density = self.engine.log_density(latents, sigma).log_density
         return ScoredBatch(log_density, percentile_of(log_density, self.calibration(sigma)))
 

@@ -78,6 +78,12 @@ CASES: list[tuple[str, Any, str, int]] = [
     ("sigma zero", {**GOOD, "sigma": 0}, "/score", 422),
     ("sigma negative", {**GOOD, "sigma": -1.0}, "/score", 422),
     ("sigma string", {**GOOD, "sigma": "big"}, "/score", 422),
+    # Found by schemathesis: sigma^2 underflows to 0 although sigma > 0.
+    ("sigma subnormal", {**GOOD, "sigma": 5e-324}, "/score", 422),
+    ("sigma below range", {**GOOD, "sigma": 1e-101}, "/score", 422),
+    ("sigma above range", {**GOOD, "sigma": 1e101}, "/score", 422),
+    ("select sigma subnormal", {"model": MODEL, "start": 0, "count": 1, "keep": 1,
+                                "sigma": 5e-324}, "/select", 422),
     ("unknown descriptor", {**GOOD, "descriptors": ["psi", "curvature"]}, "/score", 422),
     ("descriptors without engine", {**GOOD, "descriptors": ["psi"]}, "/score", 422),
     ("policy unknown field", {**GOOD, "policy": {"max_percentile": 0.5}}, "/score", 422),

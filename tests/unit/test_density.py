@@ -63,7 +63,7 @@ def test_matches_float64_reference(
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
-@pytest.mark.parametrize("sigma", [1e-3, 1e-6, 1e-9])
+@pytest.mark.parametrize("sigma", [1e-3, 1e-6, 1e-9, 1e-100])
 def test_total_underflow_stays_finite_and_exact(backend: str, sigma: float) -> None:
     """Every exp(-d^2 / 2 sigma^2) underflows in float64 here; the score must not be -inf."""
     rng = np.random.default_rng(1)
@@ -139,6 +139,9 @@ def test_rejects_bad_inputs() -> None:
         engine.log_density(np.zeros((1, 2)), 0.0)
     with pytest.raises(ValueError, match="sigma"):
         engine.log_density(np.zeros((1, 2)), float("nan"))
+    for out_of_range in (5e-324, 1e-101, 1e101, float("inf")):
+        with pytest.raises(ValueError, match="1e-100"):
+            engine.log_density(np.zeros((1, 2)), out_of_range)
     with pytest.raises(ValueError, match="NaN"):
         engine.log_density(np.array([[np.nan, 0.0]]), 1.0)
     with pytest.raises(ValueError, match="exclude"):
