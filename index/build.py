@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from index.latent_files import load_latents
 from index.manifest import (
     KNOWN_KINDS,
     Calibration,
+    DescriptorSettings,
     IndexManifest,
     ModuleReference,
     Policy,
@@ -56,9 +58,41 @@ class CalibrationRequest:
     mapping: ModuleReference | None
     version_dir: Path
     progress: bool
+    latent_shape: tuple[int, ...] = ()
+    generator: ModuleReference | None = None
+    descriptors: DescriptorOptions | None = None
 
 
-Calibrator = Callable[[CalibrationRequest], np.ndarray]
+@dataclass(frozen=True)
+class DescriptorOptions:
+    """Descriptor settings asked for at build time (CONTRACT §2; defaults in docs)."""
+
+    calibration_count: int = 1_000
+    projection_rows: int = 120
+    projection_seed: int = 0
+    delta_directions: int = 8
+    delta_radius: float | None = None  # None: 0.1 * sqrt(latent size)
+
+
+@dataclass(frozen=True)
+class DescriptorCalibration:
+    """What the calibrator measured of a generator: its output size, the resolved radius and
+    each descriptor's values over the descriptor calibration latents (unsorted)."""
+
+    output_dim: int
+    delta_radius: float
+    values: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Density calibration scores (count,) nats, and descriptor calibration when asked."""
+
+    scores: np.ndarray
+    descriptors: DescriptorCalibration | None = None
+
+
+Calibrator = Callable[[CalibrationRequest], CalibrationResult]
 
 
 @dataclass(frozen=True)
@@ -75,6 +109,7 @@ class BuildOptions:
     mapping: str | None = None
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
     min_percentile: float = Policy().min_percentile
+    descriptors: DescriptorOptions = DescriptorOptions()
     progress: bool = True
 
 
@@ -101,6 +136,14 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError("--pca is not available in this release; build without it")
     if options.calibration_count < 1:
         raise StoreError("the calibration count must be >= 1")
+    descriptors = options.descriptors
+    if descriptors.calibration_count < 1 or descriptors.projection_rows < 1:
+        raise StoreError("descriptor calibration count and projection rows must be >= 1")
+    if descriptors.delta_directions < 1:
+        raise StoreError("--delta-directions must be >= 1")
+    radius = descriptors.delta_radius
+    if radius is not None and not (math.isfinite(radius) and radius > 0):
+        raise StoreError(f"--delta-radius must be a finite number > 0, got {radius}")
 
 
 def write_flat_index(latents: np.ndarray, path: Path, progress: bool) -> None:
@@ -117,6 +160,28 @@ def summarise(scores: np.ndarray) -> dict[str, float]:
     levels = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
     values = np.quantile(scores, levels)
     return {f"q{level:g}": float(value) for level, value in zip(levels, values, strict=True)}
+
+
+def write_descriptor_calibration(
+    measured: DescriptorCalibration, wanted: DescriptorOptions, staged: Path
+) -> DescriptorSettings:
+    """Store sorted descriptor calibration values and describe them for the manifest."""
+    values = {name: np.sort(np.asarray(v, dtype=np.float64)) for name, v in measured.values.items()}
+    for name, array in values.items():
+        if array.ndim != 1 or array.size < 1 or not np.all(np.isfinite(array)):
+            raise StoreError(f"descriptor calibration of {name!r} is empty or not finite")
+    settings = DescriptorSettings(
+        names=tuple(sorted(values)),
+        output_dim=measured.output_dim,
+        projection_rows=wanted.projection_rows,
+        projection_seed=wanted.projection_seed,
+        delta_directions=wanted.delta_directions,
+        delta_radius=measured.delta_radius,
+        calibration_count=int(next(iter(values.values())).size),
+        quantiles={name: summarise(array) for name, array in values.items()},
+    )
+    np.savez(staged / settings.calibration_file, **values)  # type: ignore[arg-type]
+    return settings
 
 
 def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrator) -> Path:
@@ -147,11 +212,12 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
         for reference in (generator, mapping):
             if reference is not None:
                 copy_module_file(reference, staged)
+        wanted = options.descriptors if generator is not None else None
         if sampler is not None:
             count = options.calibration_count
             request = CalibrationRequest(
                 latents, bandwidth.sigma, "sampler", count, CALIBRATION_SEED_START, None,
-                sampler, mapping, staged, options.progress,
+                sampler, mapping, staged, options.progress, latent_shape, generator, wanted,
             )
         else:
             count = min(options.calibration_count, n)
@@ -160,12 +226,18 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
             np.save(staged / "calibration_indices.npy", rows)
             request = CalibrationRequest(
                 latents, bandwidth.sigma, "leave_one_out", count, None, rows,
-                None, mapping, staged, options.progress,
+                None, mapping, staged, options.progress, latent_shape, generator, wanted,
             )
-        scores = np.sort(np.asarray(calibrate(request), dtype=np.float64))
+        result = calibrate(request)
+        scores = np.sort(np.asarray(result.scores, dtype=np.float64))
         if scores.shape != (count,) or not np.all(np.isfinite(scores)):
             raise StoreError(f"calibration produced {scores.shape} scores, some not finite")
         np.save(staged / "calibration.npy", scores)
+        descriptor_settings = (
+            write_descriptor_calibration(result.descriptors, wanted, staged)
+            if wanted is not None and result.descriptors is not None
+            else None
+        )
         calibration = Calibration(
             source=request.source,  # type: ignore[arg-type]
             count=count,
@@ -191,6 +263,7 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
             generator=generator,
             mapping=mapping,
             calibration=calibration,
+            descriptors=descriptor_settings,
             policy=Policy(min_percentile=options.min_percentile),
             source_file=str(options.latents_file),
             source_sha256=source_sha,

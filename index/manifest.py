@@ -122,10 +122,50 @@ class Calibration(_Frozen):
     quantiles: dict[str, float]
 
 
+DESCRIPTOR_NAMES = ("psi", "nu", "delta")
+
+
+class PercentileBounds(_Frozen):
+    """Accept a descriptor only between these calibration percentiles (either may be absent)."""
+
+    min_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class Policy(_Frozen):
-    """The default accept/reject rules of a model (overridable per request)."""
+    """The default accept/reject rules of a model (overridable per request).
+
+    ``min_percentile`` bounds the density percentile. ``psi``, ``nu`` and ``delta`` bound the
+    descriptors' calibration percentiles (Humayun et al.: very low ``psi`` marks memorisation,
+    very high ``psi`` or ``nu`` out-of-distribution latents); a bound makes the descriptor be
+    computed for every request the policy decides.
+    """
 
     min_percentile: float = Field(default=0.05, ge=0.0, le=1.0)
+    psi: PercentileBounds | None = None
+    nu: PercentileBounds | None = None
+    delta: PercentileBounds | None = None
+
+    def descriptor_bounds(self) -> dict[str, PercentileBounds]:
+        """The descriptors this policy has rules for, with their bounds."""
+        bounds = {name: getattr(self, name) for name in DESCRIPTOR_NAMES}
+        return {name: bound for name, bound in bounds.items() if bound is not None}
+
+
+class DescriptorSettings(_Frozen):
+    """How a model's local-geometry descriptors are computed (CONTRACT §2), and their
+    calibration: sorted values of each descriptor over the first ``calibration_count`` latents
+    of the density calibration set, in ``calibration_file``."""
+
+    names: tuple[str, ...]  # the descriptors this model computes (no delta for TorchScript)
+    output_dim: int = Field(ge=1)
+    projection_rows: int = Field(ge=1)
+    projection_seed: int
+    delta_directions: int = Field(ge=1)
+    delta_radius: float = Field(gt=0)
+    calibration_count: int = Field(ge=1)
+    calibration_file: str = "descriptor_calibration.npz"
+    quantiles: dict[str, dict[str, float]]
 
 
 class IndexManifest(_Frozen):
@@ -147,6 +187,7 @@ class IndexManifest(_Frozen):
     generator: ModuleReference | None = None
     mapping: ModuleReference | None = None
     calibration: Calibration
+    descriptors: DescriptorSettings | None = None
     policy: Policy = Policy()
     source_file: str
     source_sha256: str

@@ -43,6 +43,8 @@ class LoadedVersion:
     latents: np.ndarray
     calibration_scores: np.ndarray  # sorted float64 log densities at manifest.calibration.sigma
     calibration_indices: np.ndarray | None  # leave-one-out rows, else None
+    # Sorted calibration values per descriptor (psi, nu, delta) when the model has a generator.
+    descriptor_calibration: dict[str, np.ndarray] | None = None
 
 
 class LatentStore:
@@ -117,7 +119,11 @@ class LatentStore:
             if calibration.indices_file
             else None
         )
-        return LoadedVersion(manifest, folder, index, latents, scores, indices)
+        descriptors = None
+        if manifest.descriptors is not None:
+            with np.load(folder / manifest.descriptors.calibration_file) as stored:
+                descriptors = {name: stored[name] for name in stored.files}
+        return LoadedVersion(manifest, folder, index, latents, scores, indices, descriptors)
 
     @contextlib.contextmanager
     def staging(self, model: str) -> Iterator[Path]:

@@ -15,11 +15,16 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from index.errors import StoreError
 from index.manifest import check_sigma
+
+if TYPE_CHECKING:
+    from index.build import DescriptorOptions
+    from index.manifest import Policy
 
 log = logging.getLogger("latentsieve")
 
@@ -59,6 +64,19 @@ def parse_seed_range(text: str) -> range:
     return range(start, stop + 1)
 
 
+def parse_descriptor_names(text: str | None, policy: Policy) -> set[str]:
+    """``psi,nu`` -> the names asked for, plus those the policy has bounds on."""
+    from index.manifest import DESCRIPTOR_NAMES
+
+    names = {name.strip() for name in (text or "").split(",") if name.strip()}
+    unknown = names - set(DESCRIPTOR_NAMES)
+    if unknown:
+        raise CliError(
+            f"unknown descriptor(s) {', '.join(sorted(unknown))}; allowed: psi, nu, delta"
+        )
+    return names | set(policy.descriptor_bounds())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentsieve", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env("log-level") or "warning")
@@ -78,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
     _add(build, "calibration-count", type=int, default=None)
     _add(build, "min-percentile", type=float, default=None, help="default policy")
+    _add(build, "descriptor-calibration-count", type=int, default=None,
+         help="latents whose psi/nu/delta calibrate descriptor percentiles (default 1000)")
+    _add(build, "projection-rows", type=int, default=None, help="m of P (default 120)")
+    _add(build, "projection-seed", type=int, default=None, help="seed of P and directions")
+    _add(build, "delta-directions", type=int, default=None, help="P of delta (default 8)")
+    _add(build, "delta-radius", type=float, default=None, help="r (default 0.1 sqrt(E))")
     build.add_argument("--no-progress", action="store_true")
 
     listing = index_commands.add_parser("list", help="list models and versions")
@@ -91,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--seeds", default=None, help="A-B, inclusive")
     _add(score, "sigma", type=float, default=None)
     _add(score, "out", default=None, help="FILE.json or FILE.npy (default: JSON on stdout)")
+    _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")
 
     serve = commands.add_parser("serve", help="run the HTTP gateway")
     _add(serve, "store", required=True)
@@ -130,11 +155,30 @@ def _build(args: argparse.Namespace) -> int:
             if args.min_percentile is not None
             else Policy().min_percentile
         ),
+        descriptors=_descriptor_options(args),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     folder = build_version(LatentStore(args.store), options, calibrate_build)
     print(json.dumps({"model": options.model, "version": folder.name, "path": str(folder)}))
     return 0
+
+
+def _whole(value: str | int | None, default: int) -> int:
+    return default if value is None else int(value)
+
+
+def _descriptor_options(args: argparse.Namespace) -> DescriptorOptions:
+    """The --descriptor-* and --projection-* options over the documented defaults."""
+    from index.build import DescriptorOptions
+
+    base = DescriptorOptions()
+    return DescriptorOptions(
+        calibration_count=_whole(args.descriptor_calibration_count, base.calibration_count),
+        projection_rows=_whole(args.projection_rows, base.projection_rows),
+        projection_seed=_whole(args.projection_seed, base.projection_seed),
+        delta_directions=_whole(args.delta_directions, base.delta_directions),
+        delta_radius=None if args.delta_radius is None else float(args.delta_radius),
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -169,7 +213,14 @@ def _score(args: argparse.Namespace) -> int:
             )
         latents = raw.reshape(raw.shape[0], -1)
     sigma = manifest.bandwidth.sigma if args.sigma is None else check_sigma(args.sigma)
-    batch = scorer.score(latents, sigma)
+    names = parse_descriptor_names(args.descriptors, manifest.policy)
+    if names and not scorer.has_descriptors:
+        raise CliError(f"model {args.model!r} has no generator, so no descriptors")
+    if names - scorer.descriptor_names:
+        raise CliError(
+            f"model {args.model!r} computes only {', '.join(sorted(scorer.descriptor_names))}"
+        )
+    batch = scorer.score(latents, sigma, names)
     report = score_report(scorer, batch, sigma, manifest.policy, seeds)
     _write_report(report, batch.log_density, batch.percentile, seeds, args.out)
     return 0

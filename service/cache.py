@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol, TypedDict
+from typing import NotRequired, Protocol, TypedDict
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -38,16 +38,19 @@ KEY_PREFIX = "ls:v1:"
 # Per-entry bytes on top of the key's length: the str object, OrderedDict slot and the tuple of
 # three floats (about 250 bytes measured with tracemalloc on CPython 3.11).
 ENTRY_OVERHEAD_BYTES = 256
+DESCRIPTOR_VALUE_BYTES = 100
 DEFAULT_SOCKET_TIMEOUT_S = 0.25
 DEFAULT_RETRY_INTERVAL_S = 0.5
 DEFAULT_WARN_INTERVAL_S = 30.0
 
 
 class CachedScore(TypedDict):
-    """The cached part of one result: ``log_density`` in nats, ``percentile`` in [0, 1]."""
+    """The cached part of one result: ``log_density`` in nats, ``percentile`` in [0, 1], and
+    for descriptor requests ``{"psi": .., "psi_percentile": .., ...}``."""
 
     log_density: float
     percentile: float
+    descriptors: NotRequired[dict[str, float]]
 
 
 class CacheSettings(Protocol):
@@ -73,13 +76,15 @@ def cache_keys(
     sigma: float,
     descriptors: tuple[str, ...],
     latents: Sequence[bytes],
+    generator_sha256: str = "",
 ) -> list[str]:
     """``"ls:v1:<sha256 hex>"`` per latent, over every input that changes a score.
 
     Each part is length-prefixed so no two different inputs share an encoding. ``sigma`` enters
     exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
-    and repeats do not matter. A latent is its bytes as the gateway normalises them (one dtype
-    and byte order for every request form). The shared prefix is hashed once per call.
+    and repeats do not matter; descriptor requests also carry the generator's sha256. A latent
+    is its bytes as the gateway normalises them (one dtype and byte order for every request
+    form). The shared prefix is hashed once per call.
     """
     names = sorted(set(descriptors))
     prefix = hashlib.sha256(
@@ -92,6 +97,7 @@ def cache_keys(
                 float(sigma).hex().encode(),
                 len(names).to_bytes(8, "big"),
                 *(name.encode() for name in names),
+                generator_sha256.encode(),
             )
         )
     )
@@ -168,7 +174,8 @@ class MemoryCache:
         self.errors = 0
         self.evictions = 0
         self._bytes = 0
-        self._entries: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
+        # key -> (score, monotonic expiry time)
+        self._entries: OrderedDict[str, tuple[CachedScore, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -180,9 +187,10 @@ class MemoryCache:
         return len(self._entries)
 
     @staticmethod
-    def entry_bytes(key: str) -> int:
-        """Approximate cost of one entry in bytes."""
-        return len(key) + ENTRY_OVERHEAD_BYTES
+    def entry_bytes(key: str, score: CachedScore | None = None) -> int:
+        """Approximate cost of one entry in bytes (descriptor values add to it)."""
+        extra = len(score.get("descriptors", {})) if score is not None else 0
+        return len(key) + ENTRY_OVERHEAD_BYTES + DESCRIPTOR_VALUE_BYTES * extra
 
     async def get_many(self, keys: list[str]) -> list[CachedScore | None]:
         now = time.monotonic()
@@ -190,14 +198,14 @@ class MemoryCache:
         with self._lock:
             for key in keys:
                 entry = self._entries.get(key)
-                if entry is not None and entry[2] <= now:
+                if entry is not None and entry[1] <= now:
                     self._remove(key)
                     entry = None
                 if entry is None:
                     found.append(None)
                     continue
                 self._entries.move_to_end(key)
-                found.append(CachedScore(log_density=entry[0], percentile=entry[1]))
+                found.append(_copy(entry[0]))
             hit_count = sum(score is not None for score in found)
             self.hits += hit_count
             self.misses += len(keys) - hit_count
@@ -207,16 +215,12 @@ class MemoryCache:
         expires = time.monotonic() + self.ttl_s if self.ttl_s is not None else float("inf")
         with self._lock:
             for key, score in items:
-                cost = self.entry_bytes(key)
+                cost = self.entry_bytes(key, score)
                 if cost > self.max_bytes:
                     continue
                 if key in self._entries:
                     self._remove(key)
-                self._entries[key] = (
-                    float(score["log_density"]),
-                    float(score["percentile"]),
-                    expires,
-                )
+                self._entries[key] = (_copy(score), expires)
                 self._bytes += cost
                 while self._bytes > self.max_bytes:
                     oldest = next(iter(self._entries))
@@ -229,18 +233,35 @@ class MemoryCache:
             self._bytes = 0
 
     def _remove(self, key: str) -> None:
-        del self._entries[key]
-        self._bytes -= self.entry_bytes(key)
+        score, _ = self._entries.pop(key)
+        self._bytes -= self.entry_bytes(key, score)
+
+
+def _copy(score: CachedScore) -> CachedScore:
+    """A private copy, so a caller mutating its result cannot change the cache."""
+    copied = CachedScore(
+        log_density=float(score["log_density"]), percentile=float(score["percentile"])
+    )
+    if "descriptors" in score:
+        copied["descriptors"] = dict(score["descriptors"])
+    return copied
 
 
 def _encode(score: CachedScore) -> bytes:
-    """Compact JSON ``[log_density, percentile]``; ``repr`` floats round-trip exactly."""
-    return json.dumps([score["log_density"], score["percentile"]], separators=(",", ":")).encode()
+    """Compact JSON ``[log_density, percentile]`` or ``[.., .., {descriptors}]``; ``repr``
+    floats round-trip exactly."""
+    values: list[object] = [score["log_density"], score["percentile"]]
+    if "descriptors" in score:
+        values.append(score["descriptors"])
+    return json.dumps(values, separators=(",", ":")).encode()
 
 
 def _decode(raw: bytes | str) -> CachedScore:
-    log_density, percentile = json.loads(raw)
-    return CachedScore(log_density=float(log_density), percentile=float(percentile))
+    values = json.loads(raw)
+    score = CachedScore(log_density=float(values[0]), percentile=float(values[1]))
+    if len(values) > 2:
+        score["descriptors"] = {str(k): float(v) for k, v in dict(values[2]).items()}
+    return score
 
 
 class RedisCache:

@@ -13,6 +13,13 @@ BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))
 LOG_DENSITY_BUCKET_COUNT = 20
+# psi (nats), nu (an effective rank) and delta (a count) share one histogram: signed decades.
+DESCRIPTOR_BUCKETS = tuple(
+    sorted(
+        {sign * scale * 10.0**power for sign in (-1, 1) for scale in (1, 3) for power in range(5)}
+        | {0.0}
+    )
+)
 
 
 def log_density_buckets(ranges: Sequence[tuple[float, float]]) -> tuple[float, ...]:
@@ -72,6 +79,10 @@ class ServiceMetrics:
             "latentsieve_batch_size", "Latents per computed batch.", ["model"],
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
+        self.descriptor = Histogram(
+            "latentsieve_descriptor", "Local-geometry descriptors returned.", ["model", "name"],
+            buckets=DESCRIPTOR_BUCKETS, registry=self.registry,
+        )
         self.cache_requests = Counter(
             "latentsieve_cache_requests", "Score cache lookups per latent.", ["result"],
             registry=self.registry,
@@ -113,6 +124,13 @@ class ServiceMetrics:
         for why in reasons:
             for reason in why:
                 self.decisions.labels(model=model, decision="reject", reason=reason).inc()
+
+    def observe_descriptors(self, model: str, values: Mapping[str, Sequence[float]]) -> None:
+        """``latentsieve_descriptor{model, name}`` for each returned descriptor value."""
+        for name, series in values.items():
+            histogram = self.descriptor.labels(model=model, name=name)
+            for value in series:
+                histogram.observe(value)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

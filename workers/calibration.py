@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 from tqdm import tqdm
 
-from index.build import CalibrationRequest
+from index.build import (
+    CalibrationRequest,
+    CalibrationResult,
+    DescriptorCalibration,
+    DescriptorOptions,
+)
+from index.manifest import DESCRIPTOR_NAMES
 from workers.density import DensityEngine
+from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.seed_latents import SeedLatents
 
@@ -46,8 +55,9 @@ def score_calibration(
     return out
 
 
-def calibrate_build(request: CalibrationRequest) -> np.ndarray:
-    """The ``index build`` calibrator: scores the request's calibration set at its sigma."""
+def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
+    """The ``index build`` calibrator: scores the request's calibration set at its sigma and,
+    with a generator, the descriptors of its first ``descriptors.calibration_count`` latents."""
     engine = DensityEngine(request.latents)
     draw: Draw | None = None
     if request.sampler is not None:
@@ -55,7 +65,7 @@ def calibrate_build(request: CalibrationRequest) -> np.ndarray:
             load_module(request.mapping, request.version_dir) if request.mapping else None
         )
         draw = SeedLatents(request.sampler, mapping).draw
-    return score_calibration(
+    scores = score_calibration(
         engine,
         request.sigma,
         count=request.count,
@@ -64,3 +74,54 @@ def calibrate_build(request: CalibrationRequest) -> np.ndarray:
         draw=draw,
         progress=request.progress,
     )
+    if request.generator is None or request.descriptors is None:
+        return CalibrationResult(scores)
+    count = min(request.descriptors.calibration_count, request.count)
+    if draw is not None and request.seed_start is not None:
+        latents = draw(range(request.seed_start, request.seed_start + count))
+    else:
+        assert request.indices is not None
+        latents = np.asarray(request.latents[request.indices[:count]], dtype=np.float32)
+    generator = load_module(request.generator, request.version_dir)
+    options = request.descriptors
+    descriptor_engine = build_descriptor_engine(generator, request.latent_shape, options)
+    values = score_descriptors(descriptor_engine, latents, request.progress)
+    return CalibrationResult(
+        scores,
+        DescriptorCalibration(
+            descriptor_engine.output_dim, descriptor_engine.delta_radius, values
+        ),
+    )
+
+
+def build_descriptor_engine(
+    generator: nn.Module, latent_shape: tuple[int, ...], options: DescriptorOptions
+) -> DescriptorEngine:
+    """A DescriptorEngine for ``generator``; its output size is read off one forward pass."""
+    with torch.no_grad():
+        output_dim = int(generator(torch.zeros((1, *latent_shape))).numel())
+    return DescriptorEngine(
+        generator,
+        latent_shape,
+        output_dim,
+        m=options.projection_rows,
+        projection_seed=options.projection_seed,
+        delta_directions=options.delta_directions,
+        delta_radius=options.delta_radius,
+    )
+
+
+def score_descriptors(
+    engine: DescriptorEngine, latents: np.ndarray, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Every descriptor the engine supports (psi, nu, delta) of index-space latents (n, d)
+    -> {name: (n,) float64}, in blocks."""
+    shaped = latents.reshape(latents.shape[0], *engine.latent_shape)
+    names = [name for name in DESCRIPTOR_NAMES if name in engine.available]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    blocks = range(0, shaped.shape[0], BLOCK)
+    for start in tqdm(blocks, desc="descriptors", unit="block", disable=not progress):
+        values = engine.compute(shaped[start : start + BLOCK], set(names))
+        for name in names:
+            parts[name].append(np.asarray(values[name], dtype=np.float64))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}

@@ -224,6 +224,12 @@ def counted_activations(generator: nn.Module) -> list[nn.Module]:
     ]
 
 
+def supports_delta(generator: nn.Module) -> bool:
+    """False for TorchScript generators: their compiled graph never calls Python forward hooks
+    (``register_forward_hook`` is refused on ScriptModules), so delta cannot be counted."""
+    return not any(isinstance(module, torch.jit.ScriptModule) for module in generator.modules())
+
+
 @contextmanager
 def _sign_change_counter(
     modules: Sequence[nn.Module], points_per_latent: int, counts: list[torch.Tensor]
@@ -302,6 +308,9 @@ class DescriptorEngine:
         row_chunk: int | None = None,
     ) -> None:
         self.generator = generator.eval()
+        self.available = (
+            DESCRIPTOR_NAMES if supports_delta(generator) else DESCRIPTOR_NAMES - {"delta"}
+        )
         self.latent_shape = tuple(int(size) for size in latent_shape)
         self.latent_dim = math.prod(self.latent_shape)
         self.output_dim = int(output_dim)
@@ -338,6 +347,12 @@ class DescriptorEngine:
         if tuple(batch.shape[1:]) != self.latent_shape:
             raise ValueError(
                 f"latents of shape {tuple(batch.shape)} do not match (n, *{self.latent_shape})"
+            )
+        missing = set(names) - self.available
+        if missing:
+            raise ValueError(
+                "delta needs an eager nn.Module generator (TorchScript modules cannot carry "
+                "forward hooks); give the generator as an import path package.module:factory"
             )
         results: dict[str, np.ndarray] = {}
         if names & {"psi", "nu"}:

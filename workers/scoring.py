@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from index.manifest import IndexManifest, Policy, check_sigma
 from index.store import LoadedVersion
-from workers.calibration import score_calibration
+from workers.calibration import score_calibration, score_descriptors
 from workers.density import DensityEngine
+from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.policy import decide
 from workers.seed_latents import SeedLatents
@@ -22,10 +23,13 @@ CALIBRATIONS_KEPT = 8
 
 @dataclass(frozen=True)
 class ScoredBatch:
-    """Scores of n latents at one sigma: log densities (nats) and calibration percentiles."""
+    """Scores of n latents at one sigma: log densities (nats) and calibration percentiles, and
+    the descriptors asked for with their calibration percentiles."""
 
     log_density: np.ndarray  # (n,) float64
     percentile: np.ndarray  # (n,) float64 in [0, 1]
+    descriptors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
+    descriptor_percentiles: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
 
 
 def percentile_of(scores: np.ndarray, sorted_reference: np.ndarray) -> np.ndarray:
@@ -42,6 +46,7 @@ class ModelScorer:
     device: str = "cpu"
     engine: DensityEngine = field(init=False)
     seed_latents: SeedLatents | None = field(init=False)
+    descriptor_engine: DescriptorEngine | None = field(init=False)
     _calibrations: OrderedDict[float, np.ndarray] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     # One calibration computed at a time per model: concurrent requests for a new sigma wait for
@@ -53,6 +58,18 @@ class ModelScorer:
         self.engine = DensityEngine(self.loaded.latents, device=self.device)
         mapping = load_module(manifest.mapping, self.loaded.path) if manifest.mapping else None
         self.seed_latents = SeedLatents(manifest.sampler, mapping) if manifest.sampler else None
+        self.descriptor_engine = None
+        settings = manifest.descriptors
+        if settings is not None and manifest.generator is not None:
+            self.descriptor_engine = DescriptorEngine(
+                load_module(manifest.generator, self.loaded.path),
+                manifest.latent_shape,
+                settings.output_dim,
+                m=settings.projection_rows,
+                projection_seed=settings.projection_seed,
+                delta_directions=settings.delta_directions,
+                delta_radius=settings.delta_radius,
+            )
         self._calibrations = OrderedDict(
             [(manifest.calibration.sigma, self.loaded.calibration_scores)]
         )
@@ -100,11 +117,45 @@ class ModelScorer:
                 self._calibrations.move_to_end(sigma)
             return cached
 
-    def score(self, latents: np.ndarray, sigma: float | None = None) -> ScoredBatch:
-        """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's)."""
+    @property
+    def has_descriptors(self) -> bool:
+        return self.descriptor_engine is not None
+
+    @property
+    def descriptor_names(self) -> frozenset[str]:
+        """The descriptors this model computes (calibrated at build time)."""
+        settings = self.manifest.descriptors
+        if self.descriptor_engine is None or settings is None:
+            return frozenset()
+        return frozenset(settings.names)
+
+    def score(
+        self,
+        latents: np.ndarray,
+        sigma: float | None = None,
+        descriptors: Collection[str] = (),
+    ) -> ScoredBatch:
+        """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
+        and the named descriptors (CONTRACT §2) with their calibration percentiles."""
         sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
         log_density = self.engine.log_density(latents, sigma).log_density
-        return ScoredBatch(log_density, percentile_of(log_density, self.calibration(sigma)))
+        batch = ScoredBatch(log_density, percentile_of(log_density, self.calibration(sigma)))
+        if not descriptors:
+            return batch
+        if self.descriptor_engine is None or self.loaded.descriptor_calibration is None:
+            raise ValueError(f"model {self.manifest.model!r} has no generator for descriptors")
+        missing = set(descriptors) - self.descriptor_names
+        if missing:
+            raise ValueError(
+                f"model {self.manifest.model!r} does not compute {', '.join(sorted(missing))} "
+                "(a TorchScript generator has psi and nu only)"
+            )
+        values = score_descriptors(self.descriptor_engine, np.asarray(latents, np.float32))
+        for name in sorted(set(descriptors)):
+            batch.descriptors[name] = values[name]
+            reference = self.loaded.descriptor_calibration[name]
+            batch.descriptor_percentiles[name] = percentile_of(values[name], reference)
+        return batch
 
 
 def score_report(
@@ -115,7 +166,7 @@ def score_report(
     seeds: Sequence[int] | None = None,
 ) -> dict[str, object]:
     """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch."""
-    reasons = decide(batch.percentile, policy)
+    reasons = decide(batch.percentile, policy, batch.descriptor_percentiles)
     results: list[dict[str, object]] = []
     accepted: list[int] = []
     for row, (log_density, percentile) in enumerate(
@@ -131,6 +182,12 @@ def score_report(
         }
         if seeds is not None:
             result["seed"] = int(seeds[row])
+        if batch.descriptors:
+            described: dict[str, float] = {}
+            for name, values in batch.descriptors.items():
+                described[name] = int(values[row]) if name == "delta" else float(values[row])
+                described[f"{name}_percentile"] = float(batch.descriptor_percentiles[name][row])
+            result["descriptors"] = described
         if not reasons[row]:
             accepted.append(int(seeds[row]) if seeds is not None else row)
         results.append(result)

@@ -27,10 +27,9 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
         "kind": manifest.kind,
         "exact": manifest.exact,
         "sampler": str(manifest.sampler) if manifest.sampler is not None else None,
-        # No descriptor engine is served yet, even for models that record a generator.
-        "descriptors": False,
+        "descriptors": scorer.has_descriptors,
         "generator": manifest.generator is not None,
-        "policy": manifest.policy.model_dump(),
+        "policy": manifest.policy.model_dump(exclude_none=True),
     }
 
 

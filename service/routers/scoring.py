@@ -33,13 +33,41 @@ class ScoreKey:
     model: str
     version: str
     sigma: float
+    descriptors: tuple[str, ...]
     scorer: ModelScorer = field(compare=False, hash=False, repr=False)
 
 
 def score_rows(key: ScoreKey, latents: np.ndarray) -> np.ndarray:
-    """Batcher compute: latents (n, d) -> (n, 2) float64 [log_density nats, percentile]."""
-    batch = key.scorer.score(latents, key.sigma)
-    return np.column_stack([batch.log_density, batch.percentile])
+    """Batcher compute: latents (n, d) -> (n, 2 + 2k) float64: log_density (nats), percentile,
+    then value and percentile of each of the key's k descriptors, in the key's order."""
+    batch = key.scorer.score(latents, key.sigma, key.descriptors)
+    columns = [batch.log_density, batch.percentile]
+    for name in key.descriptors:
+        columns += [batch.descriptors[name], batch.descriptor_percentiles[name]]
+    return np.column_stack(columns)
+
+
+def descriptor_names(scorer: ModelScorer, asked: Sequence[str] | None, policy: Policy) -> tuple[
+    str, ...
+]:
+    """The descriptors to compute: those asked for and those the policy bounds; 422 when the
+    model has no generator to compute them with."""
+    names = tuple(sorted(set(asked or ()) | set(policy.descriptor_bounds())))
+    if names and not scorer.has_descriptors:
+        raise ServiceError(
+            422,
+            f"model {scorer.manifest.model!r} has no generator, so it has no descriptors "
+            f"({', '.join(names)} asked for by the request or its policy); leave them out",
+        )
+    missing = set(names) - scorer.descriptor_names
+    if missing:
+        raise ServiceError(
+            422,
+            f"model {scorer.manifest.model!r} computes only "
+            f"{', '.join(sorted(scorer.descriptor_names))}, not {', '.join(sorted(missing))} "
+            "(delta needs an eager generator; TorchScript cannot carry forward hooks)",
+        )
+    return names
 
 
 def queue_depth_by_model(
@@ -80,21 +108,34 @@ async def draw_seeds(scorer: ModelScorer, seeds: Sequence[int]) -> np.ndarray:
 
 
 async def score_latents(
-    runtime: Runtime, scorer: ModelScorer, latents: np.ndarray, sigma: float, deadline: float
+    runtime: Runtime,
+    scorer: ModelScorer,
+    latents: np.ndarray,
+    sigma: float,
+    deadline: float,
+    descriptors: tuple[str, ...] = NO_DESCRIPTORS,
 ) -> tuple[ScoredBatch, list[bool]]:
     """Cached scores where present, the batcher for the rest; returns scores and hit flags."""
     manifest = scorer.manifest
+    generator = manifest.generator.sha256 if descriptors and manifest.generator else ""
     keys = cache_keys(
-        manifest.model, manifest.version, sigma, NO_DESCRIPTORS, [row.tobytes() for row in latents]
+        manifest.model, manifest.version, sigma, descriptors,
+        [row.tobytes() for row in latents], generator,
     )
     hits = await runtime.cache.get_many(keys)
     log_density = np.empty(len(keys), dtype=np.float64)
     percentile = np.empty(len(keys), dtype=np.float64)
     misses = [row for row, hit in enumerate(hits) if hit is None]
+    values = {name: np.empty(len(keys)) for name in descriptors}
+    ranks = {name: np.empty(len(keys)) for name in descriptors}
     for row, hit in enumerate(hits):
         if hit is not None:
             log_density[row] = hit["log_density"]
             percentile[row] = hit["percentile"]
+            described = hit.get("descriptors", {})
+            for name in descriptors:
+                values[name][row] = described[name]
+                ranks[name][row] = described[f"{name}_percentile"]
     runtime.metrics.cache_requests.labels(result="hit").inc(len(keys) - len(misses))
     runtime.metrics.cache_requests.labels(result="miss").inc(len(misses))
     if len(misses) > runtime.settings.queue_limit:
@@ -108,7 +149,7 @@ async def score_latents(
         # A sigma other than the build's needs its own calibration: compute it here, once per
         # sigma and model, so that the batch loop (shared by every request) never does.
         await asyncio.to_thread(scorer.calibration, sigma)
-        key = ScoreKey(manifest.model, manifest.version, sigma, scorer)
+        key = ScoreKey(manifest.model, manifest.version, sigma, descriptors, scorer)
         try:
             computed = await runtime.batcher.submit(key, latents[misses], deadline)
         except QueueFull as exc:
@@ -118,13 +159,23 @@ async def score_latents(
             ) from exc
         log_density[misses] = computed[:, 0]
         percentile[misses] = computed[:, 1]
-        fresh: list[tuple[str, CachedScore]] = [
-            (keys[row], CachedScore(log_density=float(density), percentile=float(rank)))
-            for row, density, rank in zip(misses, computed[:, 0], computed[:, 1], strict=True)
-        ]
+        for column, name in enumerate(descriptors):
+            values[name][misses] = computed[:, 2 + 2 * column]
+            ranks[name][misses] = computed[:, 3 + 2 * column]
+        fresh: list[tuple[str, CachedScore]] = []
+        for row in misses:
+            entry = CachedScore(
+                log_density=float(log_density[row]), percentile=float(percentile[row])
+            )
+            if descriptors:
+                entry["descriptors"] = {
+                    **{name: float(values[name][row]) for name in descriptors},
+                    **{f"{name}_percentile": float(ranks[name][row]) for name in descriptors},
+                }
+            fresh.append((keys[row], entry))
         await runtime.cache.set_many(fresh)
     cached = [hit is not None for hit in hits]
-    return ScoredBatch(log_density, percentile), cached
+    return ScoredBatch(log_density, percentile, values, ranks), cached
 
 
 def finish_report(
@@ -147,6 +198,10 @@ def finish_report(
         batch.percentile.tolist(),
         [result["reasons"] for result in results],
     )
+    if batch.descriptors:
+        runtime.metrics.observe_descriptors(
+            scorer.manifest.model, {k: v.tolist() for k, v in batch.descriptors.items()}
+        )
     return report
 
 
@@ -172,14 +227,9 @@ async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
     scorer = resolve_model(runtime, body.model)
     manifest = scorer.manifest
     check_batch(runtime, body.batch_size, "latents" if body.seeds is None else "seeds")
-    if body.descriptors:
-        raise ServiceError(
-            422,
-            f"model {manifest.model!r} has no descriptors (it needs a generator-backed "
-            "descriptor engine); leave 'descriptors' out",
-        )
     sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
     policy = body.policy or manifest.policy
+    names = descriptor_names(scorer, body.descriptors, policy)
     deadline = _deadline(runtime)
     try:
         async with asyncio.timeout_at(deadline):
@@ -192,7 +242,9 @@ async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
                     f"each latent has {latents.shape[1]} numbers; model {manifest.model!r} "
                     f"takes {manifest.dim} (latent shape {list(manifest.latent_shape)})",
                 )
-            batch, cached = await score_latents(runtime, scorer, latents, sigma, deadline)
+            batch, cached = await score_latents(
+                runtime, scorer, latents, sigma, deadline, names
+            )
     except TimeoutError as exc:
         raise _timed_out(runtime) from exc
     return JSONResponse(finish_report(runtime, scorer, batch, cached, sigma, policy, body.seeds))
@@ -216,22 +268,28 @@ async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
     check_batch(runtime, body.keep, "kept seeds")
     sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
     policy = body.policy or manifest.policy
+    names = descriptor_names(scorer, None, policy)
     seeds = range(body.start, body.start + body.count)
     deadline = _deadline(runtime)
     try:
         async with asyncio.timeout_at(deadline):
             latents = await draw_seeds(scorer, seeds)
             batch, cached = await score_latents(runtime, scorer, latents, sigma, deadline)
+            # Best first; equal scores keep the lower seed first so the answer is deterministic.
+            order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
+            kept = await asyncio.to_thread(
+                pick_diverse, latents, order, body.keep, body.min_distance
+            )
+            chosen = ScoredBatch(batch.log_density[kept], batch.percentile[kept])
+            kept_cached = [cached[row] for row in kept]
+            if names:  # the policy bounds descriptors: compute them for the kept seeds only
+                chosen, kept_cached = await score_latents(
+                    runtime, scorer, latents[kept], sigma, deadline, names
+                )
     except TimeoutError as exc:
         raise _timed_out(runtime) from exc
-    # Best first; equal scores keep the lower seed first so the answer is deterministic.
-    order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
-    kept = await asyncio.to_thread(pick_diverse, latents, order, body.keep, body.min_distance)
-    chosen = ScoredBatch(batch.log_density[kept], batch.percentile[kept])
     kept_seeds = [seeds[row] for row in kept]
-    report = finish_report(
-        runtime, scorer, chosen, [cached[row] for row in kept], sigma, policy, kept_seeds
-    )
+    report = finish_report(runtime, scorer, chosen, kept_cached, sigma, policy, kept_seeds)
     report["accepted"] = kept_seeds
     return JSONResponse(report)
 

@@ -85,7 +85,14 @@ CASES: list[tuple[str, Any, str, int]] = [
     ("select sigma subnormal", {"model": MODEL, "start": 0, "count": 1, "keep": 1,
                                 "sigma": 5e-324}, "/select", 422),
     ("unknown descriptor", {**GOOD, "descriptors": ["psi", "curvature"]}, "/score", 422),
-    ("descriptors without engine", {**GOOD, "descriptors": ["psi"]}, "/score", 422),
+    ("descriptors without generator", {"model": "nosampler", "latents": [[0.1] * 6],
+                                       "descriptors": ["psi"]}, "/score", 422),
+    ("policy bound without generator", {"model": "nosampler", "latents": [[0.1] * 6],
+                                        "policy": {"psi": {"min_percentile": 0.1}}},
+     "/score", 422),
+    ("policy bound unknown field", {**GOOD, "policy": {"psi": {"min": 0.1}}}, "/score", 422),
+    ("policy bound out of range", {**GOOD, "policy": {"nu": {"max_percentile": 2}}},
+     "/score", 422),
     ("policy unknown field", {**GOOD, "policy": {"max_percentile": 0.5}}, "/score", 422),
     ("policy out of range", {**GOOD, "policy": {"min_percentile": 1.5}}, "/score", 422),
     ("seeds no sampler", {"model": "nosampler", "seeds": [1, 2]}, "/score", 422),
@@ -141,7 +148,9 @@ async def test_details_say_what_is_allowed(app_client: httpx.AsyncClient) -> Non
         return str((await post(app_client, "/score", body)).json()["detail"])
 
     assert "psi, nu, delta" in await detail({**GOOD, "descriptors": ["curvature"]})
-    assert "has no descriptors" in await detail({**GOOD, "descriptors": ["nu"]})
+    assert "has no generator" in await detail(
+        {"model": "nosampler", "latents": [[0.0] * 6], "descriptors": ["nu"]}
+    )
     assert "takes 8" in await detail({"model": MODEL, "latents": [[0.0] * 7]})
     assert "digits-vae" in await detail({"model": "nope", "latents": [[0.0] * 8]})
     assert "allowed fields" in await detail({**GOOD, "bogus": 1})

@@ -89,7 +89,7 @@ async def test_models_lists_every_served_model(
         "kind": "flat",
         "exact": True,
         "sampler": "torch-cpu:float32:8",
-        "descriptors": False,
+        "descriptors": True,
         "generator": True,
         "policy": {"min_percentile": 0.05},
     }
