@@ -23,6 +23,8 @@ from index.checksums import sha256_file
 from index.errors import StoreError
 from index.latent_files import load_latents
 from index.manifest import (
+    DEFAULT_DELTA_DIRECTIONS,
+    DEFAULT_PROJECTION_ROWS,
     KNOWN_KINDS,
     Calibration,
     DescriptorSettings,
@@ -68,9 +70,9 @@ class DescriptorOptions:
     """Descriptor settings asked for at build time (CONTRACT §2; defaults in docs)."""
 
     calibration_count: int = 1_000
-    projection_rows: int = 120
+    projection_rows: int = DEFAULT_PROJECTION_ROWS
     projection_seed: int = 0
-    delta_directions: int = 8
+    delta_directions: int = DEFAULT_DELTA_DIRECTIONS
     delta_radius: float | None = None  # None: 0.1 * sqrt(latent size)
 
 

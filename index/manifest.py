@@ -123,6 +123,8 @@ class Calibration(_Frozen):
 
 
 DESCRIPTOR_NAMES = ("psi", "nu", "delta")
+DEFAULT_PROJECTION_ROWS = 120  # m, the rows of P (CONTRACT §2)
+DEFAULT_DELTA_DIRECTIONS = 8  # P, the cross-polytope's directions
 
 
 class PercentileBounds(_Frozen):

@@ -31,11 +31,12 @@ import torch
 from torch import nn
 from torch.func import jacrev, jvp, vmap
 
+from index.manifest import DEFAULT_DELTA_DIRECTIONS, DEFAULT_PROJECTION_ROWS
+from index.manifest import DESCRIPTOR_NAMES as MANIFEST_DESCRIPTOR_NAMES
+
 JacobianMode = Literal["auto", "forward", "reverse"]
-DESCRIPTOR_NAMES = frozenset({"psi", "nu", "delta"})
+DESCRIPTOR_NAMES = frozenset(MANIFEST_DESCRIPTOR_NAMES)
 # Random projection rows of P (CONTRACT §2); Humayun et al. project high-dimensional outputs too.
-DEFAULT_PROJECTION_ROWS = 120
-DEFAULT_DELTA_DIRECTIONS = 8
 # r = DELTA_RADIUS_FRACTION * sqrt(E): a fixed fraction of the typical norm of a N(0, I) latent.
 DELTA_RADIUS_FRACTION = 0.1
 # Added to every normalised singular value before the log in nu, exactly as CONTRACT §2.
