@@ -96,6 +96,12 @@ def rounding_bound(
     return np.asarray(ROUNDING_SAFETY * unit_roundoff * scale / (sigma * sigma), dtype=np.float64)
 
 
+def _mask_excluded(logits: np.ndarray, exclude: np.ndarray, start: int) -> None:
+    """Set logits[k, exclude[k] - start] = -inf where that latent lies in this block."""
+    hit = np.flatnonzero((exclude >= start) & (exclude < start + logits.shape[1]))
+    logits[hit, exclude[hit] - start] = -np.inf
+
+
 @dataclass(frozen=True)
 class DensityScores:
     """Scores of one batch: log densities (Q,) in nats and the path that computed each row."""
@@ -284,8 +290,7 @@ class DensityEngine:
             logits = buffer[:, : block.shape[0]]
             np.matmul(q_aug, block.T, out=logits)
             if exclude is not None:
-                hit = np.flatnonzero((exclude >= start) & (exclude < start + block.shape[0]))
-                logits[hit, exclude[hit] - start] = -np.inf
+                _mask_excluded(logits, exclude, start)
             if start == 0:
                 top = logits.max(axis=1)
                 top[~np.isfinite(top)] = 0.0
@@ -327,6 +332,17 @@ class DensityEngine:
         block = self.latents[start : start + self.latent_block].astype(np.float64) - self.mean
         return block, self.sq_norms[start : start + block.shape[0]]
 
+    def _logits64(
+        self, q_centred: np.ndarray, s2: float, start: int, exclude: np.ndarray | None
+    ) -> np.ndarray:
+        """(q_c.z_c - |z_c|^2/2)/s2 in float64 against block ``start``: (B, d) -> (B, block),
+        with each query's excluded training latent at -inf."""
+        block, norms = self._centred_block(start)
+        logits = (q_centred @ block.T - 0.5 * norms) / s2
+        if exclude is not None:
+            _mask_excluded(logits, exclude, start)
+        return np.asarray(logits)
+
     def _lse_rescaled(
         self, q_centred: np.ndarray, sigma: float, exclude: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -336,11 +352,7 @@ class DensityEngine:
         running_max = np.full(rows, -np.inf)
         sums = np.zeros(rows)
         for start in self._blocks():
-            block, norms = self._centred_block(start)
-            logits = (q_centred @ block.T - 0.5 * norms) / s2
-            if exclude is not None:
-                hit = np.flatnonzero((exclude >= start) & (exclude < start + block.shape[0]))
-                logits[hit, exclude[hit] - start] = -np.inf
+            logits = self._logits64(q_centred, s2, start, exclude)
             new_max = np.maximum(running_max, logits.max(axis=1))
             safe = np.where(np.isfinite(new_max), new_max, 0.0)
             with np.errstate(invalid="ignore"):
@@ -368,11 +380,7 @@ class DensityEngine:
         kept_rows: list[np.ndarray] = []
         kept_terms: list[np.ndarray] = []
         for start in self._blocks():
-            block, norms = self._centred_block(start)
-            logits = (q_centred @ block.T - 0.5 * norms) / s2
-            if exclude is not None:
-                hit = np.flatnonzero((exclude >= start) & (exclude < start + block.shape[0]))
-                logits[hit, exclude[hit] - start] = -np.inf
+            logits = self._logits64(q_centred, s2, start, exclude)
             r, c = np.nonzero(logits >= floor[:, None])
             raw = self.latents[start + c].astype(np.float64)
             terms = -((q64[r] - raw) ** 2).sum(axis=1) / (2.0 * s2)

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
+from servers import latentsieve_command, running_server
 
 from service.client import (
     AsyncLatentSieveClient,
@@ -31,59 +27,15 @@ MODEL = "digits-vae"
 SEEDS = [0, 1, 2, 3, 41]
 
 
-def _latentsieve() -> list[str]:
-    installed = Path(sys.executable).with_name("latentsieve")
-    if installed.exists():
-        return [str(installed)]
-    found = shutil.which("latentsieve")
-    return [found] if found else [sys.executable, "-m", "latentsieve.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``latentsieve serve`` on the demo store, on a free loopback port, until ready."""
     store = tmp_path_factory.mktemp("store")
-    subprocess.run([*_latentsieve(), "demo", "--store", str(store)], check=True,
+    subprocess.run([*latentsieve_command(), "demo", "--store", str(store)], check=True,
                    capture_output=True, timeout=240)
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("LATENTSIEVE_")}
-    log_file = (tmp_path_factory.mktemp("logs") / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [*_latentsieve(), "serve", "--store", str(store), "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"latentsieve serve exited with {process.returncode}; "
-                                   f"see {log_file.name}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"latentsieve serve was not ready in time; see {log_file.name}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with running_server(store, 2.0, log) as server:
+        yield server.url
 
 
 def demo_latents(seeds: list[int]) -> np.ndarray:

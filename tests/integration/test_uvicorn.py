@@ -3,22 +3,16 @@ version while requests keep flowing, without dropping one."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from servers import Server, running_server
 
 from index.build import BuildOptions, build_version
 from index.store import LatentStore
@@ -27,63 +21,6 @@ from workers.calibration import calibrate_build
 from workers.demo_models.digits_vae import training_latents
 
 MODEL = "digits-vae"
-
-
-def _latentsieve() -> list[str]:
-    installed = Path(sys.executable).with_name("latentsieve")
-    if installed.exists():
-        return [str(installed)]
-    found = shutil.which("latentsieve")
-    return [found] if found else [sys.executable, "-m", "latentsieve.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    store: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-@contextlib.contextmanager
-def running_server(store: Path, reload_interval_s: float, log: Path) -> Iterator[Server]:
-    """``latentsieve serve --store STORE`` on a free port, ready, until the block ends."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
-    env["LATENTSIEVE_RELOAD_INTERVAL_S"] = str(reload_interval_s)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [*_latentsieve(), "serve", "--store", str(store), "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"serve exited with {process.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"serve not ready in 60 s: {log.read_text()}")
-            time.sleep(0.1)
-        yield Server(url, store, process, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
