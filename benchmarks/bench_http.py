@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -279,7 +280,46 @@ async def measure(url: str, sizes: Sizes, stream: QueryStream) -> dict[str, Any]
             "requests_per_s": len(repeated) / wall,
             "all_cached": all_cached,
         }
+        results["cached_wrk"] = wrk_cached(url, cached_bodies[0])
     return results
+
+
+def _wrk_ms(text: str) -> float:
+    """wrk's '3.39ms' / '812.00us' / '1.02s' -> milliseconds."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    assert match is not None, text
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def wrk_cached(url: str, body: bytes, seconds: int = 8) -> dict[str, float] | None:
+    """Cached-hit latency at concurrency 8 with wrk, a C load generator that leaves the CPU to
+    the server (a Python client saturates a core of this 2-core machine by itself); None when
+    wrk is not installed (Debian package ``wrk``)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        body_file = Path(folder) / "body.json"
+        body_file.write_bytes(body)
+        script = Path(folder) / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+        )
+        out = subprocess.run(
+            [wrk, "-t1", "-c8", f"-d{seconds}s", "--latency", "-s", str(script), f"{url}/score"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, flags=re.MULTILINE))
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, flags=re.MULTILINE)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert rate is not None and not errors, out
+    return {
+        "p50_ms": _wrk_ms(percentiles["50"]),
+        "p99_ms": _wrk_ms(percentiles["99"]),
+        "requests_per_s": float(rate.group(1)),
+    }
 
 
 def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command: str,
@@ -351,9 +391,22 @@ def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command:
         "",
         "| concurrency | p50 | p99 | requests/s | every result cached | target p99 |",
         "|---:|---:|---:|---:|---|---:|",
-        f"| 8 | {cached['p50_ms']:.2f} ms | {cached['p99_ms']:.2f} ms "
+        f"| 8 (Python httpx client) | {cached['p50_ms']:.2f} ms | {cached['p99_ms']:.2f} ms "
         f"| {cached['requests_per_s']:,.0f} | {'yes' if cached['all_cached'] else 'NO'} "
         f"| <= {CACHED_P99_TARGET_MS:.0f} ms |",
+    ]
+    by_wrk = numbers.get("cached_wrk")
+    if by_wrk:
+        lines.append(
+            f"| 8 (wrk) | {by_wrk['p50_ms']:.2f} ms | {by_wrk['p99_ms']:.2f} ms "
+            f"| {by_wrk['requests_per_s']:,.0f} | same body, warmed | "
+            f"<= {CACHED_P99_TARGET_MS:.0f} ms |"
+        )
+    lines += [
+        "",
+        "The Python client shares this 2-core machine with the server and saturates a core by "
+        "itself, so its latencies mostly measure the client; the wrk row (a C load generator, "
+        "when installed) is the server's own cached-hit latency.",
         "",
     ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -191,6 +192,10 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
             loop.add_signal_handler(signal.SIGHUP, registry.request_reload)
+        # Start-up objects (torch, models, indexes) live as long as the process: freezing them
+        # keeps full collections from walking them during requests (latency spikes).
+        gc.collect()
+        gc.freeze()
         log.info("gateway ready", extra={"models": sorted(loaded)})
         try:
             yield

@@ -261,7 +261,10 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     """Strict JSON: no NaN/Infinity constants, nesting at most ``max_depth`` (else 422)."""
     if not raw.strip():
         raise ServiceError(422, "the request body is empty; send a JSON object")
-    depth = json_depth(raw)
+    # Fewer opening brackets than the limit cannot nest past it (brackets inside strings only
+    # over-count): the common case skips the full scan.
+    opening = raw.count(b"[") + raw.count(b"{")
+    depth = json_depth(raw) if opening > max_depth else 0
     if depth > max_depth:
         raise ServiceError(
             422, f"the JSON nests {depth} levels deep; at most {max_depth} are allowed"
