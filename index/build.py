@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
@@ -26,20 +27,27 @@ from index.manifest import (
     DEFAULT_DELTA_DIRECTIONS,
     DEFAULT_PROJECTION_ROWS,
     KNOWN_KINDS,
+    ApproximateSearch,
     Calibration,
     DescriptorSettings,
+    IndexKind,
     IndexManifest,
+    MeasuredError,
     ModuleReference,
     Policy,
+    Projection,
     SamplerRecipe,
     check_model_name,
 )
 from index.module_refs import copy_module_file, resolve_module_spec
+from index.projection import fit_pca, project
 from index.store import INDEX_FILE, LatentStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_COUNT = 10_000
+DEFAULT_NEIGHBOURS = 256  # k of ivf/hnsw scoring
+HNSW_M = 32
 # Sampler calibration draws seeds far from the small seeds upstream pipelines usually send.
 CALIBRATION_SEED_START = 1_000_000_000
 CALIBRATION_INDEX_SEED = 0
@@ -63,6 +71,11 @@ class CalibrationRequest:
     latent_shape: tuple[int, ...] = ()
     generator: ModuleReference | None = None
     descriptors: DescriptorOptions | None = None
+    kind: str = "flat"
+    index_file: Path | None = None  # the staged FAISS index (ivf, hnsw)
+    search: ApproximateSearch | None = None
+    projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
+    source_latents: np.ndarray | None = None  # (N, d) before PCA, for descriptors
 
 
 @dataclass(frozen=True)
@@ -88,10 +101,12 @@ class DescriptorCalibration:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """Density calibration scores (count,) nats, and descriptor calibration when asked."""
+    """Density calibration scores (count,) nats, descriptor calibration when asked, and for
+    approximate kinds the measured error against exact scoring."""
 
     scores: np.ndarray
     descriptors: DescriptorCalibration | None = None
+    measured_error: MeasuredError | None = None
 
 
 Calibrator = Callable[[CalibrationRequest], CalibrationResult]
@@ -112,6 +127,7 @@ class BuildOptions:
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
     min_percentile: float = Policy().min_percentile
     descriptors: DescriptorOptions = DescriptorOptions()
+    neighbours: int = DEFAULT_NEIGHBOURS
     progress: bool = True
 
 
@@ -129,13 +145,10 @@ def check_options(options: BuildOptions) -> None:
     check_model_name(options.model)
     if options.kind not in KNOWN_KINDS:
         raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(KNOWN_KINDS)}")
-    if options.kind != "flat":
-        raise StoreError(
-            f"--kind {options.kind} is not available in this release (approximate scoring is on "
-            "the roadmap); use --kind flat"
-        )
-    if options.pca is not None:
-        raise StoreError("--pca is not available in this release; build without it")
+    if options.pca is not None and options.pca < 1:
+        raise StoreError(f"--pca must be a whole number >= 1, got {options.pca}")
+    if options.neighbours < 1:
+        raise StoreError("the neighbour count k must be >= 1")
     if options.calibration_count < 1:
         raise StoreError("the calibration count must be >= 1")
     descriptors = options.descriptors
@@ -148,13 +161,33 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError(f"--delta-radius must be a finite number > 0, got {radius}")
 
 
-def write_flat_index(latents: np.ndarray, path: Path, progress: bool) -> None:
-    """IndexFlatL2 over the raw float32 latents (N, d), added in blocks with a progress bar."""
-    index = faiss.IndexFlatL2(latents.shape[1])
-    blocks = range(0, latents.shape[0], _ADD_BLOCK)
+def write_index(
+    kind: str, latents: np.ndarray, path: Path, neighbours: int, progress: bool
+) -> ApproximateSearch | None:
+    """The FAISS index of ``kind`` over float32 latents (N, d), added in blocks with a progress
+    bar: flat = IndexFlatL2; ivf = IndexIVFFlat, nlist = min(4 sqrt(N), N / 39), trained on a
+    fixed-seed sample, nprobe = nlist / 8; hnsw = IndexHNSWFlat (M 32), efSearch = 2k."""
+    n, dim = latents.shape
+    search: ApproximateSearch | None = None
+    quantizer = faiss.IndexFlatL2(dim)
+    index: faiss.Index
+    if kind == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist)
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))
+        index.train(np.ascontiguousarray(latents[sample]))
+        search = ApproximateSearch(k=neighbours, nlist=nlist, nprobe=max(1, round(nlist / 8)))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M)
+        search = ApproximateSearch(k=neighbours, hnsw_m=HNSW_M, ef_search=2 * neighbours)
+    else:
+        index = quantizer
+    blocks = range(0, n, _ADD_BLOCK)
     for start in tqdm(blocks, desc="index", unit="block", disable=not progress):
         index.add(latents[start : start + _ADD_BLOCK])
     faiss.write_index(index, str(path))
+    return search
 
 
 def summarise(scores: np.ndarray) -> dict[str, float]:
@@ -194,8 +227,18 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
     check_options(options)
     raw = load_latents(options.latents_file)
     latent_shape = tuple(int(size) for size in raw.shape[1:])
-    latents = raw.reshape(raw.shape[0], -1)
-    n, dim = latents.shape
+    source_latents = raw.reshape(raw.shape[0], -1)
+    n, dim = source_latents.shape
+    projection: Projection | None = None
+    pca_arrays: tuple[np.ndarray, np.ndarray] | None = None
+    latents = source_latents
+    if options.pca is not None:
+        if options.pca > dim:
+            raise StoreError(f"--pca {options.pca} is larger than the latent size {dim}")
+        mean, components, ratio = fit_pca(source_latents, options.pca)
+        pca_arrays = (mean, components)
+        latents = project(source_latents, mean, components)
+        projection = Projection(dim=options.pca, explained_variance_ratio=ratio)
     bandwidth = choose_bandwidth(options.sigma, latents)
     sampler = SamplerRecipe.parse(options.sampler, latent_shape) if options.sampler else None
     if sampler is not None and options.mapping is None:
@@ -210,27 +253,48 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
     source_sha = sha256_file(options.latents_file)
     created = datetime.now(UTC)
     with store.staging(options.model) as staged:
-        write_flat_index(latents, staged / INDEX_FILE, options.progress)
+        search = write_index(
+            options.kind, latents, staged / INDEX_FILE, options.neighbours, options.progress
+        )
+        if projection is not None and pca_arrays is not None:
+            np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
         for reference in (generator, mapping):
             if reference is not None:
                 copy_module_file(reference, staged)
         wanted = options.descriptors if generator is not None else None
+        rows: np.ndarray | None = None
         if sampler is not None:
             count = options.calibration_count
-            request = CalibrationRequest(
-                latents, bandwidth.sigma, "sampler", count, CALIBRATION_SEED_START, None,
-                sampler, mapping, staged, options.progress, latent_shape, generator, wanted,
-            )
         else:
             count = min(options.calibration_count, n)
             rng = np.random.default_rng(CALIBRATION_INDEX_SEED)
             rows = np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
             np.save(staged / "calibration_indices.npy", rows)
-            request = CalibrationRequest(
-                latents, bandwidth.sigma, "leave_one_out", count, None, rows,
-                None, mapping, staged, options.progress, latent_shape, generator, wanted,
-            )
+        request = CalibrationRequest(
+            latents=latents,
+            sigma=bandwidth.sigma,
+            source="sampler" if sampler is not None else "leave_one_out",
+            count=count,
+            seed_start=CALIBRATION_SEED_START if sampler is not None else None,
+            indices=rows,
+            sampler=sampler,
+            mapping=mapping,
+            version_dir=staged,
+            progress=options.progress,
+            latent_shape=latent_shape,
+            generator=generator,
+            descriptors=wanted,
+            kind=options.kind,
+            index_file=staged / INDEX_FILE,
+            search=search,
+            projection=pca_arrays,
+            source_latents=source_latents,
+        )
         result = calibrate(request)
+        if search is not None:
+            if result.measured_error is None:
+                raise StoreError("an approximate index needs its error measured at build")
+            search = search.model_copy(update={"measured_error": result.measured_error})
         scores = np.sort(np.asarray(result.scores, dtype=np.float64))
         if scores.shape != (count,) or not np.all(np.isfinite(scores)):
             raise StoreError(f"calibration produced {scores.shape} scores, some not finite")
@@ -257,9 +321,13 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
             version=f"{created:%Y%m%dT%H%M%S%f}Z-{digest[:8]}",
             created_at=created,
             package_version=_package_version(),
+            kind=cast(IndexKind, options.kind),
+            exact=options.kind == "flat" and projection is None,
             n=n,
             dim=dim,
             latent_shape=latent_shape,
+            pca=projection,
+            search=search,
             bandwidth=bandwidth,
             sampler=sampler,
             generator=generator,

@@ -14,7 +14,7 @@ from index.errors import StoreError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-IndexKind = Literal["flat"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
 KNOWN_KINDS = ("flat", "ivf", "hnsw")
 SamplerDType = Literal["float32", "float16"]
 # Bandwidths outside this range make sigma^2 or d^2 / (2 sigma^2) leave float64's range for
@@ -134,6 +134,36 @@ class PercentileBounds(_Frozen):
     max_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class Projection(_Frozen):
+    """A PCA projection (``--pca DIM``): index space = (z - mean) @ components.T; the arrays are
+    in ``file`` (float64 ``mean`` (d,), ``components`` (dim, d))."""
+
+    dim: int = Field(ge=1)
+    file: str = "pca.npz"
+    explained_variance_ratio: float = Field(ge=0.0, le=1.0)
+
+
+class MeasuredError(_Frozen):
+    """|approximate - exact| log density (nats) over a sample of calibration latents."""
+
+    sample: int = Field(ge=1)
+    max: float
+    p99: float
+    mean: float
+
+
+class ApproximateSearch(_Frozen):
+    """How an IVF or HNSW index is scored: the kernel sum over the ``k`` retrieved neighbours
+    (exact float64 distances), a lower bound of the full sum; its error is measured at build."""
+
+    k: int = Field(ge=1)
+    nlist: int | None = None  # ivf
+    nprobe: int | None = None  # ivf
+    hnsw_m: int | None = None  # hnsw
+    ef_search: int | None = None  # hnsw
+    measured_error: MeasuredError | None = None  # filled by the build before publishing
+
+
 class Policy(_Frozen):
     """The default accept/reject rules of a model (overridable per request).
 
@@ -182,8 +212,10 @@ class IndexManifest(_Frozen):
     exact: bool = True
     metric: Literal["l2"] = "l2"
     n: int = Field(ge=2)
-    dim: int = Field(ge=1)
+    dim: int = Field(ge=1)  # numbers per latent as sent (prod(latent_shape))
     latent_shape: tuple[int, ...]
+    pca: Projection | None = None
+    search: ApproximateSearch | None = None  # ivf and hnsw
     bandwidth: Bandwidth
     sampler: SamplerRecipe | None = None
     generator: ModuleReference | None = None

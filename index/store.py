@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from index.checksums import sha256_file
 from index.errors import StoreError
 from index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
+from index.projection import project
 
 INDEX_FILE = "index.faiss"
 STAGING = ".staging"
@@ -45,6 +47,13 @@ class LoadedVersion:
     calibration_indices: np.ndarray | None  # leave-one-out rows, else None
     # Sorted calibration values per descriptor (psi, nu, delta) when the model has a generator.
     descriptor_calibration: dict[str, np.ndarray] | None = None
+    projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
+
+    def to_index_space(self, latents: np.ndarray) -> np.ndarray:
+        """Latents as sent (n, d) -> the index's space (n, d'): the PCA projection, if any."""
+        if self.projection is None:
+            return latents
+        return project(latents, *self.projection)
 
 
 class LatentStore:
@@ -99,19 +108,7 @@ class LatentStore:
         folder = self.root / model / version
         if verify:
             verify_files(folder, manifest.files)
-        try:
-            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC)
-        except RuntimeError as exc:
-            raise StoreError(f"{folder / INDEX_FILE}: unreadable FAISS index ({exc})") from exc
-        flat = faiss.downcast_index(index)
-        if not isinstance(flat, faiss.IndexFlatL2):
-            raise StoreError(f"{folder / INDEX_FILE}: expected IndexFlatL2, got {type(flat)}")
-        if (flat.ntotal, flat.d) != (manifest.n, manifest.dim):
-            raise StoreError(
-                f"{folder}: index holds {flat.ntotal} x {flat.d}, manifest says "
-                f"{manifest.n} x {manifest.dim}"
-            )
-        latents = np.asarray(_FlatVectors(index, flat))
+        index, latents = _read_index(folder / INDEX_FILE, manifest)
         calibration = manifest.calibration
         scores = np.load(folder / calibration.scores_file, allow_pickle=False)
         indices = (
@@ -123,7 +120,13 @@ class LatentStore:
         if manifest.descriptors is not None:
             with np.load(folder / manifest.descriptors.calibration_file) as stored:
                 descriptors = {name: stored[name] for name in stored.files}
-        return LoadedVersion(manifest, folder, index, latents, scores, indices, descriptors)
+        projection = None
+        if manifest.pca is not None:
+            with np.load(folder / manifest.pca.file) as stored:
+                projection = (stored["mean"], stored["components"])
+        return LoadedVersion(
+            manifest, folder, index, latents, scores, indices, descriptors, projection
+        )
 
     @contextlib.contextmanager
     def staging(self, model: str) -> Iterator[Path]:
@@ -173,6 +176,35 @@ class LatentStore:
                     }
                 )
         return rows
+
+
+def _read_index(path: Path, manifest: IndexManifest) -> tuple[faiss.Index, np.ndarray]:
+    """The index and its vectors (N, d') float32: a zero-copy view of a memory-mapped flat
+    index; for ivf and hnsw an in-memory index and a reconstructed copy of its vectors."""
+    expected = (manifest.n, manifest.pca.dim if manifest.pca is not None else manifest.dim)
+    try:
+        if manifest.kind == "flat":
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        else:
+            index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise StoreError(f"{path}: unreadable FAISS index ({exc})") from exc
+    inner: Any = faiss.downcast_index(index)  # the concrete SWIG class, per kind
+    wanted: dict[str, Any] = {
+        "flat": faiss.IndexFlatL2, "ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat
+    }
+    if not isinstance(inner, wanted[manifest.kind]):
+        raise StoreError(f"{path}: expected a {manifest.kind} index, got {type(inner).__name__}")
+    if (inner.ntotal, inner.d) != expected:
+        raise StoreError(
+            f"{path}: index holds {inner.ntotal} x {inner.d}, manifest says "
+            f"{expected[0]} x {expected[1]}"
+        )
+    if manifest.kind == "flat":
+        return index, np.asarray(_FlatVectors(index, inner))
+    if manifest.kind == "ivf":
+        inner.make_direct_map()
+    return index, index.reconstruct_n(0, inner.ntotal)
 
 
 class _FlatVectors:

@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "model", required=True)
     _add(build, "latents", required=True, help=".npy, .pt/.pth or .safetensors, shape (N, ...)")
     _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
-    _add(build, "kind", default="flat", help="flat (ivf and hnsw are on the roadmap)")
-    _add(build, "pca", type=int, default=None)
+    _add(build, "kind", default="flat", help="flat (exact), ivf or hnsw (approximate)")
+    _add(build, "pca", type=int, default=None, help="project onto the top DIM principal axes")
+    _add(build, "neighbours", type=int, default=None, help="k scored by ivf/hnsw (default 256)")
     _add(build, "sampler", default=None, help="torch-cpu[:DTYPE][:SHAPE]")
     _add(build, "generator", default=None, help="TorchScript file or package.module:factory")
     _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
@@ -135,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index.build import DEFAULT_CALIBRATION_COUNT, BuildOptions, build_version
+    from index.build import (
+        DEFAULT_CALIBRATION_COUNT,
+        DEFAULT_NEIGHBOURS,
+        BuildOptions,
+        build_version,
+    )
     from index.manifest import Policy
     from index.store import LatentStore
     from workers.calibration import calibrate_build
@@ -156,6 +162,7 @@ def _build(args: argparse.Namespace) -> int:
             else Policy().min_percentile
         ),
         descriptors=_descriptor_options(args),
+        neighbours=_whole(args.neighbours, DEFAULT_NEIGHBOURS),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     folder = build_version(LatentStore(args.store), options, calibrate_build)

@@ -55,7 +55,7 @@ class ScoreResult(_Answer):
     reasons: list[str] = []
     seed: int | None = None
     descriptors: dict[str, float] | None = None
-    error_bound: float = 0.0
+    error_bound: float | None = 0.0
     cached: bool = False
 
 

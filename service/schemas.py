@@ -206,7 +206,7 @@ class ScoreResult(BaseModel):
     accept: bool
     reasons: list[str]
     seed: int | None = None
-    error_bound: float
+    error_bound: float | None
     cached: bool
 
 

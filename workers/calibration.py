@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -16,17 +17,20 @@ from index.build import (
     DescriptorOptions,
 )
 from index.manifest import DESCRIPTOR_NAMES
-from workers.density import DensityEngine
+from index.projection import project
+from workers.approximate import measure_error, open_density
+from workers.density import DensityEngine, DensityScorer
 from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.seed_latents import SeedLatents
 
 BLOCK = 1024
+ERROR_SAMPLE = 500  # calibration latents whose approximate score is checked against exact
 Draw = Callable[[Sequence[int]], np.ndarray]
 
 
 def score_calibration(
-    engine: DensityEngine,
+    engine: DensityScorer,
     sigma: float,
     *,
     count: int,
@@ -58,13 +62,21 @@ def score_calibration(
 def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     """The ``index build`` calibrator: scores the request's calibration set at its sigma and,
     with a generator, the descriptors of its first ``descriptors.calibration_count`` latents."""
-    engine = DensityEngine(request.latents)
-    draw: Draw | None = None
+    index = (
+        faiss.read_index(str(request.index_file))
+        if request.kind != "flat" and request.index_file is not None
+        else None
+    )
+    engine = open_density(request.kind, request.latents, index, request.search)
+    draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
+    draw: Draw | None = None  # seeds -> the index's space
     if request.sampler is not None:
         mapping = (
             load_module(request.mapping, request.version_dir) if request.mapping else None
         )
-        draw = SeedLatents(request.sampler, mapping).draw
+        draw_source = SeedLatents(request.sampler, mapping).draw
+        projection = request.projection
+        draw = draw_source if projection is None else _projected(draw_source, projection)
     scores = score_calibration(
         engine,
         request.sigma,
@@ -74,14 +86,26 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         draw=draw,
         progress=request.progress,
     )
+    measured = None
+    if request.search is not None:
+        sample = min(ERROR_SAMPLE, request.count)
+        if draw is not None and request.seed_start is not None:
+            queries, rows = draw(range(request.seed_start, request.seed_start + sample)), None
+        else:
+            assert request.indices is not None
+            rows = request.indices[:sample]
+            queries = np.asarray(request.latents[rows], dtype=np.float32)
+        measured = measure_error(engine, DensityEngine(request.latents), queries, request.sigma,
+                                 rows)
     if request.generator is None or request.descriptors is None:
-        return CalibrationResult(scores)
+        return CalibrationResult(scores, measured_error=measured)
     count = min(request.descriptors.calibration_count, request.count)
-    if draw is not None and request.seed_start is not None:
-        latents = draw(range(request.seed_start, request.seed_start + count))
+    if draw_source is not None and request.seed_start is not None:
+        latents = draw_source(range(request.seed_start, request.seed_start + count))
     else:
         assert request.indices is not None
-        latents = np.asarray(request.latents[request.indices[:count]], dtype=np.float32)
+        source = request.source_latents if request.source_latents is not None else request.latents
+        latents = np.asarray(source[request.indices[:count]], dtype=np.float32)
     generator = load_module(request.generator, request.version_dir)
     options = request.descriptors
     descriptor_engine = build_descriptor_engine(generator, request.latent_shape, options)
@@ -91,7 +115,17 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         DescriptorCalibration(
             descriptor_engine.output_dim, descriptor_engine.delta_radius, values
         ),
+        measured,
     )
+
+
+def _projected(draw: Draw, projection: tuple[np.ndarray, np.ndarray]) -> Draw:
+    """``draw`` followed by the PCA projection of the index."""
+
+    def draw_projected(seeds: Sequence[int]) -> np.ndarray:
+        return project(draw(seeds), *projection)
+
+    return draw_projected
 
 
 def build_descriptor_engine(

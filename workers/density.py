@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -108,6 +108,16 @@ class DensityScores:
 
     log_density: np.ndarray
     precision: np.ndarray  # (Q,) uint8: 32 = float32 GEMM, 64 = float64 GEMM, 0 = exact terms
+
+
+class DensityScorer(Protocol):
+    """What calibration and the scorer need of a density engine (exact or approximate)."""
+
+    latents: np.ndarray  # (N, d) training latents in the index's space
+
+    def log_density(
+        self, queries: np.ndarray, sigma: float, exclude: np.ndarray | None = None
+    ) -> DensityScores: ...
 
 
 class DensityEngine:

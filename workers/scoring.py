@@ -11,8 +11,9 @@ import numpy as np
 
 from index.manifest import IndexManifest, Policy, check_sigma
 from index.store import LoadedVersion
+from workers.approximate import open_density
 from workers.calibration import score_calibration, score_descriptors
-from workers.density import DensityEngine
+from workers.density import DensityEngine, DensityScorer
 from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.policy import decide
@@ -44,7 +45,7 @@ class ModelScorer:
 
     loaded: LoadedVersion
     device: str = "cpu"
-    engine: DensityEngine = field(init=False)
+    engine: DensityScorer = field(init=False)
     seed_latents: SeedLatents | None = field(init=False)
     descriptor_engine: DescriptorEngine | None = field(init=False)
     _calibrations: OrderedDict[float, np.ndarray] = field(init=False)
@@ -55,7 +56,12 @@ class ModelScorer:
 
     def __post_init__(self) -> None:
         manifest = self.loaded.manifest
-        self.engine = DensityEngine(self.loaded.latents, device=self.device)
+        if manifest.kind == "flat":
+            self.engine = DensityEngine(self.loaded.latents, device=self.device)
+        else:
+            self.engine = open_density(
+                manifest.kind, self.loaded.latents, self.loaded.index, manifest.search
+            )
         mapping = load_module(manifest.mapping, self.loaded.path) if manifest.mapping else None
         self.seed_latents = SeedLatents(manifest.sampler, mapping) if manifest.sampler else None
         self.descriptor_engine = None
@@ -84,6 +90,9 @@ class ModelScorer:
             raise ValueError(f"model {self.manifest.model!r} has no sampler; send latents")
         return self.seed_latents.draw(seeds)
 
+    def _draw_index_space(self, seeds: Sequence[int]) -> np.ndarray:
+        return self.loaded.to_index_space(self.draw(seeds))
+
     def calibration(self, sigma: float) -> np.ndarray:
         """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
         once (same calibration set) and the last ``CALIBRATIONS_KEPT`` are kept."""
@@ -101,7 +110,7 @@ class ModelScorer:
                 count=spec.count,
                 seed_start=spec.seed_start,
                 indices=self.loaded.calibration_indices,
-                draw=self.draw if spec.source == "sampler" else None,
+                draw=self._draw_index_space if spec.source == "sampler" else None,
             )
             scores.sort()
             with self._lock:
@@ -138,7 +147,8 @@ class ModelScorer:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
         and the named descriptors (CONTRACT §2) with their calibration percentiles."""
         sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
-        log_density = self.engine.log_density(latents, sigma).log_density
+        index_space = self.loaded.to_index_space(latents)
+        log_density = self.engine.log_density(index_space, sigma).log_density
         batch = ScoredBatch(log_density, percentile_of(log_density, self.calibration(sigma)))
         if not descriptors:
             return batch
@@ -177,7 +187,9 @@ def score_report(
             "percentile": percentile,
             "accept": not reasons[row],
             "reasons": reasons[row],
-            "error_bound": 0.0,
+            # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined
+            # in); null for ivf/hnsw, whose retrieval error is measured, not bounded.
+            "error_bound": 0.0 if scorer.manifest.search is None else None,
             "cached": False,
         }
         if seeds is not None:
