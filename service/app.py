@@ -186,6 +186,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
             }
         )
         cache = make_cache(settings)
+        metrics.watch_cache_errors(lambda: cache.errors)
         app.state.runtime = Runtime(settings, registry, batcher, cache, metrics)
         batcher.start()
         watcher = asyncio.create_task(registry.watch(settings.reload_interval_s), name="reload")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
@@ -54,6 +54,18 @@ class _GaugeCallback(Collector):
         yield family
 
 
+class _CounterCallback(Collector):
+    """An unlabelled counter read from the app's state at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
+
+
 class ServiceMetrics:
     """Every metric the gateway exports; ``render`` gives the text format."""
 
@@ -96,6 +108,13 @@ class ServiceMetrics:
                 lambda: {(model,): float(depth) for model, depth in read().items()},
             )
         )
+
+    def watch_cache_errors(self, read: Callable[[], int]) -> None:
+        """``latentsieve_cache_errors_total``: cache calls that could not reach the backend."""
+        self.registry.register(_CounterCallback(
+            "latentsieve_cache_errors", "Cache calls that failed (Redis down); answered by "
+            "computing.", read,
+        ))
 
     def watch_index_latents(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """``latentsieve_index_latents{model, version}``: N of each served version."""

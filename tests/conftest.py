@@ -109,14 +109,14 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private ``redis-server`` (no persistence) for the session; killed at the end."""
+@contextlib.contextmanager
+def running_redis(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private ``redis-server`` (no persistence) on a free port: (url, process)."""
     if not Path(REDIS_SERVER).exists() and shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        # A failure, not a skip: `make test` installs redis-server, so its absence is a bug.
+        pytest.fail("redis-server is not installed (make system-deps installs it)")
     binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else str(shutil.which("redis-server"))
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir)],
@@ -130,11 +130,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on port {port}")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", process
     finally:
         process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private ``redis-server`` for the session; killed at the end."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def private_redis() -> Callable[[Path], contextlib.AbstractContextManager[
+    tuple[str, subprocess.Popen[bytes]]
+]]:
+    """``with private_redis(tmp_path) as (url, process)``: a Redis a test may kill."""
+    return running_redis
+

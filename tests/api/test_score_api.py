@@ -176,3 +176,34 @@ async def test_redis_cache_backend(
     assert [r["cached"] for r in first.json()["results"]] == [False] * 3
     assert [r["cached"] for r in second.json()["results"]] == [True] * 3
     assert second.json()["results"][0]["log_density"] == first.json()["results"][0]["log_density"]
+
+
+async def test_redis_down_keeps_answering_and_counts_errors(
+    settings: Settings, private_redis: Callable[..., Any], serve: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    """CONTRACT §3 / issue 3: with Redis gone the gateway computes, answers 200 and counts."""
+    latents = sample_latents(4, seed=41).tolist()
+    body = {"model": MODEL, "latents": latents}
+    with private_redis(tmp_path) as (url, redis_process):
+        async with serve(settings.model_copy(update={"redis_url": url})) as client:
+            warm = await client.post("/score", json=body)
+            assert [r["cached"] for r in warm.json()["results"]] == [False] * 4
+            hit = await client.post("/score", json=body)
+            assert [r["cached"] for r in hit.json()["results"]] == [True] * 4
+            redis_process.kill()
+            redis_process.wait()
+            for _ in range(3):
+                down = await client.post("/score", json=body)
+                assert down.status_code == 200, down.text
+                results = down.json()["results"]
+                assert [r["cached"] for r in results] == [False] * 4
+                assert [r["log_density"] for r in results] == [
+                    r["log_density"] for r in warm.json()["results"]
+                ]
+            metrics = (await client.get("/metrics")).text
+    errors = [
+        line for line in metrics.splitlines()
+        if line.startswith("latentsieve_cache_errors_total ")
+    ]
+    assert len(errors) == 1 and float(errors[0].split()[1]) >= 3
