@@ -64,7 +64,7 @@ class RedisProcess:
 @pytest.fixture(scope="module")
 def _redis_server() -> Iterator[RedisProcess]:
     if not shutil.which(REDIS_SERVER):
-        pytest.skip("redis-server is not installed (make system-deps)")
+        pytest.fail("redis-server is not installed (make system-deps installs it)")
     server = RedisProcess(free_port())
     server.start()
     try:
