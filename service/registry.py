@@ -74,7 +74,9 @@ class ModelRegistry:
                     continue
                 try:
                     scorer = await asyncio.to_thread(self._load, name, version)
-                except (OSError, StoreError, ValueError, RuntimeError) as exc:
+                # Any failure (a generator factory can raise anything, an import path can
+                # vanish) skips this version; the watch loop must outlive it.
+                except Exception as exc:
                     self._failed.add((name, version))
                     log.error(
                         "cannot load index version",
@@ -95,4 +97,7 @@ class ModelRegistry:
                 async with asyncio.timeout(interval_s):
                     await self._wake.wait()
             self._wake.clear()
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # the loop is the only reloader: log and keep watching
+                log.exception("store refresh failed; retrying at the next interval")

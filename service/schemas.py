@@ -80,6 +80,14 @@ LatentsField = Annotated[
 ]
 
 
+def _has_bool(values: list[Any]) -> bool:
+    """True if any element of a nested list is a JSON boolean (NumPy reads them as 0/1)."""
+    kinds = set(map(type, values))
+    if bool in kinds:
+        return True
+    return list in kinds and any(_has_bool(item) for item in values if type(item) is list)
+
+
 def nested_latents(rows: list[Any]) -> np.ndarray:
     """A rectangular nested list of numbers -> (n, d) float32; first axis = batch."""
     if not rows:
@@ -91,7 +99,7 @@ def nested_latents(rows: list[Any]) -> np.ndarray:
             "latents: the nested list is ragged (rows of different lengths or depths); "
             "every latent must have the same shape"
         ) from exc
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "iuf" or _has_bool(rows):
         raise ValueError(
             f"latents: expected numbers only, got {array.dtype.name} values "
             "(strings, booleans, nulls, objects or out-of-range integers)"

@@ -89,6 +89,35 @@ def resolve_model(runtime: Runtime, name: str) -> ModelScorer:
     return scorer
 
 
+INLINE_VALIDATION_LATENTS = 256
+
+
+def declared_batch(data: Any) -> int:
+    """How many latents or seeds a parsed body carries, read before any decoding (0 when the
+    body is malformed: validation then says why)."""
+    if not isinstance(data, dict):
+        return 0
+    latents, seeds = data.get("latents"), data.get("seeds")
+    if isinstance(latents, list):
+        return len(latents)
+    if isinstance(latents, dict):
+        shape = latents.get("shape")
+        if isinstance(shape, list) and shape and type(shape[0]) is int:
+            return max(shape[0], 0)
+        return 0
+    return len(seeds) if isinstance(seeds, list) else 0
+
+
+def effective_policy(default: Policy, override: Policy | None) -> Policy:
+    """The model's policy with the fields the request set replaced (unset fields keep the
+    model's values: ``{"psi": ...}`` alone does not reset ``min_percentile``)."""
+    if override is None:
+        return default
+    return Policy.model_validate(
+        {**default.model_dump(), **override.model_dump(exclude_unset=True)}
+    )
+
+
 def check_batch(runtime: Runtime, count: int, what: str) -> None:
     """413 when a request carries more latents than ``max_batch``."""
     limit = runtime.settings.max_batch
@@ -223,12 +252,18 @@ def _timed_out(runtime: Runtime) -> ServiceError:
 )
 async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
     """Score latents or seeds and decide on each with the model's (or the given) policy."""
-    body = validate_body(ScoreRequest, await read_json(request, runtime.settings))
+    data = await read_json(request, runtime.settings)
+    declared = declared_batch(data)
+    check_batch(runtime, declared, "latents or seeds")  # before decoding anything
+    if declared > INLINE_VALIDATION_LATENTS:  # decoding large bodies must not stall the loop
+        body = await asyncio.to_thread(validate_body, ScoreRequest, data)
+    else:
+        body = validate_body(ScoreRequest, data)
     scorer = resolve_model(runtime, body.model)
     manifest = scorer.manifest
     check_batch(runtime, body.batch_size, "latents" if body.seeds is None else "seeds")
     sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
-    policy = body.policy or manifest.policy
+    policy = effective_policy(manifest.policy, body.policy)
     names = descriptor_names(scorer, body.descriptors, policy)
     deadline = _deadline(runtime)
     try:
@@ -267,7 +302,7 @@ async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
         raise ServiceError(413, f"count {body.count} is over the limit of {limit} seeds")
     check_batch(runtime, body.keep, "kept seeds")
     sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
-    policy = body.policy or manifest.policy
+    policy = effective_policy(manifest.policy, body.policy)
     names = descriptor_names(scorer, None, policy)
     seeds = range(body.start, body.start + body.count)
     deadline = _deadline(runtime)
@@ -289,7 +324,9 @@ async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
     except TimeoutError as exc:
         raise _timed_out(runtime) from exc
     kept_seeds = [seeds[row] for row in kept]
-    report = finish_report(runtime, scorer, chosen, kept_cached, sigma, policy, kept_seeds)
-    report["accepted"] = kept_seeds
-    return JSONResponse(report)
+    # ``accepted`` (from the policy) lists the kept seeds that pass it, best first; a kept seed
+    # the policy rejects stays in ``results`` with its reasons but is never in ``accepted``.
+    return JSONResponse(
+        finish_report(runtime, scorer, chosen, kept_cached, sigma, policy, kept_seeds)
+    )
 

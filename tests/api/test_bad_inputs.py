@@ -78,6 +78,13 @@ CASES: list[tuple[str, Any, str, int]] = [
     ("sigma zero", {**GOOD, "sigma": 0}, "/score", 422),
     ("sigma negative", {**GOOD, "sigma": -1.0}, "/score", 422),
     ("sigma string", {**GOOD, "sigma": "big"}, "/score", 422),
+    # Found in review: NumPy reads JSON booleans as 0/1.
+    ("boolean latent values", {"model": MODEL, "latents": [[True, False] + [1] * 6]},
+     "/score", 422),
+    ("boolean among floats", {"model": MODEL, "latents": [[0.5, True] + [1.0] * 6]},
+     "/score", 422),
+    ("declared batch over the limit", {"model": MODEL, "latents": {
+        "dtype": "float32", "shape": [10**9, 8], "data": ""}}, "/score", 413),
     # Found by schemathesis: sigma^2 underflows to 0 although sigma > 0.
     ("sigma subnormal", {**GOOD, "sigma": 5e-324}, "/score", 422),
     ("sigma below range", {**GOOD, "sigma": 1e-101}, "/score", 422),

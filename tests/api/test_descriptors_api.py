@@ -87,10 +87,11 @@ async def test_select_decides_kept_seeds_with_descriptor_bounds(
     body = {"model": MODEL, "start": 0, "count": 64, "keep": 8,
             "policy": {"psi": {"max_percentile": 0.9}}}
     answer = (await app_client.post("/select", json=body)).json()
-    assert len(answer["accepted"]) == 8
+    assert len(answer["results"]) == 8
     for result in answer["results"]:
         too_high = result["descriptors"]["psi_percentile"] > 0.9
         assert ("psi_percentile_above_max" in result["reasons"]) == too_high
+    assert answer["accepted"] == [r["seed"] for r in answer["results"] if r["accept"]]
 
 
 async def test_delta_on_a_torchscript_generator_is_refused(

@@ -4,15 +4,20 @@ previous version keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import shutil
+import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from index.store import LatentStore
+from latentsieve.cli import main
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -68,3 +73,44 @@ async def test_reload_serves_new_versions_and_skips_corrupt_ones(
         assert after.json()["results"][0]["cached"] is False
         metrics = (await client.get("/metrics")).text
         assert f'latentsieve_index_latents{{model="nosampler",version="{good}"}} 300.0' in metrics
+
+
+async def test_a_generator_that_no_longer_imports_is_skipped_and_reload_goes_on(
+    store_root: Path,
+    tmp_path: Path,
+    serve: Callable[..., Any],
+    new_nosampler_version: Callable[[Path, int], str],
+) -> None:
+    """A version whose import-path generator has vanished (ImportError at load) must not stop
+    the watch loop: the old version keeps serving and a later good version is picked up."""
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    first = LatentStore(root).newest(NOSAMPLER)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    name = f"vanishing_generator_{uuid.uuid4().hex}"
+    (modules / f"{name}.py").write_text(
+        "import torch\n\n\ndef factory() -> torch.nn.Module:\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.ReLU())\n"
+    )
+    sys.path.insert(0, str(modules))
+    try:
+        latents = tmp_path / "z.npy"
+        np.save(latents, np.random.default_rng(3).standard_normal((200, 6)).astype(np.float32))
+        scratch = tmp_path / "scratch"
+        assert main(["index", "build", "--store", str(scratch), "--model", NOSAMPLER,
+                     "--latents", str(latents), "--sigma", "1", "--generator", f"{name}:factory",
+                     "--descriptor-calibration-count", "20", "--no-progress"]) == 0
+    finally:
+        sys.path.remove(str(modules))
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+    (modules / f"{name}.py").unlink()
+    broken = LatentStore(scratch).newest(NOSAMPLER)
+    assert broken is not None
+    async with serve(Settings(store=root, reload_interval_s=0.05)) as client:
+        (scratch / NOSAMPLER / broken).rename(root / NOSAMPLER / broken)
+        await asyncio.sleep(0.5)
+        assert await served_version(client, NOSAMPLER) == first
+        good = await asyncio.to_thread(new_nosampler_version, root, 4)
+        assert await wait_for_version(client, NOSAMPLER, good)

@@ -207,3 +207,17 @@ async def test_redis_down_keeps_answering_and_counts_errors(
         if line.startswith("latentsieve_cache_errors_total ")
     ]
     assert len(errors) == 1 and float(errors[0].split()[1]) >= 3
+
+
+async def test_a_partial_policy_override_keeps_the_models_other_rules(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    """Only the fields a request sets replace the model's policy."""
+    assert scorer.manifest.policy.min_percentile == 0.05
+    far = [[6.0] * 8]  # far from every training latent: percentile 0
+    body = {"model": MODEL, "latents": far, "policy": {"psi": {"max_percentile": 1.0}}}
+    result = (await app_client.post("/score", json=body)).json()["results"][0]
+    assert result["percentile"] < 0.05
+    assert result["reasons"] == [PERCENTILE_BELOW_MIN]
+    relaxed = {**body, "policy": {"min_percentile": 0.0}}
+    assert (await app_client.post("/score", json=relaxed)).json()["results"][0]["accept"]

@@ -206,3 +206,20 @@ async def test_log_density_buckets_cover_the_calibration(
     assert len(bounds) == 20
     assert bounds[0] < calibration.log_density_min
     assert bounds[-1] >= min(calibration.log_density_max, 0.0)
+
+
+async def test_select_accepted_holds_only_seeds_the_policy_accepts(
+    app_client: httpx.AsyncClient,
+) -> None:
+    strict = await app_client.post("/select", json={
+        "model": MODEL, "count": 50, "keep": 3, "policy": {"min_percentile": 0.999},
+    })
+    body = strict.json()
+    assert len(body["results"]) == 3
+    assert all(not r["accept"] and "percentile_below_min" in r["reasons"] for r in body["results"])
+    assert body["accepted"] == []
+    mixed = (await app_client.post("/select", json={
+        "model": MODEL, "count": 60, "keep": 20, "policy": {"min_percentile": 0.9},
+    })).json()
+    accepted = [r["seed"] for r in mixed["results"] if r["accept"]]
+    assert mixed["accepted"] == accepted and 0 < len(accepted) < 20
