@@ -10,7 +10,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -107,6 +107,8 @@ class CalibrationResult:
     scores: np.ndarray
     descriptors: DescriptorCalibration | None = None
     measured_error: MeasuredError | None = None
+    # role ("generator", "mapping") -> sha256 of the loaded import-path module's weights
+    module_states: dict[str, str] = field(default_factory=dict)
 
 
 Calibrator = Callable[[CalibrationRequest], CalibrationResult]
@@ -291,6 +293,14 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
             source_latents=source_latents,
         )
         result = calibrate(request)
+        if generator is not None and generator.source == "import":
+            generator = generator.model_copy(
+                update={"state_sha256": result.module_states.get("generator")}
+            )
+        if mapping is not None and mapping.source == "import":
+            mapping = mapping.model_copy(
+                update={"state_sha256": result.module_states.get("mapping")}
+            )
         if search is not None:
             if result.measured_error is None:
                 raise StoreError("an approximate index needs its error measured at build")

@@ -95,6 +95,9 @@ class ModuleReference(_Frozen):
     source: Literal["torchscript", "import"]
     file: str | None = None  # the copy inside the version directory (torchscript)
     sha256: str  # of the TorchScript file, or of the imported module's source file
+    # Import paths: sha256 of the built module's parameters and buffers, so weights the
+    # factory loads from elsewhere are covered too (None for TorchScript: the file holds them).
+    state_sha256: str | None = None
 
 
 class Bandwidth(_Frozen):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -137,12 +138,13 @@ class ServiceMetrics:
         percentiles = self.percentile.labels(model=model)
         for value in percentile:
             percentiles.observe(value)
-        accepted = sum(1 for why in reasons if not why)
-        if accepted:
-            self.decisions.labels(model=model, decision="accept", reason="").inc(accepted)
-        for why in reasons:
-            for reason in why:
-                self.decisions.labels(model=model, decision="reject", reason=reason).inc()
+        # One count per latent: a rejection by several rules carries them all, comma-joined,
+        # so sum by (decision) equals the number of latents decided.
+        verdicts = collections.Counter("|".join(why) for why in reasons)
+        for joined, count in verdicts.items():
+            decision = "reject" if joined else "accept"
+            reason = joined.replace("|", ",")
+            self.decisions.labels(model=model, decision=decision, reason=reason).inc(count)
 
     def observe_descriptors(self, model: str, values: Mapping[str, Sequence[float]]) -> None:
         """``latentsieve_descriptor{model, name}`` for each returned descriptor value."""

@@ -21,7 +21,7 @@ from index.projection import project
 from workers.approximate import measure_error, open_density
 from workers.density import DensityEngine, DensityScorer
 from workers.descriptors import DescriptorEngine
-from workers.modules import load_module
+from workers.modules import load_module, module_state_sha256
 from workers.seed_latents import SeedLatents
 
 BLOCK = 1024
@@ -70,10 +70,13 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     engine = open_density(request.kind, request.latents, index, request.search)
     draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
     draw: Draw | None = None  # seeds -> the index's space
+    states: dict[str, str] = {}
     if request.sampler is not None:
         mapping = (
             load_module(request.mapping, request.version_dir) if request.mapping else None
         )
+        if mapping is not None:
+            states["mapping"] = module_state_sha256(mapping)
         draw_source = SeedLatents(request.sampler, mapping).draw
         projection = request.projection
         draw = draw_source if projection is None else _projected(draw_source, projection)
@@ -98,7 +101,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         measured = measure_error(engine, DensityEngine(request.latents), queries, request.sigma,
                                  rows)
     if request.generator is None or request.descriptors is None:
-        return CalibrationResult(scores, measured_error=measured)
+        return CalibrationResult(scores, measured_error=measured, module_states=states)
     count = min(request.descriptors.calibration_count, request.count)
     if draw_source is not None and request.seed_start is not None:
         latents = draw_source(range(request.seed_start, request.seed_start + count))
@@ -107,6 +110,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         source = request.source_latents if request.source_latents is not None else request.latents
         latents = np.asarray(source[request.indices[:count]], dtype=np.float32)
     generator = load_module(request.generator, request.version_dir)
+    states["generator"] = module_state_sha256(generator)
     options = request.descriptors
     descriptor_engine = build_descriptor_engine(generator, request.latent_shape, options)
     values = score_descriptors(descriptor_engine, latents, request.progress)
@@ -116,6 +120,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
             descriptor_engine.output_dim, descriptor_engine.delta_radius, values
         ),
         measured,
+        states,
     )
 
 

@@ -146,7 +146,11 @@ async def score_latents(
 ) -> tuple[ScoredBatch, list[bool]]:
     """Cached scores where present, the batcher for the rest; returns scores and hit flags."""
     manifest = scorer.manifest
-    generator = manifest.generator.sha256 if descriptors and manifest.generator else ""
+    generator = (
+        f"{manifest.generator.sha256}:{manifest.generator.state_sha256 or ''}"
+        if descriptors and manifest.generator
+        else ""
+    )
     keys = cache_keys(
         manifest.model, manifest.version, sigma, descriptors,
         [row.tobytes() for row in latents], generator,

@@ -78,7 +78,18 @@ async def test_policy_bounds_reject_with_reasons(app_client: httpx.AsyncClient) 
     assert reasons == {"psi_percentile_below_min", "nu_percentile_above_max"}
     metrics = (await app_client.get("/metrics")).text
     assert 'latentsieve_descriptor_count{model="digits-vae",name="psi"}' in metrics
-    assert 'reason="psi_percentile_below_min"' in metrics
+    # One count per rejected latent, every failed rule in its reason label.
+    rejected: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("latentsieve_decisions_total{") and 'decision="reject"' in line:
+            reason = line.split('reason="')[1].split('"')[0]
+            rejected[reason] = float(line.rsplit(" ", 1)[1])
+    expected: dict[str, float] = {}
+    for result in results:
+        if result["reasons"]:
+            key = ",".join(result["reasons"])
+            expected[key] = expected.get(key, 0) + 1
+    assert {k: v for k, v in rejected.items() if k in expected} == expected
 
 
 async def test_select_decides_kept_seeds_with_descriptor_bounds(

@@ -13,6 +13,7 @@ from index.manifest import PercentileBounds, Policy
 from index.store import LatentStore
 from latentsieve.cli import main
 from workers.demo_models.digits_vae import decoder, training_latents
+from workers.modules import ModuleLoadError
 from workers.policy import PERCENTILE_BELOW_MIN, decide
 from workers.scoring import ModelScorer
 
@@ -132,3 +133,31 @@ def test_decide_names_every_failed_rule() -> None:
     ]
     with pytest.raises(ValueError, match="not computed"):
         decide(percentiles, policy, {"psi": descriptor["psi"]})
+
+
+def test_changed_weights_behind_an_import_path_are_refused(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module source alone does not pin a generator whose factory loads weights from a
+    file: the build records the weights' sha256 and loading checks it."""
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(torch.nn.Linear(8, 16).state_dict(), weights)
+    module = tmp_path / "file_weights_generator.py"
+    module.write_text(
+        "import torch\n\n\ndef factory() -> torch.nn.Module:\n"
+        "    layer = torch.nn.Linear(8, 16)\n"
+        f"    layer.load_state_dict(torch.load({str(weights)!r}, weights_only=True))\n"
+        "    return torch.nn.Sequential(layer, torch.nn.ReLU())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert build(tmp_path / "s", source, "--generator", "file_weights_generator:factory",
+                 "--descriptor-calibration-count", "20") == 0
+    loaded = LatentStore(tmp_path / "s").load("m")
+    assert loaded.manifest.generator is not None
+    assert loaded.manifest.generator.state_sha256 is not None
+    ModelScorer(loaded)  # loads and verifies
+    torch.manual_seed(1)
+    torch.save(torch.nn.Linear(8, 16).state_dict(), weights)  # "retrained"
+    with pytest.raises(ModuleLoadError, match="weights changed"):
+        ModelScorer(LatentStore(tmp_path / "s").load("m"))
