@@ -133,6 +133,8 @@ DEFAULT_DELTA_DIRECTIONS = 8  # P, the cross-polytope's directions
 class PercentileBounds(_Frozen):
     """Accept a descriptor only between these calibration percentiles (either may be absent)."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     min_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
     max_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
 
@@ -176,6 +178,8 @@ class Policy(_Frozen):
     computed for every request the policy decides.
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)  # "0.5" is no number
+
     min_percentile: float = Field(default=0.05, ge=0.0, le=1.0)
     psi: PercentileBounds | None = None
     nu: PercentileBounds | None = None
@@ -192,7 +196,8 @@ class DescriptorSettings(_Frozen):
     calibration: sorted values of each descriptor over the first ``calibration_count`` latents
     of the density calibration set, in ``calibration_file``."""
 
-    names: tuple[str, ...]  # the descriptors this model computes (no delta for TorchScript)
+    # The descriptors this model computes (no delta for TorchScript generators).
+    names: tuple[str, ...] = DESCRIPTOR_NAMES
     output_dim: int = Field(ge=1)
     projection_rows: int = Field(ge=1)
     projection_seed: int

@@ -41,7 +41,7 @@ def describe_validation_errors(
     for error in list(errors)[:limit]:
         loc = [str(part) for part in error.get("loc", ()) if part != "body"]
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        if error.get("type") == "extra_forbidden" and allowed_fields:
+        if error.get("type") == "extra_forbidden" and allowed_fields and len(loc) == 1:
             message += f" (allowed fields: {', '.join(allowed_fields)})"
         lines.append(f"{'.'.join(loc)}: {message}" if loc else message)
     if len(errors) > limit:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -42,8 +43,14 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+def _sigma_in_range(value: float) -> float:
+    if not SIGMA_MIN <= value <= SIGMA_MAX:
+        raise ValueError(f"sigma must be in [1e-100, 1e100] (a bandwidth > 0), got {value!r}")
+    return value
+
+
 Sigma = Annotated[
-    float, Field(ge=SIGMA_MIN, le=SIGMA_MAX, allow_inf_nan=False, strict=True)
+    float, Field(allow_inf_nan=False, strict=True), AfterValidator(_sigma_in_range)
 ]
 
 

@@ -98,6 +98,7 @@ CASES: list[tuple[str, Any, str, int]] = [
                                         "policy": {"psi": {"min_percentile": 0.1}}},
      "/score", 422),
     ("policy bound unknown field", {**GOOD, "policy": {"psi": {"min": 0.1}}}, "/score", 422),
+    ("policy number as string", {**GOOD, "policy": {"min_percentile": "0.5"}}, "/score", 422),
     ("policy bound out of range", {**GOOD, "policy": {"nu": {"max_percentile": 2}}},
      "/score", 422),
     ("policy unknown field", {**GOOD, "policy": {"max_percentile": 0.5}}, "/score", 422),
@@ -155,6 +156,9 @@ async def test_details_say_what_is_allowed(app_client: httpx.AsyncClient) -> Non
         return str((await post(app_client, "/score", body)).json()["detail"])
 
     assert "psi, nu, delta" in await detail({**GOOD, "descriptors": ["curvature"]})
+    assert "[1e-100, 1e100]" in await detail({**GOOD, "sigma": 0})
+    nested = await detail({**GOOD, "policy": {"descriptors": 1}})
+    assert nested.startswith("policy.descriptors") and "allowed fields" not in nested
     assert "has no generator" in await detail(
         {"model": "nosampler", "latents": [[0.0] * 6], "descriptors": ["nu"]}
     )
