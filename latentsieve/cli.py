@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "projection-seed", type=int, default=None, help="seed of P and directions")
     _add(build, "delta-directions", type=int, default=None, help="P of delta (default 8)")
     _add(build, "delta-radius", type=float, default=None, help="r (default 0.1 sqrt(E))")
-    build.add_argument("--no-progress", action="store_true")
+    build.add_argument(
+        "--no-progress", action="store_true",
+        default=(_env("no-progress") or "").lower() in ("1", "true", "yes"),
+    )
 
     listing = index_commands.add_parser("list", help="list models and versions")
     _add(listing, "store", required=True)
@@ -111,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="offline batch scoring, same results as /score")
     _add(score, "store", required=True)
     _add(score, "model", required=True)
-    source = score.add_mutually_exclusive_group(required=_env("latents") is None)
+    from_env = _env("latents") is not None or _env("seeds") is not None
+    source = score.add_mutually_exclusive_group(required=not from_env)
     source.add_argument("--latents", default=_env("latents"))
-    source.add_argument("--seeds", default=None, help="A-B, inclusive")
+    source.add_argument("--seeds", default=_env("seeds"), help="A-B, inclusive")
     _add(score, "sigma", type=float, default=None)
     _add(score, "out", default=None, help="FILE.json or FILE.npy (default: JSON on stdout)")
     _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")

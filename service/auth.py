@@ -11,26 +11,28 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def presented_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """The key from ``Authorization: Bearer K`` or ``X-API-Key: K``, if any."""
+def presented_keys(headers: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """Every key offered by ``Authorization: Bearer K`` or ``X-API-Key: K``, as raw bytes
+    (keys are compared as UTF-8 bytes, so non-ASCII keys work)."""
+    found: list[bytes] = []
     for name, value in headers:
         lowered = name.lower()
-        if lowered == b"x-api-key":
-            return value.decode("latin-1").strip()
-        if lowered == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
+        if lowered == b"x-api-key" and value.strip():
+            found.append(value.strip())
+        elif lowered == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                found.append(token.strip())
+    return found
 
 
-def key_matches(presented: str, keys: Sequence[str]) -> bool:
-    """Constant-time comparison against every configured key."""
-    candidate = presented.encode()
+def key_matches(presented: Sequence[bytes], keys: Sequence[str]) -> bool:
+    """Constant-time comparison of every offered key against every configured key."""
     matched = False
-    for key in keys:
-        # Compare with every key, so timing does not reveal which one nearly matched.
-        matched |= hmac.compare_digest(candidate, key.encode())
+    for candidate in presented:
+        for key in keys:
+            # Compare with every key, so timing does not reveal which one nearly matched.
+            matched |= hmac.compare_digest(candidate, key.encode())
     return matched
 
 
@@ -45,8 +47,8 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        presented = presented_key(scope["headers"])
-        if presented is None:
+        presented = presented_keys(scope["headers"])
+        if not presented:
             detail = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
         elif not key_matches(presented, self.keys):
             detail = "wrong API key"

@@ -223,3 +223,22 @@ async def test_select_accepted_holds_only_seeds_the_policy_accepts(
     })).json()
     accepted = [r["seed"] for r in mixed["results"] if r["accept"]]
     assert mixed["accepted"] == accepted and 0 < len(accepted) < 20
+
+
+async def test_api_keys_non_ascii_and_several_headers(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    key = "clé-ünïcode-鍵"
+    async with serve(settings.model_copy(update={"api_keys": [key]})) as client:
+        raw = key.encode()  # sent as raw UTF-8 bytes, as HTTP carries them
+        by_header = await client.get("/models", headers=[(b"x-api-key", raw)])
+        assert by_header.status_code == 200
+        bearer = await client.get("/models", headers=[(b"authorization", b"Bearer " + raw)])
+        assert bearer.status_code == 200
+        # A wrong key in one header does not hide the right one in the other.
+        both = await client.get(
+            "/models", headers=[(b"x-api-key", b"nope"), (b"authorization", b"Bearer " + raw)]
+        )
+        assert both.status_code == 200
+        wrong = await client.get("/models", headers=[(b"x-api-key", b"nope")])
+        assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong API key"

@@ -276,3 +276,23 @@ def test_score_input_errors(
     for name, (args, message) in cases.items():
         code, _, err = run(["score", "--store", str(store), *args], capsys)
         assert code == 2 and message in err, (name, err)
+
+
+def test_options_fall_back_to_environment_variables(
+    tmp_path: Path, latents: np.ndarray, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CONTRACT §4: every option has a LATENTSIEVE_<OPTION> variable."""
+    monkeypatch.setenv("LATENTSIEVE_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("LATENTSIEVE_MODEL", "m")
+    monkeypatch.setenv("LATENTSIEVE_LATENTS", str(_save(tmp_path, latents)))
+    monkeypatch.setenv("LATENTSIEVE_SAMPLER", "torch-cpu")
+    monkeypatch.setenv("LATENTSIEVE_CALIBRATION_COUNT", "100")
+    monkeypatch.setenv("LATENTSIEVE_NO_PROGRESS", "1")
+    assert main(["index", "build"]) == 0
+    assert LatentStore(tmp_path / "store").load("m").manifest.calibration.count == 100
+    capsys.readouterr()
+    monkeypatch.delenv("LATENTSIEVE_LATENTS")
+    monkeypatch.setenv("LATENTSIEVE_SEEDS", "7-8")
+    assert main(["score"]) == 0
+    assert [r["seed"] for r in json.loads(capsys.readouterr().out)["results"]] == [7, 8]
