@@ -4,15 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= store
 
-.PHONY: install system-deps run test lint bench
+.PHONY: install install-dev system-deps run test lint bench
 
+# The service needs the package; the tests also need the dev extra (test tools, diffusers).
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
+install-dev: $(BIN)/.installed-dev
 
 # Tests start their own redis-server; install Debian's package when it is missing (root only).
 system-deps:
@@ -22,12 +28,12 @@ run: install
 	$(BIN)/latentsieve demo --store $(STORE)
 	$(BIN)/latentsieve serve --store $(STORE) --host 127.0.0.1 --port 8000
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: install system-deps lint
+test: install-dev system-deps lint
 	$(BIN)/pytest -q
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/bench_density.py
