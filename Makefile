@@ -20,9 +20,10 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev
 
-# Tests start their own redis-server; install Debian's package when it is missing (root only).
+# Tests start their own redis-server and prometheus: Debian packages, installed when missing.
 system-deps:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }
 
 run: install
 	$(BIN)/latentsieve demo --store $(STORE)
