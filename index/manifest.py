@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,7 +15,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 IndexKind = Literal["flat", "ivf", "hnsw"]
-KNOWN_KINDS = ("flat", "ivf", "hnsw")
+KNOWN_KINDS: tuple[str, ...] = get_args(IndexKind)
 SamplerDType = Literal["float32", "float16"]
 # Bandwidths outside this range make sigma^2 or d^2 / (2 sigma^2) leave float64's range for
 # float32 latents (d^2 <= ~1e83), so no score could be represented: they are refused.

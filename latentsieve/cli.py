@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("latentsieve")
 
-DEMO_MODEL = "digits-vae"
 _ENV_NAMES = {"redis": "LATENTSIEVE_REDIS_URL"}
 
 
@@ -274,7 +273,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from latentsieve.demo import ensure_demo_index
+    from latentsieve.demo import DEMO_MODEL, ensure_demo_index
 
     version = ensure_demo_index(Path(args.store))
     print(json.dumps({"model": DEMO_MODEL, "version": version, "store": str(args.store)}))

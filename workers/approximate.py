@@ -69,11 +69,16 @@ class NeighbourDensity:
 
 
 def open_density(
-    kind: str, latents: np.ndarray, index: faiss.Index | None, search: ApproximateSearch | None
+    kind: str,
+    latents: np.ndarray,
+    index: faiss.Index | None,
+    search: ApproximateSearch | None,
+    device: str = "cpu",
 ) -> DensityScorer:
-    """The scorer of an index kind: the exact engine for ``flat``, neighbours for ivf/hnsw."""
+    """The scorer of an index kind: the exact engine for ``flat`` (on ``device``), neighbours
+    for ivf/hnsw (FAISS on the CPU)."""
     if kind == "flat":
-        return DensityEngine(latents)
+        return DensityEngine(latents, device=device)
     if index is None or search is None:
         raise ValueError(f"a {kind} index needs its FAISS index and search settings")
     return NeighbourDensity(index, latents, search)

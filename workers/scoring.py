@@ -13,7 +13,7 @@ from index.manifest import IndexManifest, Policy, check_sigma
 from index.store import LoadedVersion
 from workers.approximate import open_density
 from workers.calibration import score_calibration, score_descriptors
-from workers.density import DensityEngine, DensityScorer
+from workers.density import DensityScorer
 from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.policy import decide
@@ -56,12 +56,9 @@ class ModelScorer:
 
     def __post_init__(self) -> None:
         manifest = self.loaded.manifest
-        if manifest.kind == "flat":
-            self.engine = DensityEngine(self.loaded.latents, device=self.device)
-        else:
-            self.engine = open_density(
-                manifest.kind, self.loaded.latents, self.loaded.index, manifest.search
-            )
+        self.engine = open_density(
+            manifest.kind, self.loaded.latents, self.loaded.index, manifest.search, self.device
+        )
         mapping = load_module(manifest.mapping, self.loaded.path) if manifest.mapping else None
         self.seed_latents = SeedLatents(manifest.sampler, mapping) if manifest.sampler else None
         self.descriptor_engine = None
