@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.store import LatentStore
 from service.auth import ApiKeyMiddleware
+from service.direct_routes import install_direct_routes
 from service.errors import ServiceError, install_error_handlers
 from service.metrics import ServiceMetrics, log_density_buckets
 from service.registry import ModelRegistry
@@ -222,6 +223,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
     app.include_router(models.router)
     app.include_router(health.router)
     _install_openapi(app)
+    # Innermost, so that auth and the request metrics wrap the direct routes too.
+    install_direct_routes(app, scoring.router, get_runtime)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestMetricsMiddleware)
     return app

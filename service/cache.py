@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NotRequired, Protocol, TypedDict
 
+import numpy as np
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -75,7 +76,7 @@ def cache_keys(
     index_version: str,
     sigma: float,
     descriptors: tuple[str, ...],
-    latents: Sequence[bytes],
+    latents: Sequence[bytes] | np.ndarray,
     generator_sha256: str = "",
 ) -> list[str]:
     """``"ls:v1:<sha256 hex>"`` per latent, over every input that changes a score.
@@ -84,7 +85,8 @@ def cache_keys(
     exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
     and repeats do not matter; descriptor requests also carry the generator's sha256. A latent
     is its bytes as the gateway normalises them (one dtype and byte order for every request
-    form). The shared prefix is hashed once per call.
+    form): ``bytes`` each, or an ``(n, d)`` array whose rows are hashed in place. The shared
+    prefix is hashed once per call.
     """
     names = sorted(set(descriptors))
     prefix = hashlib.sha256(
@@ -101,6 +103,20 @@ def cache_keys(
             )
         )
     )
+    if isinstance(latents, np.ndarray) and latents.size:
+        # Rows of one array share a length: hash its prefix once, then slice one flat view.
+        flat = np.ascontiguousarray(latents).data.cast("B")
+        row_bytes = flat.nbytes // len(latents)
+        row_prefix = prefix.copy()
+        row_prefix.update(row_bytes.to_bytes(8, "big"))
+        keys = []
+        for start in range(0, flat.nbytes, row_bytes):
+            digest = row_prefix.copy()
+            digest.update(flat[start : start + row_bytes])
+            keys.append(KEY_PREFIX + digest.hexdigest())
+        return keys
+    if isinstance(latents, np.ndarray):
+        latents = [row.tobytes() for row in latents]
     keys = []
     for latent in latents:
         digest = prefix.copy()

@@ -8,8 +8,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,9 @@ class ServiceError(Exception):
 
 def error_response(
     status: int, detail: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
+) -> FastJSONResponse:
     """The one error body."""
-    return JSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+    return FastJSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
 
 
 def describe_validation_errors(
@@ -49,22 +50,22 @@ def describe_validation_errors(
     return "; ".join(lines) or "invalid request"
 
 
-async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+async def _service_error(request: Request, exc: Exception) -> FastJSONResponse:
     assert isinstance(exc, ServiceError)
     return error_response(exc.status, exc.detail, exc.headers)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> FastJSONResponse:
     assert isinstance(exc, RequestValidationError)
     return error_response(422, describe_validation_errors(exc.errors()))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> FastJSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> FastJSONResponse:
     # A bug must still answer in the one error shape, and leave a trace in the logs.
     log.exception("unhandled error", extra={"path": request.url.path})
     return error_response(500, "internal error; the server logged the cause")

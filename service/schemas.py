@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
+import orjson
+import pybase64
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -42,7 +44,17 @@ DTYPES: dict[str, np.dtype[Any]] = {
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
-Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+
+
+def _seed_in_range(value: Any) -> Any:
+    # The JSON reader (orjson) reads integer literals past 64 bits as floats: name the range,
+    # not the type, for those. Other floats (1.5, 2.0) are refused as not integers.
+    if isinstance(value, float) and not -(2**63) <= value <= MAX_SEED:
+        raise ValueError(f"seeds are integers in [0, {MAX_SEED}]; {value:.6g} is out of range")
+    return value
+
+
+Seed = Annotated[StrictInt, BeforeValidator(_seed_in_range), Field(ge=0, le=MAX_SEED)]
 def _sigma_in_range(value: float) -> float:
     if not SIGMA_MIN <= value <= SIGMA_MAX:
         raise ValueError(f"sigma must be in [1e-100, 1e100] (a bandwidth > 0), got {value!r}")
@@ -123,9 +135,11 @@ def encoded_latents(encoded: EncodedLatents) -> np.ndarray:
     """Base64 of a little-endian array of ``encoded.shape`` -> (n, d) float32."""
     dtype = DTYPES[encoded.dtype]
     try:
-        raw = base64.b64decode(encoded.data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"latents.data: not valid base64 ({exc})") from exc
+        raw = pybase64.b64decode(encoded.data, validate=True)  # SIMD; ~30x the stdlib's speed
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"latents.data: not valid base64 ({_base64_problem(encoded.data)})"
+        ) from None
     expected = math.prod(encoded.shape) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(
@@ -134,6 +148,15 @@ def encoded_latents(encoded: EncodedLatents) -> np.ndarray:
         )
     array = np.frombuffer(raw, dtype=dtype).reshape(encoded.shape[0], -1)
     return _finite_float32(array)
+
+
+def _base64_problem(data: str) -> str:
+    """Why ``data`` is not strict base64, in the standard library's words (error path only)."""
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        return str(exc)
+    return "padding past the end of the data"  # the stdlib allows extra '='; we do not
 
 
 def _finite_float32(array: np.ndarray) -> np.ndarray:
@@ -184,13 +207,6 @@ class ScoreRequest(_Body):
     def latent_array(self) -> np.ndarray | None:
         """The decoded latents (n, d) float32, or None for a seed request."""
         return self._array
-
-    @property
-    def batch_size(self) -> int:
-        """Latents or seeds in the request."""
-        if self._array is not None:
-            return int(self._array.shape[0])
-        return len(self.seeds or ())
 
 
 class SelectRequest(_Body):
@@ -268,25 +284,37 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(moves).max()) if moves.size else 0
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in JSON numbers; send finite numbers only")
+_NON_FINITE = re.compile(rb"NaN|Infinity")
+
+
+def opening_brackets(raw: bytes) -> int:
+    """``[`` and ``{`` bytes in ``raw``, strings included (one vectorised pass: ``[`` is 0x5B,
+    ``{`` is 0x7B, and no other byte becomes 0x7B when bit 0x20 is set)."""
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    return int(np.count_nonzero((codes | 0x20) == 0x7B))
 
 
 def parse_json(raw: bytes, max_depth: int) -> Any:
-    """Strict JSON: no NaN/Infinity constants, nesting at most ``max_depth`` (else 422)."""
-    if not raw.strip():
+    """Strict UTF-8 JSON (RFC 8259: no NaN/Infinity, numbers that fit a double), nesting at
+    most ``max_depth``; anything else is a 422 that says where."""
+    if not raw or raw.isspace():
         raise ServiceError(422, "the request body is empty; send a JSON object")
     # Fewer opening brackets than the limit cannot nest past it (brackets inside strings only
     # over-count): the common case skips the full scan.
-    opening = raw.count(b"[") + raw.count(b"{")
-    depth = json_depth(raw) if opening > max_depth else 0
+    depth = json_depth(raw) if opening_brackets(raw) > max_depth else 0
     if depth > max_depth:
         raise ServiceError(
             422, f"the JSON nests {depth} levels deep; at most {max_depth} are allowed"
         )
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except ValueError as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        constant = _NON_FINITE.match(raw, exc.pos)
+        if constant:
+            raise ServiceError(
+                422, f"{constant.group().decode()} (character {exc.pos}) is not a JSON number; "
+                "send finite numbers only",
+            ) from exc
         raise ServiceError(422, f"malformed JSON body: {exc}") from exc
 
 

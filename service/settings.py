@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=64 * MIB, ge=1)
     max_batch: int = Field(default=4096, ge=1)
-    max_json_depth: int = Field(default=32, ge=2)
+    max_json_depth: int = Field(default=32, ge=2, le=1024)  # 1024: the JSON parser's own cap
     max_batch_size: int = Field(default=1024, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
     queue_limit: int = Field(default=262_144, ge=1)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.app import Runtime, RuntimeDep
 from service.errors import ServiceError
+from service.responses import FastJSONResponse
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +20,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(request: Request) -> FastJSONResponse:
     """200 when at least one model is loaded, 503 otherwise."""
     runtime = getattr(request.app.state, "runtime", None)
     if not isinstance(runtime, Runtime):
@@ -29,7 +30,7 @@ async def readyz(request: Request) -> JSONResponse:
         raise ServiceError(
             503, f"not ready: no model has a loadable index version in {runtime.settings.store}"
         )
-    return JSONResponse({"status": "ready", "models": served})
+    return FastJSONResponse({"status": "ready", "models": served})
 
 
 @router.get("/metrics", response_class=Response)

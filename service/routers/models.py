@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from service.app import RuntimeDep
+from service.responses import FastJSONResponse
 from service.schemas import ModelsResponse
 from workers.scoring import ModelScorer
 
@@ -33,8 +33,8 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
     }
 
 
-@router.get("/models", response_class=JSONResponse, responses={200: {"model": ModelsResponse}})
-async def list_models(runtime: RuntimeDep) -> JSONResponse:
+@router.get("/models", response_class=FastJSONResponse, responses={200: {"model": ModelsResponse}})
+async def list_models(runtime: RuntimeDep) -> FastJSONResponse:
     """Every served model, sorted by name."""
     served = runtime.registry.snapshot()
-    return JSONResponse({"models": [describe_model(served[name]) for name in sorted(served)]})
+    return FastJSONResponse({"models": [describe_model(served[name]) for name in sorted(served)]})

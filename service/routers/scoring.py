@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from index.manifest import Policy
 from service.app import Runtime, RuntimeDep, json_body, read_json
 from service.cache import CachedScore, cache_keys
+from service.direct_routes import direct
 from service.errors import ServiceError
+from service.responses import FastJSONResponse
 from service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
 from workers.batcher import DynamicBatcher, QueueFull
 from workers.scoring import ModelScorer, ScoredBatch, score_report
@@ -152,25 +153,24 @@ async def score_latents(
         else ""
     )
     keys = cache_keys(
-        manifest.model, manifest.version, sigma, descriptors,
-        [row.tobytes() for row in latents], generator,
+        manifest.model, manifest.version, sigma, descriptors, latents, generator,
     )
     hits = await runtime.cache.get_many(keys)
+    found = [hit for hit in hits if hit is not None]
+    misses = [row for row, hit in enumerate(hits) if hit is None]
     log_density = np.empty(len(keys), dtype=np.float64)
     percentile = np.empty(len(keys), dtype=np.float64)
-    misses = [row for row, hit in enumerate(hits) if hit is None]
     values = {name: np.empty(len(keys)) for name in descriptors}
     ranks = {name: np.empty(len(keys)) for name in descriptors}
-    for row, hit in enumerate(hits):
-        if hit is not None:
-            log_density[row] = hit["log_density"]
-            percentile[row] = hit["percentile"]
-            described = hit.get("descriptors", {})
-            for name in descriptors:
-                values[name][row] = described[name]
-                ranks[name][row] = described[f"{name}_percentile"]
-    runtime.metrics.cache_requests.labels(result="hit").inc(len(keys) - len(misses))
-    runtime.metrics.cache_requests.labels(result="miss").inc(len(misses))
+    if found:
+        rows = [row for row, hit in enumerate(hits) if hit is not None] if misses else slice(None)
+        log_density[rows] = [hit["log_density"] for hit in found]
+        percentile[rows] = [hit["percentile"] for hit in found]
+        for name in descriptors:
+            values[name][rows] = [hit["descriptors"][name] for hit in found]
+            ranks[name][rows] = [hit["descriptors"][f"{name}_percentile"] for hit in found]
+    runtime.metrics.cache_hits.inc(len(found))
+    runtime.metrics.cache_misses.inc(len(misses))
     if len(misses) > runtime.settings.queue_limit:
         # Could never fit, however long the client waits: not a 429.
         raise ServiceError(
@@ -226,15 +226,11 @@ def finish_report(
     for result, hit in zip(results, cached, strict=True):
         result["cached"] = hit
     runtime.metrics.observe_results(
-        scorer.manifest.model,
-        batch.log_density.tolist(),
-        batch.percentile.tolist(),
+        scorer.manifest.model, batch.log_density, batch.percentile,
         [result["reasons"] for result in results],
     )
     if batch.descriptors:
-        runtime.metrics.observe_descriptors(
-            scorer.manifest.model, {k: v.tolist() for k, v in batch.descriptors.items()}
-        )
+        runtime.metrics.observe_descriptors(scorer.manifest.model, batch.descriptors)
     return report
 
 
@@ -250,11 +246,12 @@ def _timed_out(runtime: Runtime) -> ServiceError:
 
 @router.post(
     "/score",
-    response_class=JSONResponse,
+    response_class=FastJSONResponse,
     responses={200: {"model": ScoreResponse}},
     openapi_extra=json_body(ScoreRequest),
 )
-async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
+@direct
+async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
     """Score latents or seeds and decide on each with the model's (or the given) policy."""
     data = await read_json(request, runtime.settings)
     declared = declared_batch(data)
@@ -265,14 +262,17 @@ async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
         body = validate_body(ScoreRequest, data)
     scorer = resolve_model(runtime, body.model)
     manifest = scorer.manifest
-    check_batch(runtime, body.batch_size, "latents" if body.seeds is None else "seeds")
+    latents = body.latent_array()
+    if latents is None:
+        check_batch(runtime, len(body.seeds or ()), "seeds")
+    else:
+        check_batch(runtime, len(latents), "latents")
     sigma = manifest.bandwidth.sigma if body.sigma is None else body.sigma
     policy = effective_policy(manifest.policy, body.policy)
     names = descriptor_names(scorer, body.descriptors, policy)
     deadline = _deadline(runtime)
     try:
         async with asyncio.timeout_at(deadline):
-            latents = body.latent_array()
             if latents is None:
                 latents = await draw_seeds(scorer, body.seeds or [])
             elif latents.shape[1] != manifest.dim:
@@ -286,16 +286,18 @@ async def score(request: Request, runtime: RuntimeDep) -> JSONResponse:
             )
     except TimeoutError as exc:
         raise _timed_out(runtime) from exc
-    return JSONResponse(finish_report(runtime, scorer, batch, cached, sigma, policy, body.seeds))
+    report = finish_report(runtime, scorer, batch, cached, sigma, policy, body.seeds)
+    return FastJSONResponse(report)
 
 
 @router.post(
     "/select",
-    response_class=JSONResponse,
+    response_class=FastJSONResponse,
     responses={200: {"model": ScoreResponse}},
     openapi_extra=json_body(SelectRequest),
 )
-async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
+@direct
+async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
     """The ``keep`` best seeds of ``start .. start + count - 1`` by log density, best first;
     with ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
     body = validate_body(SelectRequest, await read_json(request, runtime.settings))
@@ -330,7 +332,7 @@ async def select(request: Request, runtime: RuntimeDep) -> JSONResponse:
     kept_seeds = [seeds[row] for row in kept]
     # ``accepted`` (from the policy) lists the kept seeds that pass it, best first; a kept seed
     # the policy rejects stays in ``results`` with its reasons but is never in ``accepted``.
-    return JSONResponse(
+    return FastJSONResponse(
         finish_report(runtime, scorer, chosen, kept_cached, sigma, policy, kept_seeds)
     )
 

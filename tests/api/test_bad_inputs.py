@@ -107,6 +107,14 @@ CASES: list[tuple[str, Any, str, int]] = [
     ("seed 2^64", {"model": MODEL, "seeds": [2**64]}, "/score", 422),
     ("seed negative", {"model": MODEL, "seeds": [-1]}, "/score", 422),
     ("seed float", {"model": MODEL, "seeds": [1.5]}, "/score", 422),
+    ("seed integral float", raw('{"model": "digits-vae", "seeds": [2.0]}'), "/score", 422),
+    ("seed 1e30", raw('{"model": "digits-vae", "seeds": [1e30]}'), "/score", 422),
+    ("seed -2^64", {"model": MODEL, "seeds": [-(2**64)]}, "/score", 422),
+    ("base64 excess padding", {"model": MODEL, "latents": {
+        "dtype": "float32", "shape": [1, 8], "data": b64(np.zeros(8, "<f4")) + "=="}},
+     "/score", 422),
+    ("JSON in UTF-16", '{"model": "digits-vae", "seeds": [1]}'.encode("utf-16"), "/score", 422),
+    ("lone surrogate escape", raw('{"model": "digits-\\ud800", "seeds": [1]}'), "/score", 422),
     ("seed bool", {"model": MODEL, "seeds": [True]}, "/score", 422),
     ("empty seeds", {"model": MODEL, "seeds": []}, "/score", 422),
     ("deep nesting", raw('{"model": "digits-vae", "latents": ' + "[" * 40 + "0" + "]" * 40 + "}"),
@@ -170,6 +178,15 @@ async def test_details_say_what_is_allowed(app_client: httpx.AsyncClient) -> Non
     )
     assert "ragged" in await detail({"model": MODEL, "latents": [[0.0] * 8, [0.0]]})
     assert "sampler" in await detail({"model": "nosampler", "seeds": [0]})
+    assert "out of range" in await detail({"model": MODEL, "seeds": [2**64]})
+    assert "valid integer" in await detail(raw('{"model": "digits-vae", "seeds": [2.0]}'))
+    assert "NaN (character" in await detail(raw('{"model": "x", "latents": [[NaN]]}'))
+    assert "-Infinity" not in await detail(raw('{"model": "x", "sigma": -Infinity}'))
+    assert "Infinity (character" in await detail(raw('{"model": "x", "sigma": -Infinity}'))
+    assert "Incorrect padding" in await detail({"model": MODEL, "latents": {
+        "dtype": "float32", "shape": [1, 1], "data": "AAA"}})
+    assert "padding past the end" in await detail({"model": MODEL, "latents": {
+        "dtype": "float32", "shape": [1, 1], "data": "AAAAAAAA=="}})
 
 
 @pytest.mark.parametrize("declared", [True, False])

@@ -1,0 +1,93 @@
+"""The hot routes are dispatched past FastAPI's routing (``service.direct_routes``); they must
+behave exactly as the FastAPI routes they shadow: same endpoints, errors in the one shape, a
+bug still a logged 500, auth and request metrics still wrapping them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import create_app
+from service.direct_routes import direct_endpoints
+from service.routers import scoring
+from service.settings import Settings
+from workers.scoring import ModelScorer
+
+pytestmark = pytest.mark.anyio
+MODEL = "digits-vae"
+
+
+def test_the_marked_endpoints_are_the_scoring_routes() -> None:
+    assert direct_endpoints(scoring.router.routes) == {
+        ("POST", "/score"): scoring.score,
+        ("POST", "/select"): scoring.select,
+    }
+
+
+async def test_fastapi_still_declares_them(app_client: httpx.AsyncClient) -> None:
+    spec = (await app_client.get("/openapi.json")).json()
+    assert "post" in spec["paths"]["/score"] and "post" in spec["paths"]["/select"]
+
+
+async def test_other_methods_and_paths_fall_through(app_client: httpx.AsyncClient) -> None:
+    assert (await app_client.get("/score")).status_code == 405
+    assert (await app_client.post("/score/")).status_code in (307, 404)
+    assert (await app_client.get("/models")).status_code == 200
+
+
+async def test_a_bug_is_a_logged_500_and_the_server_stays_up(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: ModelScorer, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the scorer")
+
+    good = {"model": MODEL, "latents": [[0.3] * 8]}
+    app = create_app(settings.model_copy(update={"cache_bytes": 0}))
+    async with (
+        LifespanManager(app, startup_timeout=60) as manager,
+        # Starlette answers the 500, then re-raises for the server to log; uvicorn swallows
+        # it, and so does this transport.
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app, raise_app_exceptions=False),
+            base_url="http://gateway",
+        ) as client,
+    ):
+        monkeypatch.setattr(ModelScorer, "score", broken)
+        with caplog.at_level(logging.ERROR):
+            response = await client.post("/score", json=good)
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal error; the server logged the cause"}
+        assert any("a bug in the scorer" in (r.exc_text or "") for r in caplog.records)
+        monkeypatch.undo()
+        assert (await client.post("/score", json=good)).status_code == 200
+
+
+async def test_auth_and_request_metrics_wrap_the_direct_routes(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    body = {"model": MODEL, "latents": [[0.1] * 8]}
+    async with serve(settings.model_copy(update={"api_keys": ["k1"]})) as client:
+        assert (await client.post("/score", json=body)).status_code == 401
+        ok = await client.post("/score", json=body, headers={"X-API-Key": "k1"})
+        assert ok.status_code == 200
+        metrics = (await client.get("/metrics", headers={"X-API-Key": "k1"})).text
+    assert 'latentsieve_request_duration_seconds_count{route="/score",status="401"} 1.0' in metrics
+    assert 'latentsieve_request_duration_seconds_count{route="/score",status="200"} 1.0' in metrics
+
+
+async def test_service_errors_keep_their_headers(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    # A queue of 1 latent: 20 uncached latents can never fit, which is a 413 with a detail.
+    async with serve(settings.model_copy(update={"queue_limit": 1})) as client:
+        latents = np.random.default_rng(5).standard_normal((20, 8)).tolist()
+        response = await client.post("/score", json={"model": MODEL, "latents": latents})
+    assert response.status_code == 413
+    assert "queue limit" in response.json()["detail"]
+    assert response.headers["content-type"] == "application/json"

@@ -1,0 +1,83 @@
+"""``ArrayHistogram`` (one vectorised pass per batch) writes exactly what
+``prometheus_client.Histogram`` writes for the same observations, one at a time."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import DESCRIPTOR_BUCKETS, ArrayHistogram
+
+BOUNDS = (-10.0, -2.5, -1.0, 0.0, 0.5, 1.0, 3.0)
+CREATED = re.compile(rb"^.*_created.*$\n", re.MULTILINE)
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text format without ``_created`` lines (their values are clock readings)."""
+    return CREATED.sub(b"", generate_latest(registry))
+
+
+def both(buckets: tuple[float, ...]) -> tuple[CollectorRegistry, Histogram, CollectorRegistry,
+                                               ArrayHistogram]:
+    reference_registry, array_registry = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h", "help", ["model", "name"], buckets=buckets,
+                          registry=reference_registry)
+    array = ArrayHistogram("h", "help", ["model", "name"], buckets=buckets,
+                           registry=array_registry)
+    return reference_registry, reference, array_registry, array
+
+
+values = st.lists(
+    st.one_of(
+        st.sampled_from(BOUNDS),  # on a bound: le is inclusive
+        st.floats(-20, 20, allow_nan=False),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=st.lists(st.tuples(st.sampled_from(["a", "b"]), values), max_size=5))
+def test_same_exposition_as_histogram(batches: list[tuple[str, list[float]]]) -> None:
+    reference_registry, reference, array_registry, array = both(BOUNDS)
+    for model, batch in batches:
+        child = reference.labels(model=model, name="psi")  # a series exists once touched
+        for value in batch:
+            child.observe(value)
+        array.observe_many((model, "psi"), np.asarray(batch))
+    assert exposition(array_registry) == exposition(reference_registry)
+
+
+def test_negative_bounds_keep_count_not_sum() -> None:
+    _, _, registry, array = both(DESCRIPTOR_BUCKETS)
+    array.observe_many(("m", "psi"), [-5.0, 2.0, 2.0])
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if not sample.name.endswith("_bucket")
+    }
+    assert samples["h_count"] == 3.0
+    assert "h_sum" not in samples  # as Histogram: no sum where observations can be negative
+    assert samples["h_created"] > 0
+
+
+def test_non_negative_bounds_have_a_sum() -> None:
+    _, _, registry, array = both((0.5, 1.0))
+    array.observe_many(("m", "psi"), [0.25, 2.0])
+    text = generate_latest(registry).decode()
+    assert 'h_sum{model="m",name="psi"} 2.25' in text
+
+
+def test_labels_are_checked() -> None:
+    _, _, _, array = both(BOUNDS)
+    with pytest.raises(ValueError, match="string labels"):
+        array.observe_many(("only-one",), [1.0])
+    with pytest.raises(ValueError, match="string labels"):
+        array.observe_many(("m", 3), [1.0])  # type: ignore[arg-type]
