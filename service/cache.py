@@ -18,6 +18,7 @@ Counters (read by the gateway, which owns the Prometheus names):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -71,6 +72,28 @@ def _length_prefixed(part: bytes) -> bytes:
     return len(part).to_bytes(8, "big") + part
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix_digest(
+    model: str, index_version: str, sigma_hex: str, names: tuple[str, ...], generator_sha256: str
+) -> hashlib._Hash:
+    """SHA-256 state after the parts every key of one (model, version, sigma, descriptor set,
+    generator) shares; callers ``copy()`` it, never update it."""
+    return hashlib.sha256(
+        b"".join(
+            _length_prefixed(part)
+            for part in (
+                KEY_PREFIX.encode(),
+                model.encode(),
+                index_version.encode(),
+                sigma_hex.encode(),
+                len(names).to_bytes(8, "big"),
+                *(name.encode() for name in names),
+                generator_sha256.encode(),
+            )
+        )
+    )
+
+
 def cache_keys(
     model: str,
     index_version: str,
@@ -86,22 +109,11 @@ def cache_keys(
     and repeats do not matter; descriptor requests also carry the generator's sha256. A latent
     is its bytes as the gateway normalises them (one dtype and byte order for every request
     form): ``bytes`` each, or an ``(n, d)`` array whose rows are hashed in place. The shared
-    prefix is hashed once per call.
+    prefix is hashed once per (model, version, sigma, descriptors, generator).
     """
-    names = sorted(set(descriptors))
-    prefix = hashlib.sha256(
-        b"".join(
-            _length_prefixed(part)
-            for part in (
-                KEY_PREFIX.encode(),
-                model.encode(),
-                index_version.encode(),
-                float(sigma).hex().encode(),
-                len(names).to_bytes(8, "big"),
-                *(name.encode() for name in names),
-                generator_sha256.encode(),
-            )
-        )
+    prefix = _prefix_digest(  # sigma as its hex text: 0.0 and -0.0 are equal floats
+        model, index_version, float(sigma).hex(), tuple(sorted(set(descriptors))),
+        generator_sha256,
     )
     if isinstance(latents, np.ndarray) and latents.size:
         # Rows of one array share a length: hash its prefix once, then slice one flat view.

@@ -217,10 +217,9 @@ class ServiceMetrics:
         self.percentile.observe_many((model,), percentile)
         # One count per latent: a rejection by several rules carries them all, comma-joined,
         # so sum by (decision) equals the number of latents decided.
-        verdicts = collections.Counter("|".join(why) for why in reasons)
-        for joined, count in verdicts.items():
-            decision = "reject" if joined else "accept"
-            reason = joined.replace("|", ",")
+        verdicts = collections.Counter(",".join(why) for why in reasons)
+        for reason, count in verdicts.items():
+            decision = "reject" if reason else "accept"
             self.decisions.labels(model=model, decision=decision, reason=reason).inc(count)
 
     def observe_descriptors(self, model: str, values: Mapping[str, ArrayLike]) -> None:

@@ -171,35 +171,48 @@ def score_report(
     sigma: float,
     policy: Policy,
     seeds: Sequence[int] | None = None,
+    cached: Sequence[bool] | None = None,
 ) -> dict[str, object]:
-    """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch."""
+    """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch; ``cached``
+    marks the rows served from the score cache (all ``False`` when omitted)."""
     reasons = decide(batch.percentile, policy, batch.descriptor_percentiles)
-    results: list[dict[str, object]] = []
-    accepted: list[int] = []
-    for row, (log_density, percentile) in enumerate(
-        zip(batch.log_density.tolist(), batch.percentile.tolist(), strict=True)
-    ):
-        result: dict[str, object] = {
+    # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined in);
+    # null for ivf/hnsw, whose retrieval error is measured, not bounded.
+    error_bound = 0.0 if scorer.manifest.search is None else None
+    count = len(batch.log_density)
+    results: list[dict[str, object]] = [
+        {
             "log_density": log_density,
             "percentile": percentile,
-            "accept": not reasons[row],
-            "reasons": reasons[row],
-            # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined
-            # in); null for ivf/hnsw, whose retrieval error is measured, not bounded.
-            "error_bound": 0.0 if scorer.manifest.search is None else None,
-            "cached": False,
+            "accept": not why,
+            "reasons": why,
+            "error_bound": error_bound,
+            "cached": hit,
         }
-        if seeds is not None:
-            result["seed"] = int(seeds[row])
-        if batch.descriptors:
+        for log_density, percentile, why, hit in zip(
+            batch.log_density.tolist(), batch.percentile.tolist(), reasons,
+            [False] * count if cached is None else cached, strict=True,
+        )
+    ]
+    if seeds is not None:
+        for result, seed in zip(results, seeds, strict=True):
+            result["seed"] = int(seed)
+    if batch.descriptors:
+        columns = {
+            name: values.astype(np.int64).tolist() if name == "delta" else values.tolist()
+            for name, values in batch.descriptors.items()
+        }
+        ranks = {name: values.tolist() for name, values in batch.descriptor_percentiles.items()}
+        for row, result in enumerate(results):
             described: dict[str, float] = {}
-            for name, values in batch.descriptors.items():
-                described[name] = int(values[row]) if name == "delta" else float(values[row])
-                described[f"{name}_percentile"] = float(batch.descriptor_percentiles[name][row])
+            for name in batch.descriptors:
+                described[name] = columns[name][row]
+                described[f"{name}_percentile"] = ranks[name][row]
             result["descriptors"] = described
-        if not reasons[row]:
-            accepted.append(int(seeds[row]) if seeds is not None else row)
-        results.append(result)
+    accepted = [
+        (int(seeds[row]) if seeds is not None else row) for row, why in enumerate(reasons)
+        if not why
+    ]
     return {
         "model": scorer.manifest.model,
         "index_version": scorer.manifest.version,

@@ -221,10 +221,8 @@ def finish_report(
     seeds: Sequence[int] | None,
 ) -> dict[str, Any]:
     """The CONTRACT §3 body; decisions are recomputed from the scores for this policy."""
-    report = score_report(scorer, batch, sigma, policy, seeds)
+    report = score_report(scorer, batch, sigma, policy, seeds, cached)
     results: list[dict[str, Any]] = report["results"]  # type: ignore[assignment]
-    for result, hit in zip(results, cached, strict=True):
-        result["cached"] = hit
     runtime.metrics.observe_results(
         scorer.manifest.model, batch.log_density, batch.percentile,
         [result["reasons"] for result in results],
