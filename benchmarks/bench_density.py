@@ -1,6 +1,6 @@
 """W1: exact density scoring at the paper's scale, against baselines run in the same process.
 
-    python benchmarks/bench_density.py [--quick] [--out docs/performance.md]
+    python benchmarks/bench_density.py [--quick]   # density section of docs/performance.md
 
 W1 = N 60,000 training latents, d 512, 2,000 queries, sigma 20, clustered synthetic data
 (100 centres ~ N(0, I), points = centre + 0.5 N(0, I)). Every time is the best of ``--repeats``
@@ -19,9 +19,11 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 from sklearn.neighbors import KernelDensity
@@ -52,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N 6,000 and 500 queries")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    parser.add_argument("--out", type=Path, default=PAGE, help="results page (a section of it)")
     args = parser.parse_args()
     n, dim, queries_n, sigma = (6_000, 512, 500, 20.0) if args.quick else (60_000, 512, 2_000, 20.0)
     sklearn_n, cdist_n = (20, 100) if args.quick else (20, 200)
@@ -102,11 +104,11 @@ def main() -> None:
     print(table)
     if not args.quick:
         header = (
-            "# Performance\n\nWritten by `python benchmarks/bench_density.py` (best of "
-            f"{args.repeats}, engine and baselines interleaved in one process).\n\n"
-            "## W1: exact density scoring\n\n"
+            "## Exact density scoring (W1)\n\nWritten by `python benchmarks/bench_density.py` "
+            f"on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC (best of {args.repeats}, engine and "
+            "baselines interleaved in one process).\n\n"
         )
-        args.out.write_text(header + table + "\n", encoding="utf-8")
+        write_section("density", header + table, args.out)
     assert sklearn_err < 1e-4 and ref_err < 1e-4, "engine disagrees with a reference"
 
 

@@ -1,6 +1,6 @@
 """Local geometry descriptors (psi, nu, delta) on CPU, against a naive baseline in the same process.
 
-    python benchmarks/bench_descriptors.py [--quick] [--out docs/performance-descriptors.md]
+    python benchmarks/bench_descriptors.py [--quick]  # a section of docs/performance.md
 
 Printed (and written as markdown):
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 
 from workers.demo_models.digits_vae import decoder
 from workers.descriptors import DescriptorEngine, jacobian_singular_values
@@ -116,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer latents, smaller VAE sizes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("docs/performance-descriptors.md"))
+    parser.add_argument("--out", type=Path, default=PAGE, help="results page (a section of it)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = parser.parse_args()
     if args.threads:
@@ -170,7 +171,7 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
     machine += f"torch threads: {threads}, cpu"
     lines = [
-        "# Performance: local geometry descriptors",
+        "## Local-geometry descriptors",
         "",
         f"Written by `python benchmarks/bench_descriptors.py{' --quick' if args.quick else ''}` "
         f"(best of {args.repeats} for the demo model; one run per AutoencoderKL point; "
@@ -179,13 +180,13 @@ def main() -> None:
         f"Machine: {machine}. No GPU was lent to this run: the GPU numbers are to be measured, "
         "not extrapolated from these.",
         "",
-        "## Demo model and the naive baseline (same process)",
+        "### Demo model and the naive baseline (same process)",
         "",
         "| measure | value |",
         "| --- | --- |",
         *[f"| {name} | {value} |" for name, value in rows],
         "",
-        "## Stable-Diffusion-shaped AutoencoderKL decoder (random weights), m = 120, 1 latent",
+        "### Stable-Diffusion-shaped AutoencoderKL decoder (random weights), m = 120, 1 latent",
         "",
         *vae_table,
         "",
@@ -200,8 +201,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_section("descriptors", text, args.out)
 
 
 if __name__ == "__main__":
