@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -142,7 +143,9 @@ class ArrayHistogram(Collector):
             family.samples.append(Sample(f"{self.name}_count", labels, float(cumulative[-1])))
             if self.bounds[0] >= 0:
                 family.samples.append(Sample(f"{self.name}_sum", labels, total))
-            family.samples.append(Sample(f"{self.name}_created", labels, created))
+            # Histogram's switch (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics()).
+            if getattr(prometheus_metrics, "_use_created", True):
+                family.samples.append(Sample(f"{self.name}_created", labels, created))
         yield family
 
 

@@ -284,7 +284,7 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(moves).max()) if moves.size else 0
 
 
-_NON_FINITE = re.compile(rb"NaN|Infinity")
+_NON_FINITE = re.compile(r"NaN|Infinity")
 
 
 def opening_brackets(raw: bytes) -> int:
@@ -309,10 +309,11 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        constant = _NON_FINITE.match(raw, exc.pos)
+        # orjson counts characters, not bytes: match in the decoded text (error path only).
+        constant = _NON_FINITE.match(raw.decode("utf-8", "replace"), exc.pos)
         if constant:
             raise ServiceError(
-                422, f"{constant.group().decode()} (character {exc.pos}) is not a JSON number; "
+                422, f"{constant.group()} (character {exc.pos}) is not a JSON number; "
                 "send finite numbers only",
             ) from exc
         raise ServiceError(422, f"malformed JSON body: {exc}") from exc

@@ -81,3 +81,14 @@ def test_labels_are_checked() -> None:
         array.observe_many(("only-one",), [1.0])
     with pytest.raises(ValueError, match="string labels"):
         array.observe_many(("m", 3), [1.0])  # type: ignore[arg-type]
+
+
+def test_created_series_follow_the_client_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prometheus_client.metrics
+
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
+    reference_registry, reference, array_registry, array = both(BOUNDS)
+    reference.labels(model="m", name="psi").observe(1.0)
+    array.observe_many(("m", "psi"), [1.0])
+    assert b"_created" not in generate_latest(array_registry)
+    assert generate_latest(array_registry) == generate_latest(reference_registry)

@@ -28,6 +28,9 @@ def test_only_the_two_brackets_map_to_the_probe() -> None:
         (b'{"a": NaN}', "NaN (character 6)"),
         (b'{"a": -Infinity}', "Infinity (character 7)"),
         (b'{"a": 1e400}', "malformed JSON"),
+        # orjson reports characters; multi-byte text before the error must not shift the probe.
+        ('{"m": "üüüü", "a": [NaN]}'.encode(), "NaN (character 20)"),
+        ('{"m": "éééé", "note": "NaN",}'.encode(), "malformed JSON"),
         (b'{"a": 1}{', "malformed JSON"),
         (b'\xff{"a": 1}', "malformed JSON"),
         ('{"a": 1}'.encode("utf-16"), "malformed JSON"),
