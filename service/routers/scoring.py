@@ -156,6 +156,7 @@ async def score_latents(
         manifest.model, manifest.version, sigma, descriptors, latents, generator,
     )
     hits = await runtime.cache.get_many(keys)
+    rows = [row for row, hit in enumerate(hits) if hit is not None]
     found = [hit for hit in hits if hit is not None]
     misses = [row for row, hit in enumerate(hits) if hit is None]
     log_density = np.empty(len(keys), dtype=np.float64)
@@ -163,7 +164,6 @@ async def score_latents(
     values = {name: np.empty(len(keys)) for name in descriptors}
     ranks = {name: np.empty(len(keys)) for name in descriptors}
     if found:
-        rows = [row for row, hit in enumerate(hits) if hit is not None] if misses else slice(None)
         log_density[rows] = [hit["log_density"] for hit in found]
         percentile[rows] = [hit["percentile"] for hit in found]
         for name in descriptors:
