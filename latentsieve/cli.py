@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "host", default="127.0.0.1")
     _add(serve, "port", type=int, default=8000)
     _add(serve, "redis", default=None)
+    _add(serve, "workers", type=int, default=None,
+         help="processes sharing the port (default 1; see docs/service.md, 'Workers')")
 
     worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
     _add(worker, "store", required=True)
@@ -268,7 +270,10 @@ def _write_report(
 def _serve(args: argparse.Namespace) -> int:
     from service.main import run_server
 
-    run_server(store=args.store, host=args.host, port=int(args.port), redis_url=args.redis)
+    run_server(
+        store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
+        workers=None if args.workers is None else int(args.workers), log_level=args.log_level,
+    )
     return 0
 
 

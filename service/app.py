@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -18,13 +19,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from prometheus_client.multiprocess import mark_process_dead
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.store import LatentStore
 from service.auth import ApiKeyMiddleware
 from service.direct_routes import install_direct_routes
 from service.errors import ServiceError, install_error_handlers
-from service.metrics import ServiceMetrics, log_density_buckets
+from service.metrics import (
+    FLUSH_INTERVAL_S,
+    ServiceMetrics,
+    log_density_buckets,
+    multiprocess_dir,
+)
 from service.registry import ModelRegistry
 from service.schemas import ScoreRequest, SelectRequest, parse_json
 from service.settings import Settings
@@ -74,12 +82,17 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:  # the ASGI messages themselves: Request.stream() adds a generator per request
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise ServiceError(413, f"the body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def read_json(request: Request, settings: Settings) -> Any:
@@ -116,9 +129,7 @@ class RequestMetricsMiddleware:
             if isinstance(runtime, Runtime):
                 # Unknown paths share one label so scanners cannot blow up the series count.
                 route = scope["path"] if scope["path"] in ROUTES else "other"
-                runtime.metrics.request_duration.labels(route=route, status=str(status)).observe(
-                    time.perf_counter() - started
-                )
+                runtime.metrics.observe_request(route, status, time.perf_counter() - started)
 
 
 def json_body(model: type[Any]) -> dict[str, Any]:
@@ -151,6 +162,13 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _flush_metrics(metrics: ServiceMetrics) -> None:
+    """Multiprocess mode: write this worker's score histograms for the others' scrapes."""
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        metrics.flush()
+
+
 def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI:
     """The gateway for ``settings``; ``reload_on_sighup`` when it owns the process."""
     # Imported here: the routers import ``RuntimeDep`` from this module.
@@ -168,7 +186,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
                     (s.manifest.calibration.log_density_min, s.manifest.calibration.log_density_max)
                     for s in loaded.values()
                 ]
-            )
+            ),
+            multiprocess_dir=multiprocess_dir(),
         )
         batcher: DynamicBatcher[ScoreKey] = DynamicBatcher(
             scoring.score_rows,
@@ -176,6 +195,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
             max_wait_ms=settings.max_wait_ms,
             queue_limit=settings.queue_limit,
             on_batch=lambda key, size: metrics.batch_size.labels(model=key.model).observe(size),
+            on_queue_change=metrics.queue_changed,
         )
         metrics.watch_queue_depth(
             lambda: scoring.queue_depth_by_model(batcher, registry.snapshot())
@@ -186,11 +206,14 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
                 for name, s in registry.snapshot().items()
             }
         )
-        cache = make_cache(settings)
-        metrics.watch_cache_errors(lambda: cache.errors)
+        cache = make_cache(settings, on_error=metrics.cache_errors.inc)
         app.state.runtime = Runtime(settings, registry, batcher, cache, metrics)
         batcher.start()
         watcher = asyncio.create_task(registry.watch(settings.reload_interval_s), name="reload")
+        flusher = (
+            asyncio.create_task(_flush_metrics(metrics), name="metrics-flush")
+            if metrics.multiprocess_dir is not None else None
+        )
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
             loop.add_signal_handler(signal.SIGHUP, registry.request_reload)
@@ -209,6 +232,13 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
                 await watcher
             await batcher.stop()
             await cache.close()
+            if flusher is not None:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
+            if metrics.multiprocess_dir is not None:  # this worker's queue depth leaves the sum
+                metrics.flush()
+                mark_process_dead(os.getpid(), metrics.multiprocess_dir)
             app.state.runtime = None
 
     app = FastAPI(

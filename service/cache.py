@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NotRequired, Protocol, TypedDict
 
 import numpy as np
@@ -267,9 +267,7 @@ class MemoryCache:
 
 def _copy(score: CachedScore) -> CachedScore:
     """A private copy, so a caller mutating its result cannot change the cache."""
-    copied = CachedScore(
-        log_density=float(score["log_density"]), percentile=float(score["percentile"])
-    )
+    copied = score.copy()  # a dict of floats: the shallow copy is enough but for descriptors
     if "descriptors" in score:
         copied["descriptors"] = dict(score["descriptors"])
     return copied
@@ -310,10 +308,12 @@ class RedisCache:
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S,
         warn_interval_s: float = DEFAULT_WARN_INTERVAL_S,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         if ttl_s is not None and not ttl_s > 0:
             raise ValueError(f"cache ttl must be > 0 seconds or None, got {ttl_s}")
         self.url = url
+        self.on_error = on_error
         self.ttl_ms = max(1, round(ttl_s * 1000)) if ttl_s is not None else None
         self.socket_timeout_s = socket_timeout_s
         self.retry_interval_s = retry_interval_s
@@ -336,6 +336,8 @@ class RedisCache:
 
     def _failed(self, operation: str, exc: BaseException | None) -> None:
         self.errors += 1
+        if self.on_error is not None:
+            self.on_error()
         if exc is not None:
             self._down_until = time.monotonic() + self.retry_interval_s
             self._warn.warning(
@@ -407,13 +409,16 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
 
 
-def make_cache(settings: CacheSettings) -> ScoreCache:
+def make_cache(
+    settings: CacheSettings, on_error: Callable[[], None] | None = None
+) -> ScoreCache:
     """A ``RedisCache`` when ``settings.redis_url`` is set, else a ``MemoryCache``.
 
     ``settings.cache_bytes`` sizes the in-process cache (bytes); ``settings.cache_ttl_s``
-    (seconds, ``<= 0`` = no expiry) applies to both.
+    (seconds, ``<= 0`` = no expiry) applies to both. ``on_error`` is called once per failed
+    Redis call (the in-process cache cannot fail).
     """
     ttl_s = settings.cache_ttl_s if settings.cache_ttl_s > 0 else None
     if settings.redis_url:
-        return RedisCache(settings.redis_url, ttl_s=ttl_s)
+        return RedisCache(settings.redis_url, ttl_s=ttl_s, on_error=on_error)
     return MemoryCache(settings.cache_bytes, ttl_s=ttl_s)

@@ -8,17 +8,28 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
+from service.multiworker import serve_workers
 from service.settings import Settings
 
 
 def run_server(
-    store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None
+    store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None,
+    workers: int | None = None, log_level: str = "warning",
 ) -> None:
-    """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now."""
+    """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now.
+
+    ``workers`` (default ``LATENTSIEVE_WORKERS``, else 1) processes share the port; see
+    ``service.multiworker`` for what they share and what each keeps to itself.
+    """
     overrides: dict[str, Any] = {"store": Path(store), "host": host, "port": port}
     if redis_url:
         overrides["redis_url"] = redis_url
+    if workers is not None:
+        overrides["workers"] = workers
     settings = Settings(**overrides)
+    if settings.workers > 1:
+        serve_workers(settings, log_level)
+        return
     app = create_app(settings, reload_on_sighup=True)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False,

@@ -1,22 +1,30 @@
-"""Prometheus metrics of the gateway (CONTRACT §6), on a registry owned by one app."""
+"""Prometheus metrics of the gateway (CONTRACT §6), on a registry owned by one app.
+
+With several worker processes (``latentsieve serve --workers N``) every process writes its
+counts to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+multiprocess mode) and ``/metrics``, whichever worker answers it, sums them all.
+"""
 
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import metrics as prometheus_metrics
+from prometheus_client import values as prometheus_values
 from prometheus_client.core import (
-    CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -67,18 +75,6 @@ class _GaugeCallback(Collector):
         yield family
 
 
-class _CounterCallback(Collector):
-    """An unlabelled counter read from the app's state at scrape time."""
-
-    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.read = read
-
-    def collect(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
-
-
 class ArrayHistogram(Collector):
     """A labelled Prometheus histogram fed a whole array per call.
 
@@ -91,7 +87,7 @@ class ArrayHistogram(Collector):
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
-        buckets: Sequence[float], registry: CollectorRegistry,
+        buckets: Sequence[float], registry: CollectorRegistry, multiprocess: bool = False,
     ) -> None:
         self.name = name
         self.documentation = documentation
@@ -101,6 +97,10 @@ class ArrayHistogram(Collector):
         self._counts: dict[tuple[str, ...], np.ndarray] = {}
         self._sums: dict[tuple[str, ...], float] = {}
         self._created: dict[tuple[str, ...], float] = {}
+        # Multiprocess mode: ``flush`` copies the counts into one file-backed value per bucket
+        # and one for the sum (None when a bound is negative), as Histogram lays them out.
+        self.multiprocess = multiprocess
+        self._shared: dict[tuple[str, ...], tuple[list[Any], Any]] = {}
         self._lock = threading.Lock()
         registry.register(self)
 
@@ -122,6 +122,40 @@ class ArrayHistogram(Collector):
             else:
                 counts += slots
                 self._sums[key] += total
+
+    def flush(self) -> None:
+        """Multiprocess mode: write this process's counts (per bucket, not cumulative) and sums
+        to its mmap file, where ``MultiProcessCollector`` adds them to the other processes'.
+        Observing stays an in-memory ``bincount``: a file write per bucket per request (about
+        2 us each) would cost more than the rest of a cached request's metrics."""
+        if not self.multiprocess:
+            return
+        with self._lock:
+            series = [(key, counts.copy(), self._sums[key]) for key, counts in self._counts.items()]
+        for key, counts, total in series:
+            shared = self._shared.get(key)
+            if shared is None:
+                shared = self._shared[key] = self._shared_series(key)
+            buckets, total_value = shared
+            for value, count in zip(buckets, counts.tolist(), strict=True):
+                value.set(float(count))
+            if total_value is not None:
+                total_value.set(total)
+
+    def _shared_series(self, key: tuple[str, ...]) -> tuple[list[Any], Any]:
+        value_class = prometheus_values.ValueClass  # chosen by prometheus_client at import
+        bucket_labels = [*self.labelnames, "le"]
+        buckets = [
+            value_class("histogram", self.name, f"{self.name}_bucket", bucket_labels,
+                        [*key, le], self.documentation)
+            for le in self._les
+        ]
+        total = (
+            value_class("histogram", self.name, f"{self.name}_sum", self.labelnames, list(key),
+                        self.documentation)
+            if self.bounds[0] >= 0 else None
+        )
+        return buckets, total
 
     def describe(self) -> Iterable[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -149,18 +183,51 @@ class ArrayHistogram(Collector):
         yield family
 
 
-class ServiceMetrics:
-    """Every metric the gateway exports; ``render`` gives the text format."""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How stale another worker's score histograms may be in a scrape (multiprocess mode).
+FLUSH_INTERVAL_S = 1.0
 
-    def __init__(self, log_density_bounds: Sequence[float]) -> None:
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess folder when this process runs in prometheus_client's multiprocess mode
+    (``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` was imported), else None."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if not folder:
+        return None
+    if not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+        raise RuntimeError(
+            f"{MULTIPROC_ENV} was set after prometheus_client was imported, so this process "
+            "keeps its metrics to itself; set it before the process starts"
+        )
+    return folder
+
+
+class ServiceMetrics:
+    """Every metric the gateway exports; ``render`` gives the text format.
+
+    ``multiprocess_dir`` (see ``multiprocess_dir()``) switches to prometheus_client's
+    multiprocess mode: counters and histograms live in that folder's mmap files (the score
+    histograms are counted in memory and written by ``flush``, so a scrape sees another worker's
+    scores up to ``FLUSH_INTERVAL_S`` late), the queue depth is written whenever it changes
+    (``queue_changed``, summed over live workers), and ``render`` merges every process's files.
+    ``latentsieve_index_latents`` stays a scrape-time reading of the answering process: every
+    worker serves the same store.
+    """
+
+    def __init__(
+        self, log_density_bounds: Sequence[float], multiprocess_dir: str | None = None
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        shared = multiprocess_dir is not None
         self.registry = CollectorRegistry(auto_describe=True)
+        self._scrape_time: list[Collector] = []  # rendered in both modes
         self.log_density = ArrayHistogram(
             "latentsieve_score_log_density", "Log densities returned (nats).", ["model"],
-            buckets=log_density_bounds, registry=self.registry,
+            buckets=log_density_bounds, registry=self.registry, multiprocess=shared,
         )
         self.percentile = ArrayHistogram(
             "latentsieve_score_percentile", "Calibration percentiles returned.", ["model"],
-            buckets=PERCENTILE_BUCKETS, registry=self.registry,
+            buckets=PERCENTILE_BUCKETS, registry=self.registry, multiprocess=shared,
         )
         self.decisions = Counter(
             "latentsieve_decisions", "Accept/reject verdicts; reason is empty for accepts.",
@@ -176,7 +243,7 @@ class ServiceMetrics:
         )
         self.descriptor = ArrayHistogram(
             "latentsieve_descriptor", "Local-geometry descriptors returned.", ["model", "name"],
-            buckets=DESCRIPTOR_BUCKETS, registry=self.registry,
+            buckets=DESCRIPTOR_BUCKETS, registry=self.registry, multiprocess=shared,
         )
         self.cache_requests = Counter(
             "latentsieve_cache_requests", "Score cache lookups per latent.", ["result"],
@@ -184,32 +251,55 @@ class ServiceMetrics:
         )
         self.cache_hits = self.cache_requests.labels(result="hit")
         self.cache_misses = self.cache_requests.labels(result="miss")
-
-    def watch_queue_depth(self, read: Callable[[], Mapping[str, int]]) -> None:
-        """``latentsieve_queue_depth{model}``: rows waiting in the batcher, read at scrape."""
-        self.registry.register(
-            _GaugeCallback(
-                "latentsieve_queue_depth", "Latents waiting to be scored.", ["model"],
-                lambda: {(model,): float(depth) for model, depth in read().items()},
-            )
+        self.cache_errors = Counter(
+            "latentsieve_cache_errors",
+            "Cache calls that failed (Redis down); answered by computing.",
+            registry=self.registry,
+        )
+        # Label children by their label values: ``labels()`` costs about 2 us a call.
+        self._request_series: dict[tuple[str, int], Any] = {}
+        self._decision_series: dict[tuple[str, str], Any] = {}
+        self._queue_depth_read: Callable[[], Mapping[str, int]] | None = None
+        self._queue_depth = (
+            Gauge("latentsieve_queue_depth", "Latents waiting to be scored.", ["model"],
+                  registry=None, multiprocess_mode="livesum")
+            if shared else None
         )
 
-    def watch_cache_errors(self, read: Callable[[], int]) -> None:
-        """``latentsieve_cache_errors_total``: cache calls that could not reach the backend."""
-        self.registry.register(_CounterCallback(
-            "latentsieve_cache_errors", "Cache calls that failed (Redis down); answered by "
-            "computing.", read,
-        ))
+    def watch_queue_depth(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """``latentsieve_queue_depth{model}``: rows waiting in the batcher. Read at scrape in
+        one process; with several, each writes its own on ``queue_changed`` and they add up."""
+        self._queue_depth_read = read
+        if self._queue_depth is None:
+            self._add_scrape_time(
+                _GaugeCallback(
+                    "latentsieve_queue_depth", "Latents waiting to be scored.", ["model"],
+                    lambda: {(model,): float(depth) for model, depth in read().items()},
+                )
+            )
+        else:
+            self.queue_changed()
+
+    def queue_changed(self) -> None:
+        """Publish this process's queue depth (multiprocess mode only; a no-op otherwise)."""
+        if self._queue_depth is None or self._queue_depth_read is None:
+            return
+        for model, depth in self._queue_depth_read().items():
+            self._queue_depth.labels(model=model).set(depth)
 
     def watch_index_latents(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """``latentsieve_index_latents{model, version}``: N of each served version."""
-        self.registry.register(
+        self._add_scrape_time(
             _GaugeCallback(
                 "latentsieve_index_latents", "Training latents in each served index.",
                 ["model", "version"],
                 lambda: {key: float(n) for key, n in read().items()},
             )
         )
+
+    def _add_scrape_time(self, collector: Collector) -> None:
+        self._scrape_time.append(collector)
+        self.registry.register(collector)
 
     def observe_results(
         self, model: str, log_density: ArrayLike, percentile: ArrayLike,
@@ -222,14 +312,42 @@ class ServiceMetrics:
         # so sum by (decision) equals the number of latents decided.
         verdicts = collections.Counter(",".join(why) for why in reasons)
         for reason, count in verdicts.items():
-            decision = "reject" if reason else "accept"
-            self.decisions.labels(model=model, decision=decision, reason=reason).inc(count)
+            series = self._decision_series.get((model, reason))
+            if series is None:
+                decision = "reject" if reason else "accept"
+                series = self.decisions.labels(model=model, decision=decision, reason=reason)
+                self._decision_series[(model, reason)] = series
+            series.inc(count)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """``latentsieve_request_duration_seconds{route, status}`` of one answered request."""
+        series = self._request_series.get((route, status))
+        if series is None:
+            series = self.request_duration.labels(route=route, status=str(status))
+            self._request_series[(route, status)] = series
+        series.observe(seconds)
 
     def observe_descriptors(self, model: str, values: Mapping[str, ArrayLike]) -> None:
         """``latentsieve_descriptor{model, name}`` for each returned descriptor value."""
         for name, series in values.items():
             self.descriptor.observe_many((model, name), series)
 
+    def flush(self) -> None:
+        """Multiprocess mode: write the in-memory score histograms to this process's mmap file
+        (the lifespan calls this every ``FLUSH_INTERVAL_S``, on shutdown and before a scrape
+        renders; other metrics are written as they change)."""
+        for histogram in (self.log_density, self.percentile, self.descriptor):
+            histogram.flush()
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition: this registry, or in multiprocess mode the merged
+        files of every process plus the scrape-time readings."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.flush()
+        self.queue_changed()  # a model loaded since the last change shows its 0 too
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        for collector in self._scrape_time:
+            merged.register(collector)
+        return generate_latest(merged)

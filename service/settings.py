@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(default=64 * MIB, ge=0)
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -40,3 +41,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    def environment(self) -> dict[str, str]:
+        """``LATENTSIEVE_*`` variables from which ``Settings()`` rebuilds these settings (unset
+        optional fields are absent: the caller removes them from the environment it passes)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            text = ",".join(value) if isinstance(value, list) else str(value)
+            env[f"LATENTSIEVE_{name.upper()}"] = text
+        return env

@@ -53,6 +53,7 @@ class DynamicBatcher(Generic[K]):
         max_wait_ms: float,
         queue_limit: int,
         on_batch: Callable[[K, int], None] | None = None,
+        on_queue_change: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size, queue_limit must be >= 1 and max_wait_ms >= 0")
@@ -61,6 +62,7 @@ class DynamicBatcher(Generic[K]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue_limit = queue_limit
         self.on_batch = on_batch
+        self.on_queue_change = on_queue_change
         self._pending: dict[K, deque[_Item]] = {}
         self._queued_rows: dict[K, int] = {}
         self._queued = 0
@@ -95,6 +97,7 @@ class DynamicBatcher(Generic[K]):
         self._pending.clear()
         self._queued_rows.clear()
         self._queued = 0
+        self._queue_changed()
 
     async def submit(self, key: K, rows: np.ndarray, deadline: float) -> np.ndarray:
         """Queue ``rows`` (n, d) and wait for compute's (n, ...) rows for them.
@@ -116,6 +119,7 @@ class DynamicBatcher(Generic[K]):
         self._pending.setdefault(key, deque()).append(item)
         self._queued_rows[key] = self._queued_rows.get(key, 0) + count
         self._queued += count
+        self._queue_changed()
         self._wake.set()
         async with asyncio.timeout_at(deadline):
             return await asyncio.shield(item.future)
@@ -138,8 +142,13 @@ class DynamicBatcher(Generic[K]):
                     async with asyncio.timeout(remaining):
                         await self._wake.wait()
             batch = self._take(key, loop.time())
+            self._queue_changed()
             if batch:
                 await self._compute(key, batch)
+
+    def _queue_changed(self) -> None:
+        if self.on_queue_change is not None:
+            self.on_queue_change()
 
     def _take(self, key: K, now: float) -> list[_Item]:
         """Pop up to ``max_batch_size`` rows of live items for ``key``; drop expired ones."""

@@ -42,15 +42,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(store: Path, reload_interval_s: float, log: Path) -> Iterator[Server]:
-    """``latentsieve serve --store STORE`` on a free port, ready, until the block ends."""
+def running_server(
+    store: Path, reload_interval_s: float, log: Path, workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``latentsieve serve --store STORE [--workers N]`` on a free port, ready, until the block
+    ends; ``env`` adds to the environment (without this one's LATENTSIEVE_* variables)."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
-    env["LATENTSIEVE_RELOAD_INTERVAL_S"] = str(reload_interval_s)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
+    environment["LATENTSIEVE_RELOAD_INTERVAL_S"] = str(reload_interval_s)
+    environment.update(env or {})
+    command = [*latentsieve_command(), "serve", "--store", str(store), "--port", str(port)]
+    if workers != 1:
+        command += ["--workers", str(workers)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [*latentsieve_command(), "serve", "--store", str(store), "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env,
+            command, stdout=sink, stderr=subprocess.STDOUT, env=environment,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -106,15 +106,20 @@ def test_sighup_triggers_a_reload_check(server: Server, tmp_path: Path) -> None:
         check_sighup(slow, tmp_path)
 
 
-def check_sighup(server: Server, tmp_path: Path) -> None:
-    before = httpx.get(f"{server.url}/models").json()["models"][0]["index_version"]
+def build_small_version(store: Path, tmp_path: Path) -> str:
+    """A new digits-vae version of 500 latents in ``store``; returns its name."""
     source = tmp_path / "again.npy"
     np.save(source, training_latents()[:500])
     options = BuildOptions(
         model=MODEL, latents_file=source, sigma="auto",
         sampler="torch-cpu:float32:8", calibration_count=500, progress=False,
     )
-    new = build_version(LatentStore(server.store), options, calibrate_build).name
+    return build_version(LatentStore(store), options, calibrate_build).name
+
+
+def check_sighup(server: Server, tmp_path: Path) -> None:
+    before = httpx.get(f"{server.url}/models").json()["models"][0]["index_version"]
+    new = build_small_version(server.store, tmp_path)
     deadline = time.monotonic() + 10
     current = before
     time.sleep(0.5)

@@ -1,0 +1,169 @@
+"""``latentsieve serve --workers 2``: two real worker processes on one loopback port, one
+``/metrics`` summing both, SIGHUP reaching both, nothing left behind on exit."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import Server, running_server
+from test_uvicorn import build_small_version
+
+from index.store import LatentStore
+from latentsieve.demo import ensure_demo_index
+from workers.demo_models.digits_vae import training_latents
+
+MODEL = "digits-vae"
+CLIENTS, REQUESTS_EACH, SEEDS_EACH = 8, 12, 3
+
+
+@pytest.fixture(scope="module")
+def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("metrics")
+    (folder / "counter_1.db").write_bytes(b"stale")  # from an earlier run: must be removed
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, metrics_dir: Path) -> Iterator[Server]:
+    """Two workers on a private demo store that poll only every 10 minutes."""
+    store = tmp_path_factory.mktemp("serve") / "store"
+    ensure_demo_index(store)
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with running_server(
+        store, 600.0, log, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    ) as server:
+        yield server
+
+
+def worker_pids(server: Server) -> set[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(server.process.pid), "-f", "multiprocessing.spawn"],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = rf"^{re.escape(name)}(\{{{labels}\}})? (\S+)$" if labels else rf"^{name} (\S+)$"
+    total = 0.0
+    for match in re.finditer(pattern, text, flags=re.MULTILINE):
+        total += float(match.groups()[-1])
+    return total
+
+
+def test_two_workers_serve_and_metrics_count_every_request(
+    server: Server, metrics_dir: Path
+) -> None:
+    pids = worker_pids(server)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 60  # /readyz answered once the first worker was ready
+    while True:
+        files = {path.name for path in metrics_dir.glob("*.db")}
+        writers = {int(name.rsplit("_", 1)[1][:-3]) for name in files
+                   if name.startswith("counter_")}
+        if writers == pids or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "counter_1.db" not in files
+    assert writers == pids
+
+    failures: list[str] = []
+
+    def client(offset: int) -> None:
+        # A connection per request, so the kernel hands requests to both workers.
+        for index in range(REQUESTS_EACH):
+            first = 1_000 * offset + SEEDS_EACH * index
+            seeds = list(range(first, first + SEEDS_EACH))
+            try:
+                response = httpx.post(
+                    f"{server.url}/score", json={"model": MODEL, "seeds": seeds}, timeout=30
+                )
+                assert response.status_code == 200, response.text
+                assert [r["seed"] for r in response.json()["results"]] == seeds
+            except (AssertionError, httpx.HTTPError) as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures, failures[:3]
+
+    requests, latents = CLIENTS * REQUESTS_EACH, CLIENTS * REQUESTS_EACH * SEEDS_EACH
+    deadline = time.monotonic() + 10  # score histograms are flushed every second
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        counted = {
+            "requests": metric(text, "latentsieve_request_duration_seconds_count",
+                               r'route="/score",status="200"'),
+            "decisions": metric(text, "latentsieve_decisions_total", ".*"),
+            "cache": metric(text, "latentsieve_cache_requests_total", ".*"),
+            "scores": metric(text, "latentsieve_score_log_density_count", ".*"),
+            "percentiles": metric(text, "latentsieve_score_percentile_count", ".*"),
+        }
+        expected = {"requests": requests, "decisions": latents, "cache": latents,
+                    "scores": latents, "percentiles": latents}
+        if counted == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counted == expected
+    assert metric(text, "latentsieve_queue_depth", f'model="{MODEL}"') == 0
+    assert metric(text, "latentsieve_index_latents", ".*") == len(training_latents())
+
+
+def versions_seen(server: Server, count: int) -> set[str]:
+    """The digits-vae versions of ``count`` concurrent ``GET /models``, each on its own
+    connection, so that both workers answer some of them."""
+    seen: list[str] = []
+
+    def ask() -> None:
+        models = httpx.get(f"{server.url}/models", timeout=10).json()["models"]
+        seen.append({m["name"]: m for m in models}[MODEL]["index_version"])
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return set(seen)
+
+
+def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
+    before = LatentStore(server.store).newest(MODEL)
+    new = build_small_version(server.store, tmp_path)
+    assert new != before
+    server.process.send_signal(signal.SIGHUP)
+    pids = worker_pids(server)
+    deadline = time.monotonic() + 20
+    while True:
+        seen = versions_seen(server, 16)
+        if seen == {new} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert seen == {new}
+    assert worker_pids(server) == pids  # reloaded in place, not restarted
+
+
+def test_stopping_leaves_no_process_or_temporary_folder(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    ensure_demo_index(store)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with running_server(store, 600.0, tmp_path / "serve.log", workers=2,
+                        env={"TMPDIR": str(scratch)}) as server:
+        pids = worker_pids(server)
+        assert len(pids) == 2
+        assert [path.name[:20] for path in scratch.iterdir()] == ["latentsieve-metrics-"]
+    assert server.process.returncode == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    assert list(scratch.iterdir()) == []
