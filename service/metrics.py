@@ -109,7 +109,9 @@ class ArrayHistogram(Collector):
         order)."""
         array = np.asarray(values, dtype=np.float64).ravel()
         key = tuple(labels)
-        if len(key) != len(self.labelnames) or not all(isinstance(label, str) for label in key):
+        if key not in self._counts and (
+            len(key) != len(self.labelnames) or not all(isinstance(label, str) for label in key)
+        ):
             raise ValueError(f"{self.name} takes string labels {self.labelnames}, got {key}")
         slots = np.bincount(self.bounds.searchsorted(array), minlength=len(self._les))
         total = float(array.sum())

@@ -21,11 +21,13 @@ def decide(
     Reasons: ``percentile_below_min``, and ``{name}_percentile_below_min`` /
     ``{name}_percentile_above_max`` for each descriptor bound of the policy.
     """
+    below_min = percentiles < policy.min_percentile
+    bounded = policy.descriptor_bounds()
+    if not bounded:  # the common case, one rule: one pass
+        return [[PERCENTILE_BELOW_MIN] if failed else [] for failed in below_min.tolist()]
     reasons: list[list[str]] = [[] for _ in range(percentiles.shape[0])]
-    rules: list[tuple[str, np.ndarray]] = [
-        (PERCENTILE_BELOW_MIN, percentiles < policy.min_percentile)
-    ]
-    for name, bounds in policy.descriptor_bounds().items():
+    rules: list[tuple[str, np.ndarray]] = [(PERCENTILE_BELOW_MIN, below_min)]
+    for name, bounds in bounded.items():
         if descriptor_percentiles is None or name not in descriptor_percentiles:
             raise ValueError(f"the policy bounds {name!r} but it was not computed")
         values = descriptor_percentiles[name]

@@ -53,7 +53,10 @@ def descriptor_names(scorer: ModelScorer, asked: Sequence[str] | None, policy: P
 ]:
     """The descriptors to compute: those asked for and those the policy bounds; 422 when the
     model has no generator to compute them with."""
-    names = tuple(sorted(set(asked or ()) | set(policy.descriptor_bounds())))
+    bounded = policy.descriptor_bounds()
+    if not asked and not bounded:
+        return NO_DESCRIPTORS  # the common case: density only
+    names = tuple(sorted(set(asked or ()) | set(bounded)))
     if names and not scorer.has_descriptors:
         raise ServiceError(
             422,
@@ -156,21 +159,24 @@ async def score_latents(
         manifest.model, manifest.version, sigma, descriptors, latents, generator,
     )
     hits = await runtime.cache.get_many(keys)
-    rows = [row for row, hit in enumerate(hits) if hit is not None]
-    found = [hit for hit in hits if hit is not None]
     misses = [row for row, hit in enumerate(hits) if hit is None]
-    log_density = np.empty(len(keys), dtype=np.float64)
-    percentile = np.empty(len(keys), dtype=np.float64)
-    values = {name: np.empty(len(keys)) for name in descriptors}
-    ranks = {name: np.empty(len(keys)) for name in descriptors}
-    if found:
-        log_density[rows] = [hit["log_density"] for hit in found]
-        percentile[rows] = [hit["percentile"] for hit in found]
-        for name in descriptors:
-            values[name][rows] = [hit["descriptors"][name] for hit in found]
-            ranks[name][rows] = [hit["descriptors"][f"{name}_percentile"] for hit in found]
-    runtime.metrics.cache_hits.inc(len(found))
-    runtime.metrics.cache_misses.inc(len(misses))
+    # Misses read as NaN here and are overwritten below: one pass over the hits per column.
+    log_density = np.array([np.nan if h is None else h["log_density"] for h in hits])
+    percentile = np.array([np.nan if h is None else h["percentile"] for h in hits])
+    values = {
+        name: np.array([np.nan if h is None else h["descriptors"][name] for h in hits])
+        for name in descriptors
+    }
+    ranks = {
+        name: np.array(
+            [np.nan if h is None else h["descriptors"][f"{name}_percentile"] for h in hits]
+        )
+        for name in descriptors
+    }
+    if len(misses) < len(hits):
+        runtime.metrics.cache_hits.inc(len(hits) - len(misses))
+    if misses:
+        runtime.metrics.cache_misses.inc(len(misses))
     if len(misses) > runtime.settings.queue_limit:
         # Could never fit, however long the client waits: not a 429.
         raise ServiceError(
