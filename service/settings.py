@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
+    opentelemetry: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

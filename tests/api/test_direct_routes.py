@@ -30,6 +30,15 @@ def test_the_marked_endpoints_are_the_scoring_routes() -> None:
     }
 
 
+def test_fastapi_telemetry_is_opt_in(tmp_path: Any) -> None:
+    """FastAPI's per-request OpenTelemetry provider check is off unless asked for."""
+    quiet = create_app(Settings(store=tmp_path))
+    assert quiet._native_telemetry.enabled() is False
+    assert not any(quiet._telemetry[signal] for signal in ("tracing", "metrics", "logs"))
+    asked = create_app(Settings(store=tmp_path, opentelemetry=True))
+    assert all(asked._telemetry[signal] for signal in ("tracing", "metrics", "logs"))
+
+
 async def test_fastapi_still_declares_them(app_client: httpx.AsyncClient) -> None:
     spec = (await app_client.get("/openapi.json")).json()
     assert "post" in spec["paths"]["/score"] and "post" in spec["paths"]["/select"]
