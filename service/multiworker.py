@@ -1,11 +1,15 @@
-"""``latentsieve serve --workers N``: one gateway served by N processes on one socket.
+"""``latentsieve serve --workers N``: one gateway served by N processes on one port.
 
 A single Python process answers on one core; a cached ``POST /score`` is pure interpreter time,
-so past one core's worth of requests the latency is queueing. N workers share the listening
-socket (uvicorn's supervisor, ``spawn`` start method) and each runs the whole app: its own
-registry, batcher, compute thread and in-process cache. What must be one across them is made
-one here:
+so past one core's worth of requests the latency is queueing. N worker processes (uvicorn's
+supervisor, ``spawn`` start method) each run the whole app: its own registry, batcher, compute
+thread and in-process cache. What must be one across them is made one here:
 
+- **Connections, round robin.** The supervisor accepts every connection and hands it to the
+  next worker over a Unix socket (``SCM_RIGHTS``), as Node's cluster module does. Workers that
+  all accept from one shared socket split connections by luck: 8 keep-alive clients landed 7-1
+  as often as 4-4, and the worker holding 7 answers at nearly twice the latency. A worker
+  whose channel is full or gone is skipped.
 - **Settings.** The parent's ``Settings`` (arguments and ``LATENTSIEVE_*``) are written back to
   ``LATENTSIEVE_*`` variables, from which each worker reads the same ``Settings()``.
 - **Metrics.** ``PROMETHEUS_MULTIPROC_DIR`` puts every worker's counts in mmap files that any
@@ -15,8 +19,8 @@ one here:
 - **Reload.** SIGHUP to the parent is forwarded to every worker, which checks the store for new
   versions in place (uvicorn's own SIGHUP would restart the workers, dropping their caches);
   each worker also polls the store on its own.
-- **Exits.** A worker that dies is replaced by uvicorn; its live queue-depth gauge is removed
-  from the sum.
+- **Exits.** A worker that dies is replaced by uvicorn's supervisor loop; its live
+  queue-depth gauge is removed from the sum.
 
 Not shared: the in-process score cache (each worker warms its own; configure Redis to share
 one) and memory (each worker holds its own copy of every served index).
@@ -24,6 +28,7 @@ one) and memory (each worker holds its own copy of every served index).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -31,13 +36,16 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client.multiprocess import mark_process_dead
-from uvicorn.supervisors import Multiprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
@@ -46,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LOG_LEVEL_ENV = "LATENTSIEVE_LOG_LEVEL"
 WORKER_FACTORY = "service.multiworker:worker_app"
+ACCEPT_POLL_S = 0.25  # how soon the acceptor notices shutdown
 
 
 def worker_app() -> FastAPI:
@@ -57,29 +66,171 @@ def worker_app() -> FastAPI:
     return create_app(Settings(), reload_on_sighup=True)  # type: ignore[call-arg]
 
 
-class WorkerSupervisor(Multiprocess):
-    """uvicorn's supervisor, with SIGHUP forwarded (reload in place) and dead workers' live
-    gauges dropped from the metrics."""
+class ChannelServer(uvicorn.Server):
+    """A worker's uvicorn server that serves the connections handed over its channel (the one
+    socket uvicorn passes it) instead of accepting from a listening socket."""
 
-    def __init__(
-        self, config: uvicorn.Config, sockets: list[socket.socket], metrics_dir: str
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        assert sockets is not None and len(sockets) == 1, "a worker takes one channel"
+        self._channel = sockets[0]
+        await super().startup(sockets=[])  # the lifespan (loads every index); no listener
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> Any:
+            # What uvicorn's own startup builds for each accepted connection.
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state,
+                app_state=self.lifespan.state, _loop=_loop,
+            )
+
+        loop = asyncio.get_running_loop()
+        self._channel.setblocking(False)
+        loop.add_reader(self._channel.fileno(), self._take, loop, create_protocol)
+
+    def _take(
+        self, loop: asyncio.AbstractEventLoop, create_protocol: Callable[..., Any]
     ) -> None:
-        super().__init__(config, sockets)
+        """Serve every connection waiting in the channel."""
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._channel, 1, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                message, fds = b"", []
+            if not message and not fds:  # the supervisor is gone: finish and exit
+                loop.remove_reader(self._channel.fileno())
+                self.should_exit = True
+                return
+            for fd in fds:
+                connection = socket.socket(fileno=fd)
+                loop.create_task(loop.connect_accepted_socket(create_protocol, connection))
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self._channel.fileno())
+        await super().shutdown(sockets)
+
+
+class ChannelWorker(Process):
+    """A uvicorn worker process, given the child end of a connection channel as its socket."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self.channel, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.channel.setblocking(False)  # a worker that stopped reading is skipped, not waited
+        super().__init__(config, [self._child_end])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into the child (its target is a bound method): not the parent's end.
+        state = self.__dict__.copy()
+        state.pop("channel", None)
+        state.pop("_child_end", None)
+        return state
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = ChannelServer(config=self.config)
+        return self._server
+
+    def start(self) -> None:
+        super().start()
+        self._child_end.close()  # the child holds its own copy now
+
+    def close_channel(self) -> None:
+        self.channel.close()
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's supervisor with the listening socket kept here: an acceptor thread hands each
+    connection to the next worker in turn; SIGHUP is forwarded (reload in place); dead workers
+    are replaced and their live gauges dropped from the metrics."""
+
+    def __init__(self, config: uvicorn.Config, listener: socket.socket, metrics_dir: str) -> None:
+        super().__init__(config, sockets=[])
+        self.listener = listener
         self.metrics_dir = metrics_dir
+        self.processes: list[ChannelWorker] = []  # type: ignore[assignment]
+        self._acceptor = threading.Thread(target=self._accept, name="acceptor", daemon=True)
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            worker = ChannelWorker(self.config)
+            worker.start()
+            self.processes.append(worker)
+        self._acceptor.start()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.should_exit.set()
+            if self._acceptor.is_alive():
+                self._acceptor.join()
+            for worker in self.processes:
+                worker.close_channel()
+
+    def _accept(self) -> None:
+        self.listener.listen(self.config.backlog)  # uvicorn's bind_socket only binds
+        self.listener.settimeout(ACCEPT_POLL_S)
+        turn = 0
+        while not self.should_exit.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:  # out of descriptors, say: wait rather than spin
+                if not self.should_exit.is_set():
+                    log.warning("accept failed", extra={"error": repr(exc)})
+                    self.should_exit.wait(ACCEPT_POLL_S)
+                continue
+            with connection:  # the parent's copy: the worker keeps its own
+                for _ in range(len(self.processes)):
+                    worker = self.processes[turn % len(self.processes)]
+                    turn += 1
+                    try:
+                        socket.send_fds(worker.channel, [b"c"], [connection.fileno()])
+                        break
+                    except OSError:  # full (busy or hung) or closed: the next one
+                        continue
+                else:
+                    log.warning("no worker could take a connection; it is closed")
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: every worker checks the store for new versions")
-        for process in self.processes:
-            if process.pid is not None and process.exitcode is None:
+        for worker in self.processes:
+            if worker.pid is not None and worker.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGHUP)
+                    os.kill(worker.pid, signal.SIGHUP)
+
+    def handle_ttin(self) -> None:
+        log.warning("SIGTTIN ignored: the number of workers is fixed by --workers")
+
+    def handle_ttou(self) -> None:
+        log.warning("SIGTTOU ignored: the number of workers is fixed by --workers")
 
     def keep_subprocess_alive(self) -> None:
-        before = {process.pid for process in self.processes}
-        super().keep_subprocess_alive()
-        for pid in before - {process.pid for process in self.processes}:
-            if pid is not None:
-                mark_process_dead(pid, self.metrics_dir)
+        """uvicorn's loop (replace hung or dead workers), with channel workers."""
+        if self.should_exit.is_set():
+            return
+        for index, worker in enumerate(self.processes):
+            if worker.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            worker.kill()
+            worker.join()
+            worker.close_channel()
+            if worker.pid is not None:
+                mark_process_dead(worker.pid, self.metrics_dir)
+            if worker.exitcode == STARTUP_FAILURE:
+                log.error("a worker failed to start; stopping")
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.warning("worker died; starting another", extra={"pid": worker.pid})
+            replacement = ChannelWorker(self.config)
+            replacement.start()
+            self.processes[index] = replacement
 
 
 @contextlib.contextmanager
@@ -118,6 +269,6 @@ def serve_workers(settings: Settings, log_level: str = "warning") -> None:
         log.info("gateway workers starting", extra={"workers": settings.workers,
                                                     "metrics_dir": folder})
         try:
-            WorkerSupervisor(config, sockets=[listener], metrics_dir=folder).run()
+            WorkerSupervisor(config, listener, metrics_dir=folder).run()
         finally:
             listener.close()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -153,7 +155,32 @@ def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
     assert worker_pids(server) == pids  # reloaded in place, not restarted
 
 
-def test_stopping_leaves_no_process_or_temporary_folder(tmp_path: Path) -> None:
+def open_sockets(pid: int) -> int:
+    """TCP and Unix sockets a process holds open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_connections_are_dealt_round_robin(server: Server) -> None:
+    """Keep-alive connections are dealt to the workers in turn (a shared accept socket splits
+    them by luck, 7-1 as often as 4-4)."""
+    pids = sorted(worker_pids(server))
+    before = {pid: open_sockets(pid) for pid in pids}
+    clients = [httpx.Client(base_url=server.url, timeout=10) for _ in range(8)]
+    try:
+        for client in clients:  # one request each: the connection stays open
+            assert client.get("/healthz").status_code == 200
+        gained = {pid: open_sockets(pid) - before[pid] for pid in pids}
+        assert sorted(gained.values()) == [4, 4], gained
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_dead_worker_is_skipped_then_replaced(tmp_path: Path) -> None:
     store = tmp_path / "store"
     ensure_demo_index(store)
     scratch = tmp_path / "tmp"
@@ -163,7 +190,21 @@ def test_stopping_leaves_no_process_or_temporary_folder(tmp_path: Path) -> None:
         pids = worker_pids(server)
         assert len(pids) == 2
         assert [path.name[:20] for path in scratch.iterdir()] == ["latentsieve-metrics-"]
+        os.kill(min(pids), signal.SIGKILL)
+        # Every connection is served meanwhile: the dead worker's channel is skipped.
+        for _ in range(20):
+            response = httpx.post(
+                f"{server.url}/score", json={"model": MODEL, "seeds": [1]}, timeout=30
+            )
+            assert response.status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = worker_pids(server)
+            if len(now) == 2 and min(pids) not in now:
+                break
+            time.sleep(0.2)
+        assert len(now) == 2 and max(pids) in now and min(pids) not in now
     assert server.process.returncode == 0
-    for pid in pids:
+    for pid in now:
         assert not Path(f"/proc/{pid}").exists()
-    assert list(scratch.iterdir()) == []
+    assert list(scratch.iterdir()) == []  # the temporary metrics folder is gone
