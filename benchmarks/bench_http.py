@@ -448,8 +448,9 @@ def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command:
         "The Python client shares this 2-core machine with the server and saturates a core by "
         "itself, so its latencies mostly measure the client; the wrk rows (a C load generator, "
         "when installed) are the server's own cached-hit latency. `N workers` is "
-        f"`latentsieve serve --workers N` (here N = {numbers['workers']}, the core count): "
-        "processes sharing the port, one `/metrics` summing them (docs/service.md, 'Workers').",
+        f"`latentsieve serve --workers N` (here N = {numbers['workers']}, the core count): the "
+        "supervisor deals connections to N worker processes in turn, and one `/metrics` sums "
+        "them (docs/service.md, 'Workers').",
     ]
     for label, measured in configurations:
         runs, floor = measured["runs"], measured["floor"]
