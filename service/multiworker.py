@@ -9,7 +9,7 @@ thread and in-process cache. What must be one across them is made one here:
   next worker over a Unix socket (``SCM_RIGHTS``), as Node's cluster module does. Workers that
   all accept from one shared socket split connections by luck: 8 keep-alive clients landed 7-1
   as often as 4-4, and the worker holding 7 answers at nearly twice the latency. A worker
-  whose channel is full or gone is skipped.
+  whose channel is full or gone is skipped, and a replacement takes turns once it has started.
 - **Settings.** The parent's ``Settings`` (arguments and ``LATENTSIEVE_*``) are written back to
   ``LATENTSIEVE_*`` variables, from which each worker reads the same ``Settings()``.
 - **Metrics.** ``PROMETHEUS_MULTIPROC_DIR`` puts every worker's counts in mmap files that any
@@ -118,6 +118,7 @@ class ChannelWorker(Process):
     def __init__(self, config: uvicorn.Config) -> None:
         self.channel, self._child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel.setblocking(False)  # a worker that stopped reading is skipped, not waited
+        self.ready = False  # set once its health check says the app has started
         super().__init__(config, [self._child_end])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -185,8 +186,12 @@ class WorkerSupervisor(Multiprocess):
                     self.should_exit.wait(ACCEPT_POLL_S)
                 continue
             with connection:  # the parent's copy: the worker keeps its own
-                for _ in range(len(self.processes)):
-                    worker = self.processes[turn % len(self.processes)]
+                workers = list(self.processes)
+                # Started workers take turns; one still loading its indexes (a replacement)
+                # waits, unless none has started yet (the connection then waits in a channel).
+                serving = [worker for worker in workers if worker.ready] or workers
+                for _ in range(len(serving)):
+                    worker = serving[turn % len(serving)]
                     turn += 1
                     try:
                         socket.send_fds(worker.channel, [b"c"], [connection.fileno()])
@@ -215,6 +220,8 @@ class WorkerSupervisor(Multiprocess):
             return
         for index, worker in enumerate(self.processes):
             if worker.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                if not worker.ready:
+                    worker.ready = worker.is_ready(timeout=self.config.timeout_worker_healthcheck)
                 continue
             worker.kill()
             worker.join()
