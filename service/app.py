@@ -189,15 +189,13 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         registry = ModelRegistry(LatentStore(settings.store))
         await registry.refresh()
         loaded = registry.snapshot()
-        metrics = ServiceMetrics(
-            log_density_buckets(
-                [
-                    (s.manifest.calibration.log_density_min, s.manifest.calibration.log_density_max)
-                    for s in loaded.values()
-                ]
-            ),
-            multiprocess_dir=multiprocess_dir(),
+        bounds = settings.log_density_buckets or log_density_buckets(
+            [
+                (s.manifest.calibration.log_density_min, s.manifest.calibration.log_density_max)
+                for s in loaded.values()
+            ]
         )
+        metrics = ServiceMetrics(bounds, multiprocess_dir=multiprocess_dir())
         batcher: DynamicBatcher[ScoreKey] = DynamicBatcher(
             scoring.score_rows,
             max_batch_size=settings.max_batch_size,
@@ -236,6 +234,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
+                # Not back to the default (exit): a reload asked for while stopping is moot.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from service.app import create_app
-from service.multiworker import serve_workers
+from service.metrics import MULTIPROC_ENV
+from service.multiworker import metrics_folder, serve_workers
 from service.settings import Settings
 
 
@@ -30,9 +33,13 @@ def run_server(
     if settings.workers > 1:
         serve_workers(settings, log_level)
         return
-    app = create_app(settings, reload_on_sighup=True)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    uvicorn.Server(config).run()
+    # One process in multiprocess metrics mode (PROMETHEUS_MULTIPROC_DIR set by the caller):
+    # an earlier run's files are removed, as ``--workers`` removes them.
+    folder = metrics_folder() if os.environ.get(MULTIPROC_ENV) else contextlib.nullcontext()
+    with folder:
+        app = create_app(settings, reload_on_sighup=True)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+        uvicorn.Server(config).run()

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -47,7 +48,9 @@ from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from service.metrics import MULTIPROC_ENV
+from index.errors import StoreError
+from index.store import LatentStore
+from service.metrics import MULTIPROC_ENV, log_density_buckets
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,9 @@ def worker_app() -> FastAPI:
     from latentsieve.logs import configure_logging
     from service.app import create_app
 
+    # SIGHUP's default action is to exit: ignore it until the lifespan, once every index is
+    # loaded, installs the reload handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "warning"))
     return create_app(Settings(), reload_on_sighup=True)  # type: ignore[call-arg]
 
@@ -73,6 +79,7 @@ class ChannelServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         assert sockets is not None and len(sockets) == 1, "a worker takes one channel"
         self._channel = sockets[0]
+        self._adopting: set[asyncio.Task[Any]] = set()
         await super().startup(sockets=[])  # the lifespan (loads every index); no listener
         config = self.config
 
@@ -104,7 +111,15 @@ class ChannelServer(uvicorn.Server):
                 return
             for fd in fds:
                 connection = socket.socket(fileno=fd)
-                loop.create_task(loop.connect_accepted_socket(create_protocol, connection))
+                task = loop.create_task(loop.connect_accepted_socket(create_protocol, connection))
+                self._adopting.add(task)
+                task.add_done_callback(self._adopted)
+
+    def _adopted(self, task: asyncio.Task[Any]) -> None:
+        self._adopting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a handed-over connection could not be served",
+                        extra={"error": repr(task.exception())})
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         with contextlib.suppress(ValueError, OSError):
@@ -134,12 +149,19 @@ class ChannelWorker(Process):
             self._server = ChannelServer(config=self.config)
         return self._server
 
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
+        # In the child: build the server before uvicorn's health-check thread can race the
+        # main thread to the lazy ``server`` property (two servers: never reported ready).
+        _ = self.server
+        super().target(sockets)
+
     def start(self) -> None:
         super().start()
         self._child_end.close()  # the child holds its own copy now
 
-    def close_channel(self) -> None:
-        self.channel.close()
+    def close_channel(self, lock: threading.Lock) -> None:
+        with lock:  # never while the acceptor sends on it (its number could be reused)
+            self.channel.close()
 
 
 class WorkerSupervisor(Multiprocess):
@@ -152,7 +174,16 @@ class WorkerSupervisor(Multiprocess):
         self.listener = listener
         self.metrics_dir = metrics_dir
         self.processes: list[ChannelWorker] = []  # type: ignore[assignment]
+        self.startup_failed = False
+        self._stop_accepting = threading.Event()
+        self._channels = threading.Lock()
         self._acceptor = threading.Thread(target=self._accept, name="acceptor", daemon=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stop dealing at once, not at the next poll
+            signal.signal(sig, self._on_stop_signal)
+
+    def _on_stop_signal(self, sig: int, frame: object) -> None:
+        self._stop_accepting.set()
+        self.signal_queue.append(sig)
 
     def init_processes(self) -> None:
         for _ in range(self.processes_num):
@@ -166,45 +197,66 @@ class WorkerSupervisor(Multiprocess):
             super().run()
         finally:
             self.should_exit.set()
+            self._stop_accepting.set()
             if self._acceptor.is_alive():
                 self._acceptor.join()
             for worker in self.processes:
-                worker.close_channel()
+                worker.close_channel(self._channels)
 
     def _accept(self) -> None:
-        self.listener.listen(self.config.backlog)  # uvicorn's bind_socket only binds
-        self.listener.settimeout(ACCEPT_POLL_S)
-        turn = 0
-        while not self.should_exit.is_set():
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError as exc:  # out of descriptors, say: wait rather than spin
-                if not self.should_exit.is_set():
-                    log.warning("accept failed", extra={"error": repr(exc)})
-                    self.should_exit.wait(ACCEPT_POLL_S)
-                continue
-            with connection:  # the parent's copy: the worker keeps its own
-                workers = list(self.processes)
-                # Started workers take turns; one still loading its indexes (a replacement)
-                # waits, unless none has started yet (the connection then waits in a channel).
-                serving = [worker for worker in workers if worker.ready] or workers
-                for _ in range(len(serving)):
-                    worker = serving[turn % len(serving)]
-                    turn += 1
+        try:
+            self.listener.listen(self.config.backlog)  # uvicorn's bind_socket only binds
+            self.listener.settimeout(ACCEPT_POLL_S)
+            turn = 0
+            while not self._stopping():
+                try:
+                    connection, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError as exc:  # out of descriptors, say: wait rather than spin
+                    if not self._stopping():
+                        log.warning("accept failed", extra={"error": repr(exc)})
+                        self._stop_accepting.wait(ACCEPT_POLL_S)
+                    continue
+                with connection:  # the parent's copy: the worker keeps its own
+                    turn = self._deal(connection, turn)
+        except Exception:
+            log.exception("the acceptor failed; stopping")
+            self.should_exit.set()
+        finally:
+            # New clients are refused from now on rather than reset after their handshake.
+            self.listener.close()
+
+    def _stopping(self) -> bool:
+        return self._stop_accepting.is_set() or self.should_exit.is_set()
+
+    def _deal(self, connection: socket.socket, turn: int) -> int:
+        """Hand ``connection`` to the next started worker that can take it, waiting while every
+        channel is full; returns the next turn."""
+        while not self._stopping():
+            workers = list(self.processes)
+            # Started workers take turns; one still loading its indexes (a replacement) waits,
+            # unless none has started yet (the connection then waits in a channel).
+            serving = [worker for worker in workers if worker.ready] or workers
+            for _ in range(len(serving)):
+                worker = serving[turn % len(serving)]
+                turn += 1
+                with self._channels:
                     try:
                         socket.send_fds(worker.channel, [b"c"], [connection.fileno()])
-                        break
-                    except OSError:  # full (busy or hung) or closed: the next one
+                        return turn
+                    except OSError:  # full (busy or hung), closed or dead: the next one
                         continue
-                else:
-                    log.warning("no worker could take a connection; it is closed")
+            # Every channel is full: wait for room rather than drop a client.
+            with contextlib.suppress(OSError, ValueError):
+                select.select([], [worker.channel for worker in serving], [], ACCEPT_POLL_S)
+        return turn
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: every worker checks the store for new versions")
         for worker in self.processes:
-            if worker.pid is not None and worker.exitcode is None:
+            # One still loading reads the newest versions anyway.
+            if worker.ready and worker.pid is not None and worker.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signal.SIGHUP)
 
@@ -225,11 +277,12 @@ class WorkerSupervisor(Multiprocess):
                 continue
             worker.kill()
             worker.join()
-            worker.close_channel()
+            worker.close_channel(self._channels)
             if worker.pid is not None:
                 mark_process_dead(worker.pid, self.metrics_dir)
             if worker.exitcode == STARTUP_FAILURE:
                 log.error("a worker failed to start; stopping")
+                self.startup_failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():
@@ -261,6 +314,10 @@ def metrics_folder() -> Iterator[str]:
 
 def serve_workers(settings: Settings, log_level: str = "warning") -> None:
     """Serve ``settings`` with ``settings.workers`` processes until SIGINT/SIGTERM."""
+    if settings.log_density_buckets is None:  # one set of buckets for every worker
+        settings = settings.model_copy(
+            update={"log_density_buckets": list(store_log_density_buckets(settings.store))}
+        )
     with metrics_folder() as folder:
         for name in [key for key in os.environ if key.startswith("LATENTSIEVE_")]:
             del os.environ[name]  # the workers must read exactly these settings
@@ -275,7 +332,27 @@ def serve_workers(settings: Settings, log_level: str = "warning") -> None:
         listener = config.bind_socket()
         log.info("gateway workers starting", extra={"workers": settings.workers,
                                                     "metrics_dir": folder})
+        supervisor = WorkerSupervisor(config, listener, metrics_dir=folder)
         try:
-            WorkerSupervisor(config, listener, metrics_dir=folder).run()
+            supervisor.run()
         finally:
             listener.close()
+    if supervisor.startup_failed:
+        raise SystemExit(STARTUP_FAILURE)
+
+
+def store_log_density_buckets(store: Path) -> tuple[float, ...]:
+    """The score buckets a single process would derive at start-up, from the manifests of each
+    model's newest version (read without loading an index)."""
+    latents = LatentStore(store)
+    ranges = []
+    for model in latents.models():
+        version = latents.newest(model)
+        if version is None:
+            continue
+        try:
+            calibration = latents.read_manifest(model, version).calibration
+        except StoreError:
+            continue  # the workers will skip it too
+        ranges.append((calibration.log_density_min, calibration.log_density_max))
+    return log_density_buckets(ranges)

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     select_max_count: int = Field(default=100_000, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
     opentelemetry: bool = False
+    # Bounds (nats) of latentsieve_score_log_density; None derives them from the store at
+    # start-up. ``serve --workers`` fixes them in the parent so that every worker, replacements
+    # included, writes the same buckets.
+    log_density_buckets: Annotated[list[float] | None, NoDecode] = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -43,6 +47,14 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("log_density_buckets", mode="before")
+    @classmethod
+    def _split_bounds(cls, value: object) -> object:
+        """``"-40.5,-30,-20"`` (the environment form) -> floats."""
+        if isinstance(value, str):
+            return [float(bound) for bound in value.split(",") if bound.strip()]
+        return value
+
     def environment(self) -> dict[str, str]:
         """``LATENTSIEVE_*`` variables from which ``Settings()`` rebuilds these settings (unset
         optional fields are absent: the caller removes them from the environment it passes)."""
@@ -50,6 +62,6 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            text = ",".join(value) if isinstance(value, list) else str(value)
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             env[f"LATENTSIEVE_{name.upper()}"] = text
         return env

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.utils import floatToGoString
 from servers import Server, running_server
 from test_uvicorn import build_small_version
 
 from index.store import LatentStore
 from latentsieve.demo import ensure_demo_index
+from service.multiworker import store_log_density_buckets
 from workers.demo_models.digits_vae import training_latents
 
 MODEL = "digits-vae"
@@ -80,7 +82,7 @@ def test_two_workers_serve_and_metrics_count_every_request(
     failures: list[str] = []
 
     def client(offset: int) -> None:
-        # A connection per request, so the kernel hands requests to both workers.
+        # A connection per request: the supervisor deals them to both workers in turn.
         for index in range(REQUESTS_EACH):
             first = 1_000 * offset + SEEDS_EACH * index
             seeds = list(range(first, first + SEEDS_EACH))
@@ -120,6 +122,11 @@ def test_two_workers_serve_and_metrics_count_every_request(
     assert counted == expected
     assert metric(text, "latentsieve_queue_depth", f'model="{MODEL}"') == 0
     assert metric(text, "latentsieve_index_latents", ".*") == len(training_latents())
+    # One set of score buckets, fixed by the parent from the store: what one process derives.
+    bounds = re.findall(r'^latentsieve_score_log_density_bucket\{le="([^"]+)"', text, re.M)
+    assert bounds == [floatToGoString(b) for b in store_log_density_buckets(server.store)] + [
+        "+Inf"
+    ]
 
 
 def versions_seen(server: Server, count: int) -> set[str]:
@@ -164,20 +171,36 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def settled_sockets(pids: list[int]) -> dict[int, int]:
+    """Socket counts once two readings 0.3 s apart agree (earlier connections finish closing)."""
+    last: dict[int, int] = {}
+    for _ in range(30):
+        now = {pid: open_sockets(pid) for pid in pids}
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.3)
+    return last
+
+
+def dealt(server: Server, pids: list[int], clients: int = 8) -> list[int]:
+    """How many of ``clients`` new keep-alive connections each worker took, sorted."""
+    before = settled_sockets(pids)
+    open_clients = [httpx.Client(base_url=server.url, timeout=10) for _ in range(clients)]
+    try:
+        for client in open_clients:  # one request each: the connection stays open
+            assert client.get("/healthz").status_code == 200
+        after = settled_sockets(pids)
+        return sorted(after[pid] - before[pid] for pid in pids)
+    finally:
+        for client in open_clients:
+            client.close()
+
+
 def test_connections_are_dealt_round_robin(server: Server) -> None:
     """Keep-alive connections are dealt to the workers in turn (a shared accept socket splits
     them by luck, 7-1 as often as 4-4)."""
-    pids = sorted(worker_pids(server))
-    before = {pid: open_sockets(pid) for pid in pids}
-    clients = [httpx.Client(base_url=server.url, timeout=10) for _ in range(8)]
-    try:
-        for client in clients:  # one request each: the connection stays open
-            assert client.get("/healthz").status_code == 200
-        gained = {pid: open_sockets(pid) - before[pid] for pid in pids}
-        assert sorted(gained.values()) == [4, 4], gained
-    finally:
-        for client in clients:
-            client.close()
+    assert dealt(server, sorted(worker_pids(server))) == [4, 4]
 
 
 def test_a_dead_worker_is_skipped_then_replaced(tmp_path: Path) -> None:
@@ -190,8 +213,13 @@ def test_a_dead_worker_is_skipped_then_replaced(tmp_path: Path) -> None:
         pids = worker_pids(server)
         assert len(pids) == 2
         assert [path.name[:20] for path in scratch.iterdir()] == ["latentsieve-metrics-"]
-        os.kill(min(pids), signal.SIGKILL)
-        # Every connection is served meanwhile: the dead worker's channel is skipped.
+        victim, survivor = min(pids), max(pids)
+        os.kill(victim, signal.SIGKILL)
+        # Once the kernel has closed its channel (a zombie holds no files), every connection
+        # is served: the dead worker's turn is skipped.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "\nState:\tZ" not in _status(victim):
+            time.sleep(0.05)
         for _ in range(20):
             response = httpx.post(
                 f"{server.url}/score", json={"model": MODEL, "seeds": [1]}, timeout=30
@@ -200,11 +228,25 @@ def test_a_dead_worker_is_skipped_then_replaced(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             now = worker_pids(server)
-            if len(now) == 2 and min(pids) not in now:
+            if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.2)
-        assert len(now) == 2 and max(pids) in now and min(pids) not in now
+        assert len(now) == 2 and survivor in now and victim not in now
+        # The replacement takes its turns once its app has started.
+        deadline = time.monotonic() + 60
+        split = dealt(server, sorted(now))
+        while split != [4, 4] and time.monotonic() < deadline:
+            time.sleep(0.5)
+            split = dealt(server, sorted(now))
+        assert split == [4, 4]
     assert server.process.returncode == 0
     for pid in now:
         assert not Path(f"/proc/{pid}").exists()
     assert list(scratch.iterdir()) == []  # the temporary metrics folder is gone
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "\nState:\tZ (gone)"

@@ -114,6 +114,7 @@ def test_settings_survive_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     original = Settings(
         store=Path("/srv/store"), port=9001, redis_url="redis://:pw@127.0.0.1:6390/2",
         api_keys=["alpha", "beta"], max_wait_ms=2.5, cache_ttl_s=0.125, workers=3,
+        log_density_buckets=[-40.5, -30.0, -0.001, -1e-7],
     )
     for name in [key for key in os.environ if key.startswith("LATENTSIEVE_")]:
         monkeypatch.delenv(name)
