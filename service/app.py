@@ -241,12 +241,12 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
                 await watcher
             await batcher.stop()
             await cache.close()
-            if flusher is not None:
+            if flusher is not None:  # multiprocess mode
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
-            if metrics.multiprocess_dir is not None:  # this worker's queue depth leaves the sum
                 metrics.flush()
+                # This worker's queue depth leaves the sum.
                 mark_process_dead(os.getpid(), metrics.multiprocess_dir)
             app.state.runtime = None
 

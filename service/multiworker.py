@@ -16,11 +16,11 @@ thread and in-process cache. What must be one across them is made one here:
   worker's ``/metrics`` merges (``service.metrics``). The folder is the caller's when that
   variable is set (its old ``*.db`` files are removed: counts start at 0, as on a restart),
   else a temporary one removed on exit.
-- **Reload.** SIGHUP to the parent is forwarded to every worker, which checks the store for new
-  versions in place (uvicorn's own SIGHUP would restart the workers, dropping their caches);
-  each worker also polls the store on its own.
-- **Exits.** A worker that dies is replaced by uvicorn's supervisor loop; its live
-  queue-depth gauge is removed from the sum.
+- **Reload.** SIGHUP to the parent is forwarded to every started worker, which checks the
+  store for new versions in place (uvicorn's own SIGHUP would restart the workers, dropping
+  their caches); each worker also polls the store on its own.
+- **Exits.** A worker that dies is replaced by the supervisor loop; its live queue-depth gauge
+  is removed from the sum. A worker whose app fails to start stops the service (exit 3).
 
 Not shared: the in-process score cache (each worker warms its own; configure Redis to share
 one) and memory (each worker holds its own copy of every served index).
