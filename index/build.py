@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.bandwidth import choose_bandwidth
+from index.bandwidth import AUTO_K, choose_bandwidth
 from index.checksums import sha256_file
 from index.errors import StoreError
 from index.latent_files import load_latents
@@ -27,6 +27,7 @@ from index.manifest import (
     DEFAULT_DELTA_DIRECTIONS,
     DEFAULT_PROJECTION_ROWS,
     KNOWN_KINDS,
+    KNOWN_SPACES,
     ApproximateSearch,
     Calibration,
     DescriptorSettings,
@@ -40,7 +41,7 @@ from index.manifest import (
     check_model_name,
 )
 from index.module_refs import copy_module_file, resolve_module_spec
-from index.projection import fit_pca, project
+from index.projection import ACTIVE_THRESHOLD, coordinate_variances, fit_active, fit_pca, project
 from index.store import INDEX_FILE, LatentStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ HNSW_M = 32
 CALIBRATION_SEED_START = 1_000_000_000
 CALIBRATION_INDEX_SEED = 0
 _ADD_BLOCK = 65_536
+# Chosen by docs/evidence.md: dropping inactive coordinates is what made the demo VAE's score
+# predict quality at all, and it is the identity on latents whose coordinates are all active.
+DEFAULT_SPACE = "active"
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,10 @@ class BuildOptions:
     sigma: str = "auto"
     kind: str = "flat"
     pca: int | None = None
+    space: str | None = None  # raw | active | standardized; None: DEFAULT_SPACE unless --pca
+    active_threshold: float = ACTIVE_THRESHOLD
+    latent_set: str | None = None
+    bandwidth_neighbours: int = AUTO_K  # k of --sigma auto
     sampler: str | None = None
     generator: str | None = None
     mapping: str | None = None
@@ -149,6 +157,17 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(KNOWN_KINDS)}")
     if options.pca is not None and options.pca < 1:
         raise StoreError(f"--pca must be a whole number >= 1, got {options.pca}")
+    if options.space is not None and options.space not in KNOWN_SPACES:
+        raise StoreError(
+            f"unknown --space {options.space!r}; choose one of {', '.join(KNOWN_SPACES)}"
+        )
+    if options.pca is not None and options.space not in (None, "raw"):
+        raise StoreError(f"--pca and --space {options.space} both choose the space; give one")
+    threshold = options.active_threshold
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise StoreError(f"--active-threshold must be a finite number > 0, got {threshold}")
+    if options.bandwidth_neighbours < 1:
+        raise StoreError("--bandwidth-neighbours must be a whole number >= 1")
     if options.neighbours < 1:
         raise StoreError("the neighbour count k must be >= 1")
     if options.calibration_count < 1:
@@ -161,6 +180,50 @@ def check_options(options: BuildOptions) -> None:
     radius = descriptors.delta_radius
     if radius is not None and not (math.isfinite(radius) and radius > 0):
         raise StoreError(f"--delta-radius must be a finite number > 0, got {radius}")
+
+
+def choose_space(
+    options: BuildOptions, latents: np.ndarray, has_sampler: bool, has_mapping: bool
+) -> tuple[Projection, tuple[np.ndarray, np.ndarray]] | None:
+    """The index space of ``--pca`` / ``--space`` over (N, d) latents: the manifest's
+    Projection and its (mean, components), or None when the space is the latents as sent.
+
+    ``active`` compares each coordinate's variance among the training latents with the
+    variance of what the sampler sends there: 1 for N(0, I) draws scored as drawn, the largest
+    coordinate variance of the training latents behind a mapping. Without a sampler nothing
+    says what queries look like, so every coordinate is kept.
+    """
+    n, dim = latents.shape
+    if options.pca is not None:
+        if options.pca > dim:
+            raise StoreError(f"--pca {options.pca} is larger than the latent size {dim}")
+        mean, components, ratio = fit_pca(latents, options.pca)
+        return Projection(dim=options.pca, explained_variance_ratio=ratio), (mean, components)
+    space = options.space or DEFAULT_SPACE
+    if space == "raw" or (space == "active" and not has_sampler):
+        return None
+    _, variance = coordinate_variances(latents)
+    if has_sampler and not has_mapping:
+        reference, described = 1.0, "the sampler's N(0, 1) draws"
+    elif has_sampler:
+        reference, described = float(variance.max()), "the largest training-latent variance"
+    else:  # standardized without a sampler: scale every coordinate, drop none
+        reference, described = 0.0, "none: no sampler, every coordinate kept"
+    mean, components, ratio, kept = fit_active(
+        latents, options.active_threshold, reference, standardize=space == "standardized"
+    )
+    if space == "active" and kept.size == dim:
+        return None  # every coordinate is active: the space is the latents as sent
+    projection = Projection(
+        method=cast(Literal["active", "standardized"], space),
+        dim=int(kept.size),
+        explained_variance_ratio=ratio,
+        kept=tuple(int(j) for j in kept),
+        threshold=options.active_threshold,
+        reference_variance=described,
+    )
+    log.info("index space", extra={"space": space, "kept": projection.kept, "dim": dim})
+    return projection, (mean, components)
 
 
 def write_index(
@@ -231,18 +294,12 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
     latent_shape = tuple(int(size) for size in raw.shape[1:])
     source_latents = raw.reshape(raw.shape[0], -1)
     n, dim = source_latents.shape
-    projection: Projection | None = None
-    pca_arrays: tuple[np.ndarray, np.ndarray] | None = None
-    latents = source_latents
-    if options.pca is not None:
-        if options.pca > dim:
-            raise StoreError(f"--pca {options.pca} is larger than the latent size {dim}")
-        mean, components, ratio = fit_pca(source_latents, options.pca)
-        pca_arrays = (mean, components)
-        latents = project(source_latents, mean, components)
-        projection = Projection(dim=options.pca, explained_variance_ratio=ratio)
-    bandwidth = choose_bandwidth(options.sigma, latents)
     sampler = SamplerRecipe.parse(options.sampler, latent_shape) if options.sampler else None
+    space = choose_space(options, source_latents, sampler is not None, options.mapping is not None)
+    projection = space[0] if space is not None else None
+    pca_arrays = space[1] if space is not None else None
+    latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
+    bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
     if sampler is not None and options.mapping is None:
         numel = int(np.prod(sampler.shape))
         if numel != dim:
@@ -336,7 +393,8 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
             n=n,
             dim=dim,
             latent_shape=latent_shape,
-            pca=projection,
+            projection=projection,
+            latent_set=options.latent_set,
             search=search,
             bandwidth=bandwidth,
             sampler=sampler,

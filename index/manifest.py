@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from index.errors import StoreError
 
@@ -139,13 +139,29 @@ class PercentileBounds(_Frozen):
     max_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
-class Projection(_Frozen):
-    """A PCA projection (``--pca DIM``): index space = (z - mean) @ components.T; the arrays are
-    in ``file`` (float64 ``mean`` (d,), ``components`` (dim, d))."""
+SpaceName = Literal["raw", "active", "standardized"]
+KNOWN_SPACES: tuple[str, ...] = get_args(SpaceName)
 
+
+class Projection(_Frozen):
+    """A linear map into the index's space, index space = (z - mean) @ components.T, with the
+    arrays in ``file`` (float64 ``mean`` (d,), ``components`` (dim, d)). ``method``:
+
+    - ``pca`` (``--pca DIM``): the top ``dim`` principal axes;
+    - ``active`` (``--space active``): the coordinates ``kept`` whose variance among the training
+      latents is at least ``threshold`` times the reference variance (inactive VAE dimensions,
+      where every training latent sits at the prior's centre, are dropped);
+    - ``standardized`` (``--space standardized``): the active coordinates, each divided by its
+      standard deviation among the training latents (a per-dimension bandwidth sigma * sd_j).
+    """
+
+    method: Literal["pca", "active", "standardized"] = "pca"
     dim: int = Field(ge=1)
     file: str = "pca.npz"
     explained_variance_ratio: float = Field(ge=0.0, le=1.0)
+    kept: tuple[int, ...] | None = None  # active, standardized: source coordinates kept
+    threshold: float | None = None  # active, standardized
+    reference_variance: str | None = None  # active, standardized: what the threshold scales
 
 
 class MeasuredError(_Frozen):
@@ -222,7 +238,11 @@ class IndexManifest(_Frozen):
     n: int = Field(ge=2)
     dim: int = Field(ge=1)  # numbers per latent as sent (prod(latent_shape))
     latent_shape: tuple[int, ...]
-    pca: Projection | None = None
+    # The index space when it is not the latents as sent (read from "pca" in older manifests).
+    projection: Projection | None = Field(
+        default=None, validation_alias=AliasChoices("projection", "pca")
+    )
+    latent_set: str | None = None  # what the training latents are (--latent-set), for the record
     search: ApproximateSearch | None = None  # ivf and hnsw
     bandwidth: Bandwidth
     sampler: SamplerRecipe | None = None

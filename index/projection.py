@@ -34,3 +34,39 @@ def project(latents: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np
     """(n, d) -> (n, dim) float32: (z - mean) @ components.T in float64."""
     centred = np.asarray(latents, dtype=np.float64) - mean
     return np.ascontiguousarray(centred @ components.T, dtype=np.float32)
+
+
+ACTIVE_THRESHOLD = 0.1
+
+
+def coordinate_variances(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-coordinate mean (d,) and variance (d,) of (N, d) latents, float64, in blocks."""
+    n, d = latents.shape
+    mean = np.zeros(d)
+    for start in range(0, n, _BLOCK):
+        mean += latents[start : start + _BLOCK].sum(axis=0, dtype=np.float64)
+    mean /= n
+    variance = np.zeros(d)
+    for start in range(0, n, _BLOCK):
+        block = latents[start : start + _BLOCK].astype(np.float64) - mean
+        variance += (block * block).sum(axis=0)
+    return mean, variance / n
+
+
+def fit_active(
+    latents: np.ndarray, threshold: float, reference: np.ndarray | float, standardize: bool
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Keep coordinate j of (N, d) latents when var_j >= threshold * reference_j (Burda et al.,
+    2016's activity of a VAE unit is the variance of its encoder means); with ``standardize``
+    scale each kept coordinate by 1 / sd_j. Returns mean (d,), components (d', d), the variance
+    ratio kept, and the kept coordinates (d',) in ascending order (at least the largest one)."""
+    mean, variance = coordinate_variances(latents)
+    kept = np.flatnonzero(variance >= threshold * np.broadcast_to(reference, variance.shape))
+    if kept.size == 0:
+        kept = np.array([int(variance.argmax())])
+    components = np.zeros((kept.size, latents.shape[1]))
+    scale = 1.0 / np.sqrt(np.maximum(variance[kept], 1e-300)) if standardize else 1.0
+    components[np.arange(kept.size), kept] = scale
+    total = float(variance.sum())
+    ratio = float(variance[kept].sum() / total) if total > 0 else 1.0
+    return mean, components, min(ratio, 1.0), kept

@@ -47,10 +47,10 @@ class LoadedVersion:
     calibration_indices: np.ndarray | None  # leave-one-out rows, else None
     # Sorted calibration values per descriptor (psi, nu, delta) when the model has a generator.
     descriptor_calibration: dict[str, np.ndarray] | None = None
-    projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
+    projection: tuple[np.ndarray, np.ndarray] | None = None  # mean (d,), components (d', d)
 
     def to_index_space(self, latents: np.ndarray) -> np.ndarray:
-        """Latents as sent (n, d) -> the index's space (n, d'): the PCA projection, if any."""
+        """Latents as sent (n, d) -> the index's space (n, d'): its projection, if any."""
         if self.projection is None:
             return latents
         return project(latents, *self.projection)
@@ -121,8 +121,8 @@ class LatentStore:
             with np.load(folder / manifest.descriptors.calibration_file) as stored:
                 descriptors = {name: stored[name] for name in stored.files}
         projection = None
-        if manifest.pca is not None:
-            with np.load(folder / manifest.pca.file) as stored:
+        if manifest.projection is not None:
+            with np.load(folder / manifest.projection.file) as stored:
                 projection = (stored["mean"], stored["components"])
         return LoadedVersion(
             manifest, folder, index, latents, scores, indices, descriptors, projection
@@ -181,7 +181,8 @@ class LatentStore:
 def _read_index(path: Path, manifest: IndexManifest) -> tuple[faiss.Index, np.ndarray]:
     """The index and its vectors (N, d') float32: a zero-copy view of a memory-mapped flat
     index; for ivf and hnsw an in-memory index and a reconstructed copy of its vectors."""
-    expected = (manifest.n, manifest.pca.dim if manifest.pca is not None else manifest.dim)
+    projected = manifest.projection
+    expected = (manifest.n, projected.dim if projected is not None else manifest.dim)
     try:
         if manifest.kind == "flat":
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)

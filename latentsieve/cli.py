@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
     _add(build, "kind", default="flat", help="flat (exact), ivf or hnsw (approximate)")
     _add(build, "pca", type=int, default=None, help="project onto the top DIM principal axes")
+    _add(build, "space", default=None,
+         help="raw, active (default: drop coordinates the training latents barely vary in) or "
+              "standardized (active, each scaled to unit sd); see docs/evidence.md")
+    _add(build, "active-threshold", type=float, default=None,
+         help="a coordinate is active when its variance is >= this x the reference (0.1)")
+    _add(build, "latent-set", default=None,
+         help="what the latents are (e.g. encoder-means, ddim-inversions), recorded")
+    _add(build, "bandwidth-neighbours", type=int, default=None,
+         help="k of --sigma auto: median distance to the k-th nearest training latent")
     _add(build, "neighbours", type=int, default=None, help="k scored by ivf/hnsw (default 256)")
     _add(build, "sampler", default=None, help="torch-cpu[:DTYPE][:SHAPE]")
     _add(build, "generator", default=None, help="TorchScript file or package.module:factory")
@@ -134,13 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add(worker, "redis", required=True)
     _add(worker, "metrics-port", type=int, default=None)
 
-    demo = commands.add_parser("demo", help="build the bundled digits-vae index if missing")
+    report = commands.add_parser(
+        "report", help="evidence page: does rejecting low scores keep better samples?"
+    )
+    _add(report, "store", required=True)
+    _add(report, "model", required=True)
+    _add(report, "out", required=True, help="folder for index.html and report.json")
+    report.add_argument("--seeds", default=None, help="A-B, inclusive (default 0-1999)")
+    _add(report, "quality", default=None, help="CSV 'seed,quality': your own per-seed quality")
+    _add(report, "bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    report.add_argument(
+        "--no-progress", action="store_true",
+        default=(_env("no-progress") or "").lower() in ("1", "true", "yes"),
+    )
+
+    demo = commands.add_parser(
+        "demo", help="build the bundled demo indexes (digits-vae, digits-ldm) if missing"
+    )
     _add(demo, "store", default="store")
     demo.add_argument("--seeds", default="0-7", help="seeds to score once it is built")
     return parser
 
 
 def _build(args: argparse.Namespace) -> int:
+    from index.bandwidth import AUTO_K
     from index.build import (
         DEFAULT_CALIBRATION_COUNT,
         DEFAULT_NEIGHBOURS,
@@ -148,6 +174,7 @@ def _build(args: argparse.Namespace) -> int:
         build_version,
     )
     from index.manifest import Policy
+    from index.projection import ACTIVE_THRESHOLD
     from index.store import LatentStore
     from workers.calibration import calibrate_build
 
@@ -157,6 +184,12 @@ def _build(args: argparse.Namespace) -> int:
         sigma=args.sigma,
         kind=args.kind,
         pca=int(args.pca) if args.pca is not None else None,
+        space=args.space,
+        active_threshold=float(
+            args.active_threshold if args.active_threshold is not None else ACTIVE_THRESHOLD
+        ),
+        latent_set=args.latent_set,
+        bandwidth_neighbours=_whole(args.bandwidth_neighbours, AUTO_K),
         sampler=args.sampler,
         generator=args.generator,
         mapping=args.mapping,
@@ -277,11 +310,33 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from latentsieve.demo import DEMO_MODEL, ensure_demo_index
+def _report(args: argparse.Namespace) -> int:
+    from latentsieve.report import ReportError, run_report
 
-    version = ensure_demo_index(Path(args.store))
-    print(json.dumps({"model": DEMO_MODEL, "version": version, "store": str(args.store)}))
+    seeds = parse_seed_range(args.seeds) if args.seeds is not None else None
+    if seeds is not None and len(seeds) > 100_000:
+        raise CliError("--seeds: at most 100,000 seeds per report")
+    resamples = int(args.bootstrap)
+    if not 10 <= resamples <= 100_000:
+        raise CliError(f"--bootstrap must be between 10 and 100000, got {resamples}")
+    try:
+        numbers = run_report(
+            Path(args.store), args.model, Path(args.out), seeds,
+            Path(args.quality) if args.quality else None, resamples,
+            progress=not args.no_progress,
+        )
+    except ReportError as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps({"model": numbers["model"], "out": str(args.out),
+                      "page": str(Path(args.out) / "index.html")}))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from latentsieve.demo import ensure_demo_indexes
+
+    versions = ensure_demo_indexes(Path(args.store))
+    print(json.dumps({"models": versions, "store": str(args.store)}))
     return 0
 
 
@@ -299,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "report":
+            return _report(args)
         raise CliError(
             "'latentsieve worker' (distributed mode over Redis Streams) is not available in "
             "this release; run 'latentsieve serve' (embedded workers)"

@@ -1,8 +1,18 @@
-"""The bundled demo model ``digits-vae``: build its index on first use."""
+"""The bundled demo models, built into a store on first use.
+
+- ``digits-vae``: the VAE's encoder means of the 1797 digits; seeds are N(0, I) latents scored in
+  the VAE's active coordinates (the build's default ``--space active``).
+- ``digits-ldm``: the latent diffusion model in miniature. A seed's starting noise is mapped by
+  the DDIM sampler to the latent it will be decoded from (``--mapping``), and that latent is
+  scored among the encoder means. docs/evidence.md shows why: the density of the starting noise
+  itself, among the means or among their DDIM inversions, does not predict quality.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +26,50 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "digits-vae"
 DEMO_GENERATOR = "workers.demo_models.digits_vae:decoder"
+LDM_MODEL = "digits-ldm"
+LDM_MAPPING = "workers.demo_models.digits_ldm:sampler"
 
 
-def ensure_demo_index(store_root: Path) -> str:
-    """The newest digits-vae version in ``store_root``, building one first if there is none."""
+@dataclass(frozen=True)
+class DemoRecipe:
+    """How one demo model's index is built: its training latents and build options."""
+
+    latents: Callable[[], np.ndarray]
+    latent_set: str
+    mapping: str | None = None
+
+
+DEMO_RECIPES: dict[str, DemoRecipe] = {
+    DEMO_MODEL: DemoRecipe(training_latents, "encoder-means"),
+    LDM_MODEL: DemoRecipe(training_latents, "encoder-means", mapping=LDM_MAPPING),
+}
+
+
+def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
+    """The newest version of demo ``model`` in ``store_root``, building one first if none."""
     store = LatentStore(store_root)
-    existing = store.newest(DEMO_MODEL)
+    existing = store.newest(model)
     if existing is not None:
         return existing
+    recipe = DEMO_RECIPES[model]
     inputs = store_root / ".inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    latents_file = inputs / "digits-vae-latents.npy"
-    np.save(latents_file, training_latents())
-    log.info("building the demo index", extra={"model": DEMO_MODEL, "store": str(store_root)})
+    latents_file = inputs / f"{model}-latents.npy"
+    np.save(latents_file, recipe.latents())
+    log.info("building the demo index", extra={"model": model, "store": str(store_root)})
     options = BuildOptions(
-        model=DEMO_MODEL,
+        model=model,
         latents_file=latents_file,
         sigma="auto",
+        latent_set=recipe.latent_set,
         sampler=f"torch-cpu:float32:{LATENT_DIM}",
         generator=DEMO_GENERATOR,
+        mapping=recipe.mapping,
         progress=False,
     )
     return build_version(store, options, calibrate_build).name
+
+
+def ensure_demo_indexes(store_root: Path) -> dict[str, str]:
+    """Every demo model's newest version, building the missing ones: name -> version."""
+    return {model: ensure_demo_index(store_root, model) for model in DEMO_RECIPES}

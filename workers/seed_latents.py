@@ -21,10 +21,13 @@ class SeedLatents:
 
     def draw(self, seeds: Sequence[int]) -> np.ndarray:
         """seeds (n,) -> (n, d) float32 index-space latents."""
-        draws = draw_latents(self.recipe, seeds)
+        return self.map(draw_latents(self.recipe, seeds))
+
+    def map(self, draws: torch.Tensor) -> np.ndarray:
+        """Sampler draws (n, *shape) -> (n, d) float32 through the mapping, flattened."""
         if self.mapping is None:
             mapped = draws.float()
         else:
             with torch.no_grad():
                 mapped = self.mapping(draws.float())
-        return np.ascontiguousarray(mapped.reshape(len(seeds), -1).numpy(), dtype=np.float32)
+        return np.ascontiguousarray(mapped.reshape(draws.shape[0], -1).numpy(), dtype=np.float32)

@@ -15,6 +15,7 @@ import pytest
 from index.manifest import Policy
 from index.store import LatentStore
 from service.settings import Settings
+from workers.demo_models.digits_vae import training_latents
 from workers.policy import PERCENTILE_BELOW_MIN
 from workers.scoring import ModelScorer
 
@@ -44,7 +45,8 @@ async def test_nested_latents_match_the_scorer(
     assert body["model"] == MODEL
     assert body["index_version"] == scorer.manifest.version
     assert body["sigma"] == scorer.manifest.bandwidth.sigma
-    assert body["exact"] is True
+    # The demo scores in its 4 active coordinates (a stored projection): exact in that space.
+    assert body["exact"] is False and scorer.manifest.projection is not None
     got = np.array([r["log_density"] for r in body["results"]])
     np.testing.assert_allclose(got, expected.log_density, rtol=0, atol=1e-9)
     np.testing.assert_allclose(
@@ -120,7 +122,7 @@ async def test_policy_override_and_cached_verdicts(
     app_client: httpx.AsyncClient, scorer: ModelScorer
 ) -> None:
     # Near the data and far from it: the far ones are rejected under any strict policy.
-    near = scorer.loaded.latents[:3].copy()
+    near = training_latents()[:3].copy()  # as sent: 8 numbers, not the 4 stored coordinates
     far = np.full((2, 8), 6.0, dtype=np.float32)
     latents = np.concatenate([near, far])
     payload = {"model": MODEL, "latents": latents.tolist()}

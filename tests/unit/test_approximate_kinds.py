@@ -84,9 +84,10 @@ def test_pca_scores_in_the_projected_space(
     build(tmp_path / "s", source, "--pca", "4", "--sampler", "torch-cpu")
     loaded = LatentStore(tmp_path / "s").load("m")
     manifest = loaded.manifest
-    assert manifest.pca is not None and manifest.pca.dim == 4 and manifest.exact is False
+    projection = manifest.projection
+    assert projection is not None and projection.dim == 4 and manifest.exact is False
     assert manifest.dim == 16 and loaded.latents.shape == (3000, 4)
-    assert 4 / 16 < manifest.pca.explained_variance_ratio <= 1.0  # top 4 beat the average
+    assert 4 / 16 < projection.explained_variance_ratio <= 1.0  # top 4 beat the average
     assert loaded.projection is not None
     mean, components = loaded.projection
     np.testing.assert_allclose(components @ components.T, np.eye(4), atol=1e-10)

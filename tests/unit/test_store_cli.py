@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from index.bandwidth import AUTO_K
 from index.build import BuildOptions, CalibrationRequest, build_version
 from index.errors import StoreError
 from index.store import INDEX_FILE, LatentStore
@@ -145,7 +146,7 @@ def test_auto_sigma_is_a_local_scale(
     loaded = LatentStore(tmp_path / "store").load("m")
     bandwidth = loaded.manifest.bandwidth
     diameter = float(np.sqrt(((latents - latents.mean(0)) ** 2).sum(1)).max() * 2)
-    assert bandwidth.rule == "knn_median" and bandwidth.k == 10
+    assert bandwidth.rule == "knn_median" and bandwidth.k == AUTO_K
     assert bandwidth.sigma < 0.2 * diameter
     spread = np.quantile(loaded.calibration_scores, 0.9) - np.quantile(
         loaded.calibration_scores, 0.1

@@ -90,3 +90,16 @@ def training_latents() -> np.ndarray:
     with torch.no_grad():
         mu, _ = model.encode(x)
     return mu.numpy().astype(np.float32, copy=False)
+
+
+def posterior_samples(per_image: int = 1, seed: int = 0) -> np.ndarray:
+    """``per_image`` draws ``mu + sd * eps`` from each image's posterior q(z|x), seeded: float32
+    ``(1797 * per_image, 8)`` (the index set of posterior samples, docs/evidence.md)."""
+    model = load_vae()
+    x = torch.from_numpy(digits_pixels())
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn((per_image, *mu.shape), generator=generator)
+    draws = mu[None] + torch.exp(0.5 * logvar)[None] * eps
+    return draws.reshape(-1, LATENT_DIM).numpy().astype(np.float32, copy=False)

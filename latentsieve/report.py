@@ -1,0 +1,412 @@
+"""``latentsieve report``: does rejecting low scores keep better samples, for one model?
+
+For the seeds of the model's sampler the report scores ``log_density`` (and the descriptors, when
+the model has a generator), gets a per-seed quality (the user's ``--quality FILE.csv``, and for
+the bundled demo models the digits classifier's proxies), and measures with bootstrap 95%
+intervals (docs/evidence.md explains each experiment and its paper section):
+
+- ``spearman``: rank correlation of every score with every quality, against baselines that do not
+  use the index (prior log-likelihood of the draw, a random score) and the 1-NN distance;
+- ``rejection``: mean quality kept when the lowest 10/25/50% (and the default policy's share)
+  are rejected, against rejecting as many at random;
+- ``bandwidth_sweep``: the correlation at other bandwidths, including ``--sigma auto`` rules;
+- ``truncation``: mean score and quality of draws scaled by t (the truncation trick's analogue);
+- ``precision_recall``: Kynkaanniemi precision/recall of the kept samples (demo models);
+- grids of the best and worst samples by score when the generator's output is an image.
+
+It writes ``report.json`` (every number) and ``index.html`` (the plots) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from index.bandwidth import knn_median_sigma
+from index.store import LatentStore
+from workers.evidence import (
+    REJECT_FRACTIONS,
+    mask_gain,
+    mean_interval,
+    precision_recall_table,
+    rejection_table,
+    spearman_interval,
+)
+from workers.policy import decide
+from workers.samplers import MAX_SEED, draw_latents
+from workers.scoring import ModelScorer
+
+MIN_SEEDS = 20
+GRID_SIZE = 16
+SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
+AUTO_RULE_NEIGHBOURS = (1, 3, 10)
+TRUNCATION_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+TRUNCATION_SEEDS = 1000
+BASELINES = ("prior_log_likelihood", "nearest_neighbour", "random")
+
+
+class ReportError(ValueError):
+    """A report that cannot be made from these inputs (reported as one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class QualityProxy:
+    """Quality proxies of a known generator's outputs: ``proxies(images)`` -> {name: (n,)};
+    ``features``/``real_features`` feed precision and recall."""
+
+    proxies: Callable[[np.ndarray], dict[str, np.ndarray]]
+    features: Callable[[np.ndarray], np.ndarray]
+    real_features: np.ndarray
+    description: dict[str, str]
+
+
+@dataclass
+class ReportData:
+    """Everything measured, kept for the page: arrays for plots beside the JSON numbers."""
+
+    numbers: dict[str, Any]
+    log_density: np.ndarray
+    calibration: np.ndarray
+    quality: dict[str, np.ndarray]
+    images: np.ndarray | None = None  # (n, H, W) or (n, H, W, 3) in [0, 1]
+    order: np.ndarray | None = None  # seed rows by descending log_density
+    seeds: list[int] = field(default_factory=list)
+
+
+def read_quality_csv(path: Path) -> dict[int, float]:
+    """``seed,quality`` rows -> {seed: quality}; every problem names its line."""
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(f"--quality {path}: {exc.strerror or exc}") from exc
+    values: dict[int, float] = {}
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [cell.strip() for cell in header] != ["seed", "quality"]:
+            raise ReportError(f"--quality {path}: the first line must be the header 'seed,quality'")
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                raise ReportError(
+                    f"--quality {path}, line {line}: expected 2 fields, got {len(row)}"
+                )
+            try:
+                seed = int(row[0])
+                quality = float(row[1])
+            except ValueError as exc:
+                raise ReportError(
+                    f"--quality {path}, line {line}: seed must be an integer and quality a "
+                    f"number, got {row[0]!r}, {row[1]!r}"
+                ) from exc
+            if not 0 <= seed <= MAX_SEED:
+                raise ReportError(
+                    f"--quality {path}, line {line}: seed {seed} is outside [0, 2^64)"
+                )
+            if not math.isfinite(quality):
+                raise ReportError(f"--quality {path}, line {line}: quality must be finite")
+            if seed in values:
+                raise ReportError(f"--quality {path}, line {line}: seed {seed} appears twice")
+            values[seed] = quality
+    return values
+
+
+def _images(outputs: np.ndarray) -> np.ndarray | None:
+    """Generator outputs (n, ...) -> displayable images (n, H, W[, 3]) in [0, 1], or None."""
+    n = outputs.shape[0]
+    flat = outputs.reshape(n, -1)
+    side = math.isqrt(flat.shape[1])
+    if outputs.ndim == 2 and side * side == flat.shape[1]:
+        pictures = flat.reshape(n, side, side)
+    elif outputs.ndim == 4 and outputs.shape[1] in (1, 3):
+        pictures = np.moveaxis(outputs, 1, -1)
+        pictures = pictures[..., 0] if pictures.shape[-1] == 1 else pictures
+    else:
+        return None
+    low, high = float(pictures.min()), float(pictures.max())
+    if low < 0.0 or high > 1.0:  # e.g. [-1, 1] decoders: show the range the outputs span
+        pictures = (pictures - low) / max(high - low, 1e-12)
+    return np.asarray(pictures, dtype=np.float64)
+
+
+def _render(generator: torch.nn.Module, latents: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Generator outputs of source-space latents (n, d), in blocks of 512: (n, ...)."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, latents.shape[0], 512):
+            block = torch.from_numpy(latents[start : start + 512]).reshape(-1, *shape)
+            parts.append(generator(block).float().numpy())
+    return np.concatenate(parts)
+
+
+def _nearest_neighbour_score(index_latents: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Minus the L2 distance to the nearest training latent (higher = closer): (n,)."""
+    import faiss
+
+    search = faiss.IndexFlatL2(index_latents.shape[1])
+    search.add(np.ascontiguousarray(index_latents, dtype=np.float32))
+    squared, _ = search.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+    return np.asarray(-np.sqrt(np.maximum(squared[:, 0].astype(np.float64), 0.0)))
+
+
+def make_report(
+    scorer: ModelScorer,
+    seeds: Sequence[int],
+    user_quality: np.ndarray | None = None,
+    proxy: QualityProxy | None = None,
+    resamples: int = 1000,
+    progress: bool = True,
+) -> ReportData:
+    """Score ``seeds`` with ``scorer``'s model and measure every experiment (module docstring)."""
+    manifest = scorer.manifest
+    if scorer.seed_latents is None:
+        raise ReportError(
+            f"model {manifest.model!r} has no sampler, so it has no seeds to report on; "
+            "build it with --sampler"
+        )
+    if len(seeds) < MIN_SEEDS:
+        raise ReportError(f"a report needs at least {MIN_SEEDS} seeds, got {len(seeds)}")
+    stages = tqdm(total=7, desc="report", unit="stage", disable=not progress, file=sys.stderr)
+
+    def stage(name: str) -> None:
+        stages.set_postfix_str(name)
+        stages.update(1)
+
+    sigma = manifest.bandwidth.sigma
+    draws = draw_latents(scorer.seed_latents.recipe, seeds)
+    source = scorer.seed_latents.map(draws)
+    index_space = scorer.loaded.to_index_space(source)
+    names = sorted(scorer.descriptor_names)
+    batch = scorer.score(source, sigma, names)
+    log_density = batch.log_density
+    stage("scored")
+
+    images = None
+    quality: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    generator = scorer.descriptor_engine.generator if scorer.descriptor_engine else None
+    outputs = None
+    if generator is not None:
+        outputs = _render(generator, source, manifest.latent_shape)
+        images = _images(outputs)
+    if user_quality is not None:
+        quality["quality"] = user_quality
+        sources["quality"] = "the user's --quality file"
+    if proxy is not None and outputs is not None:
+        flat = outputs.reshape(outputs.shape[0], -1)
+        quality.update(proxy.proxies(flat))
+        sources.update(proxy.description)
+    stage("rendered")
+
+    rng = np.random.default_rng(0)
+    scores: dict[str, np.ndarray] = {"log_density": log_density}
+    scores.update({name: batch.descriptors[name] for name in names})
+    scores["prior_log_likelihood"] = (
+        -0.5 * (draws.double().reshape(len(seeds), -1) ** 2).sum(1).numpy()
+    )
+    scores["nearest_neighbour"] = _nearest_neighbour_score(scorer.loaded.latents, index_space)
+    scores["random"] = rng.random(len(seeds))
+    spearman = {
+        q: {s: spearman_interval(v, quality[q], resamples).as_dict() for s, v in scores.items()}
+        for q in quality
+    }
+    reasons = decide(batch.percentile, manifest.policy, batch.descriptor_percentiles)
+    accepted = np.array([not why for why in reasons])
+    policy_fraction = float(1.0 - accepted.mean())
+    fractions = tuple(sorted({*REJECT_FRACTIONS, round(policy_fraction, 6)} - {0.0}))
+    rejection = {q: rejection_table(log_density, quality[q], fractions, resamples) for q in quality}
+    curve = {
+        q: rejection_table(
+            log_density,
+            quality[q],
+            tuple(np.round(np.arange(0, 0.95, 0.1), 2)),
+            max(100, resamples // 5),
+        )
+        for q in quality
+    }
+    stage("correlations")
+
+    sweep = _bandwidth_sweep(scorer, index_space, quality, sigma, resamples)
+    stage("bandwidths")
+    truncation = _truncation(scorer, draws, generator, proxy, resamples)
+    stage("truncation")
+    precision_recall = None
+    if proxy is not None and outputs is not None:
+        generated = proxy.features(outputs.reshape(outputs.shape[0], -1))
+        precision_recall = precision_recall_table(
+            log_density, proxy.real_features, generated, REJECT_FRACTIONS, max(50, resamples // 5)
+        )
+    stage("precision and recall")
+
+    numbers: dict[str, Any] = {
+        "model": manifest.model,
+        "index_version": manifest.version,
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seeds": {"count": len(seeds), "first": int(seeds[0]), "last": int(seeds[-1])},
+        "sigma": sigma,
+        "bandwidth": manifest.bandwidth.model_dump(),
+        "space": manifest.projection.model_dump() if manifest.projection else {"method": "raw"},
+        "latent_set": manifest.latent_set,
+        "mapping": manifest.mapping.spec if manifest.mapping else None,
+        "bootstrap_resamples": resamples,
+        "quality_sources": sources,
+        "log_density": _quantiles(log_density),
+        "calibration": manifest.calibration.quantiles,
+        "policy": {
+            "min_percentile": manifest.policy.min_percentile,
+            "rejected_share": policy_fraction,
+            "gain": {q: mask_gain(accepted, quality[q], resamples).as_dict() for q in quality},
+        },
+        "spearman": spearman,
+        "rejection": rejection,
+        "keep_curve": curve,
+        "bandwidth_sweep": sweep,
+        "truncation": truncation,
+        "precision_recall": precision_recall,
+    }
+    stage("done")
+    stages.close()
+    return ReportData(
+        numbers,
+        log_density,
+        scorer.calibration(sigma),
+        quality,
+        images,
+        np.argsort(-log_density, kind="stable"),
+        [int(seed) for seed in seeds],
+    )
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    levels = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+    return {
+        f"q{level:g}": float(v)
+        for level, v in zip(levels, np.quantile(values, levels), strict=True)
+    }
+
+
+def _bandwidth_sweep(
+    scorer: ModelScorer,
+    index_space: np.ndarray,
+    quality: dict[str, np.ndarray],
+    sigma: float,
+    resamples: int,
+) -> list[dict[str, object]]:
+    """Spearman of log_density with each quality at multiples of the index's sigma and at the
+    ``--sigma auto`` rules (median distance to the k-th nearest training latent)."""
+    candidates: list[tuple[float, str]] = [
+        (sigma * m, f"{m:g} x index sigma") for m in SIGMA_MULTIPLES
+    ]
+    for k in AUTO_RULE_NEIGHBOURS:
+        rule = knn_median_sigma(np.ascontiguousarray(scorer.loaded.latents), k)
+        candidates.append((rule.sigma, f"auto, k = {k}"))
+    rows: list[dict[str, object]] = []
+    for value, label in sorted(candidates):
+        density = scorer.engine.log_density(index_space, value).log_density
+        rows.append(
+            {
+                "sigma": value,
+                "rule": label,
+                "spearman": {
+                    q: spearman_interval(density, quality[q], resamples).as_dict() for q in quality
+                },
+            }
+        )
+    return rows
+
+
+def _truncation(
+    scorer: ModelScorer,
+    draws: torch.Tensor,
+    generator: torch.nn.Module | None,
+    proxy: QualityProxy | None,
+    resamples: int,
+) -> list[dict[str, object]]:
+    """Draws scaled by t (the truncation trick's analogue): mean log_density and, when the
+    generator's outputs have proxies, mean quality, each with its bootstrap interval."""
+    assert scorer.seed_latents is not None
+    base = draws[:TRUNCATION_SEEDS].float()
+    rows: list[dict[str, object]] = []
+    for scale in TRUNCATION_SCALES:
+        source = scorer.seed_latents.map(base * scale)
+        index_space = scorer.loaded.to_index_space(source)
+        density = scorer.engine.log_density(
+            index_space, scorer.manifest.bandwidth.sigma
+        ).log_density
+        row: dict[str, object] = {
+            "scale": scale,
+            "log_density": mean_interval(density, resamples).as_dict(),
+        }
+        if generator is not None and proxy is not None:
+            outputs = _render(generator, source, scorer.manifest.latent_shape)
+            row["quality"] = {
+                name: mean_interval(values, resamples).as_dict()
+                for name, values in proxy.proxies(outputs.reshape(outputs.shape[0], -1)).items()
+            }
+        rows.append(row)
+    return rows
+
+
+def demo_quality_proxy(generator_spec: str | None) -> QualityProxy | None:
+    """The digits classifier's proxies when the generator is a bundled digits decoder."""
+    from latentsieve.demo import DEMO_GENERATOR
+
+    if generator_spec != DEMO_GENERATOR:
+        return None
+    from workers.demo_models.digits_quality import digits_quality
+
+    judge = digits_quality()
+    return QualityProxy(
+        judge.proxies,
+        judge.features,
+        judge.real_features,
+        {
+            "confidence": "top-class probability of an MLP classifier trained on the real digits",
+            "realism": "realism score (Kynkaanniemi et al., 2019) in that classifier's features",
+        },
+    )
+
+
+def run_report(
+    store_root: Path,
+    model: str,
+    out: Path,
+    seeds: Sequence[int] | None = None,
+    quality_file: Path | None = None,
+    resamples: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``latentsieve report``: build the report of ``model`` and write it into ``out``."""
+    from latentsieve.report_page import write_page
+
+    store = LatentStore(store_root)
+    if model not in store.models():
+        raise ReportError(f"unknown model {model!r} in {store_root}; see 'index list'")
+    user_quality = None
+    if quality_file is not None:
+        table = read_quality_csv(quality_file)
+        if seeds is not None and set(seeds) != set(table):
+            raise ReportError(
+                f"--quality {quality_file} has {len(table)} seeds that are not exactly --seeds "
+                f"({len(seeds)} seeds); give one or make them agree"
+            )
+        seeds = sorted(table)
+        user_quality = np.array([table[seed] for seed in seeds])
+    seeds = range(0, 2000) if seeds is None else seeds
+    scorer = ModelScorer(store.load(model))
+    generator = scorer.manifest.generator
+    proxy = demo_quality_proxy(generator.spec if generator else None)
+    data = make_report(scorer, seeds, user_quality, proxy, resamples, progress)
+    write_page(data, out)
+    return data.numbers
