@@ -30,15 +30,33 @@ def sections(text: str) -> dict[str, str]:
     return {match.group(1): match.group(2) for match in pattern.finditer(text)}
 
 
-def write_section(name: str, markdown: str, page: Path = PAGE) -> None:
-    """Replace section ``name`` of ``page`` with ``markdown`` (headings ``##`` and below)."""
-    if name not in ORDER:
-        raise ValueError(f"unknown section {name!r}; known: {', '.join(ORDER)}")
-    found = sections(page.read_text(encoding="utf-8")) if page.exists() else {}
-    found[name] = markdown.rstrip("\n") + "\n"
-    parts = [TITLE]
-    for known in ORDER:
-        if known in found:
-            parts.append(f"{_marker(known, 'begin')}\n{found[known]}{_marker(known, 'end')}\n")
+def write_section(
+    name: str,
+    markdown: str,
+    page: Path = PAGE,
+    order: tuple[str, ...] = ORDER,
+    title: str = TITLE,
+) -> None:
+    """Replace section ``name`` of ``page`` with ``markdown`` (headings ``##`` and below).
+
+    The rest of the page, hand-written text between sections included, stays as it is. A new
+    section goes before the first present section that follows it in ``order`` (else at the
+    end); a missing page is created with ``title``."""
+    if name not in order:
+        raise ValueError(f"unknown section {name!r}; known: {', '.join(order)}")
+    text = page.read_text(encoding="utf-8") if page.exists() else title
+    block = f"{_marker(name, 'begin')}\n{markdown.rstrip(chr(10))}\n{_marker(name, 'end')}\n"
+    pattern = re.compile(
+        rf"{re.escape(_marker(name, 'begin'))}\n.*?{re.escape(_marker(name, 'end'))}\n?",
+        re.DOTALL,
+    )
+    if pattern.search(text):
+        text = pattern.sub(lambda _match: block, text, count=1)
+    else:
+        later = [text.index(_marker(k, "begin")) for k in order[order.index(name) + 1 :]
+                 if _marker(k, "begin") in text]
+        at = min(later) if later else len(text)
+        before = text[:at].rstrip("\n") + "\n\n"
+        text = before + block + ("\n" + text[at:] if at < len(text) else "")
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("\n".join(parts), encoding="utf-8")
+    page.write_text(text, encoding="utf-8")

@@ -56,6 +56,7 @@ _ADD_BLOCK = 65_536
 # Chosen by docs/evidence.md: dropping inactive coordinates is what made the demo VAE's score
 # predict quality at all, and it is the identity on latents whose coordinates are all active.
 DEFAULT_SPACE = "active"
+SPACE_REFERENCE_DRAWS = 2048  # mapped draws whose variance --space active compares against
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class CalibrationResult:
 
 
 Calibrator = Callable[[CalibrationRequest], CalibrationResult]
+# (sampler, mapping, staged version folder, seeds) -> the index-space queries those seeds make
+QueryDraws = Callable[[SamplerRecipe, ModuleReference, Path, range], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -183,15 +186,19 @@ def check_options(options: BuildOptions) -> None:
 
 
 def choose_space(
-    options: BuildOptions, latents: np.ndarray, has_sampler: bool, has_mapping: bool
+    options: BuildOptions,
+    latents: np.ndarray,
+    has_sampler: bool,
+    query_variance: np.ndarray | float | None,
 ) -> tuple[Projection, tuple[np.ndarray, np.ndarray]] | None:
     """The index space of ``--pca`` / ``--space`` over (N, d) latents: the manifest's
     Projection and its (mean, components), or None when the space is the latents as sent.
 
-    ``active`` compares each coordinate's variance among the training latents with the
-    variance of what the sampler sends there: 1 for N(0, I) draws scored as drawn, the largest
-    coordinate variance of the training latents behind a mapping. Without a sampler nothing
-    says what queries look like, so every coordinate is kept.
+    ``active`` keeps coordinate j when the training latents' variance there is at least
+    ``threshold`` times the variance of what the sampler sends there (``query_variance``: 1
+    for N(0, I) draws scored as drawn, measured on mapped draws; None: a mapped sampler nobody
+    measured, against the largest training variance). Without a sampler nothing says what
+    queries look like, so every coordinate is kept.
     """
     n, dim = latents.shape
     if options.pca is not None:
@@ -203,8 +210,12 @@ def choose_space(
     if space == "raw" or (space == "active" and not has_sampler):
         return None
     _, variance = coordinate_variances(latents)
-    if has_sampler and not has_mapping:
-        reference, described = 1.0, "the sampler's N(0, 1) draws"
+    reference: np.ndarray | float
+    if isinstance(query_variance, float):
+        reference, described = query_variance, "the sampler's N(0, 1) draws"
+    elif query_variance is not None:
+        reference = query_variance
+        described = f"the mapped sampler's draws ({SPACE_REFERENCE_DRAWS} calibration seeds)"
     elif has_sampler:
         reference, described = float(variance.max()), "the largest training-latent variance"
     else:  # standardized without a sampler: scale every coordinate, drop none
@@ -284,9 +295,16 @@ def write_descriptor_calibration(
     return settings
 
 
-def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrator) -> Path:
+def build_version(
+    store: LatentStore,
+    options: BuildOptions,
+    calibrate: Calibrator,
+    draw_queries: QueryDraws | None = None,
+) -> Path:
     """Validate, build, calibrate and publish a new version; returns its folder.
 
+    ``draw_queries`` (the workers' sampler and mapping) shows ``--space active`` what a mapped
+    sampler sends; without it a mapped sampler's reference is the largest training variance.
     Any failure raises StoreError (or the calibrator's error) and leaves nothing in the store.
     """
     check_options(options)
@@ -295,11 +313,6 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
     source_latents = raw.reshape(raw.shape[0], -1)
     n, dim = source_latents.shape
     sampler = SamplerRecipe.parse(options.sampler, latent_shape) if options.sampler else None
-    space = choose_space(options, source_latents, sampler is not None, options.mapping is not None)
-    projection = space[0] if space is not None else None
-    pca_arrays = space[1] if space is not None else None
-    latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
-    bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
     if sampler is not None and options.mapping is None:
         numel = int(np.prod(sampler.shape))
         if numel != dim:
@@ -312,14 +325,31 @@ def build_version(store: LatentStore, options: BuildOptions, calibrate: Calibrat
     source_sha = sha256_file(options.latents_file)
     created = datetime.now(UTC)
     with store.staging(options.model) as staged:
+        for reference in (generator, mapping):
+            if reference is not None:
+                copy_module_file(reference, staged)
+        query_variance: np.ndarray | float | None = None
+        if sampler is not None and mapping is None:
+            query_variance = 1.0  # N(0, I) draws scored as drawn
+        elif sampler is not None and mapping is not None and draw_queries is not None:
+            seeds = range(CALIBRATION_SEED_START, CALIBRATION_SEED_START + SPACE_REFERENCE_DRAWS)
+            queries = draw_queries(sampler, mapping, staged, seeds)
+            if queries.shape[1] != dim:
+                raise StoreError(
+                    f"--mapping {mapping.spec} sends {queries.shape[1]} numbers per latent, "
+                    f"the index latents have {dim}"
+                )
+            query_variance = coordinate_variances(queries)[1]
+        space = choose_space(options, source_latents, sampler is not None, query_variance)
+        projection = space[0] if space is not None else None
+        pca_arrays = space[1] if space is not None else None
+        latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
+        bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
         search = write_index(
             options.kind, latents, staged / INDEX_FILE, options.neighbours, options.progress
         )
         if projection is not None and pca_arrays is not None:
             np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
-        for reference in (generator, mapping):
-            if reference is not None:
-                copy_module_file(reference, staged)
         wanted = options.descriptors if generator is not None else None
         rows: np.ndarray | None = None
         if sampler is not None:

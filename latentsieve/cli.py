@@ -176,7 +176,7 @@ def _build(args: argparse.Namespace) -> int:
     from index.manifest import Policy
     from index.projection import ACTIVE_THRESHOLD
     from index.store import LatentStore
-    from workers.calibration import calibrate_build
+    from workers.calibration import calibrate_build, draw_mapped_queries
 
     options = BuildOptions(
         model=args.model,
@@ -203,7 +203,9 @@ def _build(args: argparse.Namespace) -> int:
         neighbours=_whole(args.neighbours, DEFAULT_NEIGHBOURS),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    folder = build_version(LatentStore(args.store), options, calibrate_build)
+    folder = build_version(
+        LatentStore(args.store), options, calibrate_build, draw_mapped_queries
+    )
     print(json.dumps({"model": options.model, "version": folder.name, "path": str(folder)}))
     return 0
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from index.build import BuildOptions, build_version
 from index.store import LatentStore
-from workers.calibration import calibrate_build
+from workers.calibration import calibrate_build, draw_mapped_queries
 from workers.demo_models.digits_vae import LATENT_DIM, training_latents
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,9 @@ DEMO_MODEL = "digits-vae"
 DEMO_GENERATOR = "workers.demo_models.digits_vae:decoder"
 LDM_MODEL = "digits-ldm"
 LDM_MAPPING = "workers.demo_models.digits_ldm:sampler"
+LDM_GENERATOR = "workers.demo_models.digits_ldm:generator"  # noise -> pixels, whole pipeline
+# Generators whose outputs are 8x8 digits: the report judges them with the digits classifier.
+DIGITS_GENERATORS = frozenset({DEMO_GENERATOR, LDM_GENERATOR})
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
         mapping=recipe.mapping,
         progress=False,
     )
-    return build_version(store, options, calibrate_build).name
+    return build_version(store, options, calibrate_build, draw_mapped_queries).name
 
 
 def ensure_demo_indexes(store_root: Path) -> dict[str, str]:

@@ -160,6 +160,9 @@ def _nearest_neighbour_score(index_latents: np.ndarray, queries: np.ndarray) -> 
     return np.asarray(-np.sqrt(np.maximum(squared[:, 0].astype(np.float64), 0.0)))
 
 
+SECTIONS = frozenset({"curves", "bandwidth_sweep", "truncation", "precision_recall"})
+
+
 def make_report(
     scorer: ModelScorer,
     seeds: Sequence[int],
@@ -167,8 +170,10 @@ def make_report(
     proxy: QualityProxy | None = None,
     resamples: int = 1000,
     progress: bool = True,
+    sections: frozenset[str] = SECTIONS,
 ) -> ReportData:
-    """Score ``seeds`` with ``scorer``'s model and measure every experiment (module docstring)."""
+    """Score ``seeds`` with ``scorer``'s model and measure every experiment (module docstring);
+    correlations and rejection tables always, the optional ``sections`` when named."""
     manifest = scorer.manifest
     if scorer.seed_latents is None:
         raise ReportError(
@@ -226,23 +231,40 @@ def make_report(
     policy_fraction = float(1.0 - accepted.mean())
     fractions = tuple(sorted({*REJECT_FRACTIONS, round(policy_fraction, 6)} - {0.0}))
     rejection = {q: rejection_table(log_density, quality[q], fractions, resamples) for q in quality}
-    curve = {
-        q: rejection_table(
-            log_density,
-            quality[q],
-            tuple(np.round(np.arange(0, 0.95, 0.1), 2)),
-            max(100, resamples // 5),
-        )
-        for q in quality
+    by_score = {
+        name: {
+            q: rejection_table(values, quality[q], REJECT_FRACTIONS, max(100, resamples // 5))
+            for q in quality
+        }
+        for name, values in _oriented(scores).items()
     }
+    curve = (
+        {}
+        if "curves" not in sections
+        else {
+            q: rejection_table(
+                log_density,
+                quality[q],
+                tuple(np.round(np.arange(0, 0.95, 0.1), 2)),
+                max(100, resamples // 5),
+            )
+            for q in quality
+        }
+    )
     stage("correlations")
 
-    sweep = _bandwidth_sweep(scorer, index_space, quality, sigma, resamples)
+    sweep = (
+        _bandwidth_sweep(scorer, index_space, quality, sigma, resamples)
+        if "bandwidth_sweep" in sections
+        else []
+    )
     stage("bandwidths")
-    truncation = _truncation(scorer, draws, generator, proxy, resamples)
+    truncation = (
+        _truncation(scorer, draws, generator, proxy, resamples) if "truncation" in sections else []
+    )
     stage("truncation")
     precision_recall = None
-    if proxy is not None and outputs is not None:
+    if proxy is not None and outputs is not None and "precision_recall" in sections:
         generated = proxy.features(outputs.reshape(outputs.shape[0], -1))
         precision_recall = precision_recall_table(
             log_density, proxy.real_features, generated, REJECT_FRACTIONS, max(50, resamples // 5)
@@ -270,6 +292,7 @@ def make_report(
         },
         "spearman": spearman,
         "rejection": rejection,
+        "rejection_by_score": by_score,
         "keep_curve": curve,
         "bandwidth_sweep": sweep,
         "truncation": truncation,
@@ -286,6 +309,21 @@ def make_report(
         np.argsort(-log_density, kind="stable"),
         [int(seed) for seed in seeds],
     )
+
+
+def _oriented(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores other than log_density and random, each both ways round for the descriptors
+    (``psi_high_rejected`` is -psi: rejecting its lowest rejects the highest psi)."""
+    oriented: dict[str, np.ndarray] = {}
+    for name, values in scores.items():
+        if name in ("log_density", "random"):
+            continue
+        if name in ("psi", "nu", "delta"):
+            oriented[f"{name}_low_rejected"] = values
+            oriented[f"{name}_high_rejected"] = -values
+        else:
+            oriented[name] = values
+    return oriented
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
@@ -359,10 +397,10 @@ def _truncation(
 
 
 def demo_quality_proxy(generator_spec: str | None) -> QualityProxy | None:
-    """The digits classifier's proxies when the generator is a bundled digits decoder."""
-    from latentsieve.demo import DEMO_GENERATOR
+    """The digits classifier's proxies when the generator is a bundled digits generator."""
+    from latentsieve.demo import DIGITS_GENERATORS
 
-    if generator_spec != DEMO_GENERATOR:
+    if generator_spec not in DIGITS_GENERATORS:
         return None
     from workers.demo_models.digits_quality import digits_quality
 

@@ -341,6 +341,18 @@ def page_html(data: ReportData) -> str:
                 ],
             )
         )
+    if n["rejection_by_score"] and data.quality:
+        sections.append("<h2>Rejecting by other scores: gain in mean quality [95%]</h2>")
+        qualities = list(data.quality)
+        sections.append(
+            _table(
+                ["score", *[f"{q}, {f:.0%} rejected" for q in qualities for f in (0.1, 0.25, 0.5)]],
+                [
+                    [name, *[_ci(row["gain"]) for q in qualities for row in tables[q]]]
+                    for name, tables in n["rejection_by_score"].items()
+                ],
+            )
+        )
     if n["bandwidth_sweep"] and data.quality:
         sections.append("<h2>Bandwidth sweep</h2>")
         sweep = n["bandwidth_sweep"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -16,7 +17,7 @@ from index.build import (
     DescriptorCalibration,
     DescriptorOptions,
 )
-from index.manifest import DESCRIPTOR_NAMES
+from index.manifest import DESCRIPTOR_NAMES, ModuleReference, SamplerRecipe
 from index.projection import project
 from workers.approximate import measure_error, open_density
 from workers.density import DensityEngine, DensityScorer
@@ -122,6 +123,13 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         measured,
         states,
     )
+
+
+def draw_mapped_queries(
+    sampler: SamplerRecipe, mapping: ModuleReference, version_dir: Path, seeds: range
+) -> np.ndarray:
+    """What a mapped sampler sends for ``seeds``: (n, d) float32 (the build's QueryDraws)."""
+    return SeedLatents(sampler, load_module(mapping, version_dir)).draw(seeds)
 
 
 def _projected(draw: Draw, projection: tuple[np.ndarray, np.ndarray]) -> Draw:
