@@ -219,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         for number, variant in enumerate(VARIANTS):
             started = time.perf_counter()
             scorer = build(store, folder, variant, f"v{number}")
+            # Descriptors once per model (they do not depend on the index set).
+            first = all(row["model"] != variant.model for row in rows)
             data = make_report(scorer, seeds, None, proxy, args.bootstrap, progress=False,
-                               sections=frozenset())
+                               sections=frozenset({"descriptors"} if first else ()))
             numbers = data.numbers
             projection = scorer.manifest.projection
             row = {

@@ -160,7 +160,9 @@ def _nearest_neighbour_score(index_latents: np.ndarray, queries: np.ndarray) -> 
     return np.asarray(-np.sqrt(np.maximum(squared[:, 0].astype(np.float64), 0.0)))
 
 
-SECTIONS = frozenset({"curves", "bandwidth_sweep", "truncation", "precision_recall"})
+SECTIONS = frozenset(
+    {"descriptors", "curves", "bandwidth_sweep", "truncation", "precision_recall"}
+)
 
 
 def make_report(
@@ -192,7 +194,7 @@ def make_report(
     draws = draw_latents(scorer.seed_latents.recipe, seeds)
     source = scorer.seed_latents.map(draws)
     index_space = scorer.loaded.to_index_space(source)
-    names = sorted(scorer.descriptor_names)
+    names = sorted(scorer.descriptor_names) if "descriptors" in sections else []
     batch = scorer.score(source, sigma, names)
     log_density = batch.log_density
     stage("scored")

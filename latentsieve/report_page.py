@@ -29,6 +29,24 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7
 def png_data_uri(image: np.ndarray, scale: int = 4) -> str:
     """A grey (H, W) or RGB (H, W, 3) image in [0, 1] as a ``data:image/png`` URI, each pixel
     drawn as a ``scale`` x ``scale`` block."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, scale)).decode()
+
+
+def tile(images: np.ndarray, columns: int = 8, gap: int = 1) -> np.ndarray:
+    """(k, H, W[, 3]) images in [0, 1] -> one image of ``columns`` per row, white gaps."""
+    k, height, width = images.shape[:3]
+    rows = -(-k // columns)
+    shape = (rows * (height + gap) - gap, columns * (width + gap) - gap, *images.shape[3:])
+    out = np.ones(shape)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        out[top : top + height, left : left + width] = image
+    return out
+
+
+def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
+    """A grey (H, W) or RGB (H, W, 3) image in [0, 1] as PNG bytes (``scale`` x ``scale``
+    pixel blocks), written with zlib alone."""
     pixels = np.clip(np.round(np.asarray(image, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
     pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     colour = 2 if pixels.ndim == 3 else 0
@@ -42,7 +60,7 @@ def png_data_uri(image: np.ndarray, scale: int = 4) -> str:
 
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-    return "data:image/png;base64," + base64.b64encode(png + chunk(b"IEND", b"")).decode()
+    return png + chunk(b"IEND", b"")
 
 
 def _scale(low: float, high: float, start: float, stop: float) -> Any:
@@ -437,9 +455,13 @@ def finite_json(value: Any) -> Any:
 
 
 def write_page(data: ReportData, out: Path) -> None:
-    """Write ``report.json`` and ``index.html`` into ``out`` (created if missing)."""
+    """Write ``report.json``, ``index.html`` and, with images, ``grid_highest.png`` and
+    ``grid_lowest.png`` (16 samples each, best or worst first) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(
         json.dumps(finite_json(data.numbers), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
     (out / "index.html").write_text(page_html(data), encoding="utf-8")
+    if data.images is not None and data.order is not None:
+        for name, rows in (("highest", data.order[:16]), ("lowest", data.order[::-1][:16])):
+            (out / f"grid_{name}.png").write_bytes(png_bytes(tile(data.images[rows]), 4))

@@ -35,7 +35,7 @@ def demo_report(store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     assert run_report(store_root, out, "--seeds", f"{SEEDS[0]}-{SEEDS[-1]}") == 0
     assert store_listing(store_root) == before  # a report never writes to the store
     page = (out / "index.html").read_text(encoding="utf-8")
-    return {"numbers": json.loads((out / "report.json").read_text()), "page": page}
+    return {"numbers": json.loads((out / "report.json").read_text()), "page": page, "out": out}
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,18 @@ def test_quality_seeds_must_agree_with_seeds(
     csv = write_quality(tmp_path / "q.csv", ["seed,quality", *[f"{s},1" for s in range(30)]])
     assert run_report(store_root, tmp_path / "out", "--quality", str(csv), "--seeds", "0-39") == 2
     assert "not exactly --seeds" in capsys.readouterr().err
+
+
+def test_grid_png_holds_the_best_samples(
+    demo_report: dict[str, Any], recomputed: dict[str, np.ndarray], store_root: Path
+) -> None:
+    from PIL import Image  # Pillow comes with diffusers, in the dev extra
+
+    grid = Image.open(demo_report["out"] / "grid_highest.png")
+    assert grid.size == ((8 * 9 - 1) * 4, (2 * 9 - 1) * 4) and grid.mode == "L"
+    pixels = np.asarray(grid, dtype=np.float64)[::4, ::4]  # one value per 4 x 4 block
+    best = int(np.argmax(recomputed["log_density"]))
+    scorer = ModelScorer(LatentStore(store_root).load(MODEL))
+    with torch.no_grad():
+        image = decoder()(torch.from_numpy(scorer.draw([SEEDS[best]]))).numpy().reshape(8, 8)
+    np.testing.assert_allclose(pixels[:8, :8], np.round(image * 255), atol=0.5)

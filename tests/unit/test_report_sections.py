@@ -44,3 +44,20 @@ def test_the_shipped_page_has_every_section() -> None:
     assert set(report.sections((ROOT / "docs" / "performance.md").read_text())) == set(
         report.ORDER
     )
+
+
+def test_hand_written_text_between_sections_survives(tmp_path: Path) -> None:
+    report = load_report()
+    page = tmp_path / "evidence.md"
+    order = ("a", "b", "c")
+    page.write_text("# Evidence\n\nIntro.\n")
+    report.write_section("c", "## C\n\nold c", page, order)
+    report.write_section("a", "## A\n\nfirst", page, order)
+    page.write_text(page.read_text().replace("<!-- end a -->\n", "<!-- end a -->\nBetween.\n"))
+    report.write_section("a", "## A\n\nsecond", page, order)
+    report.write_section("b", "## B\n\nb", page, order)
+    text = page.read_text()
+    assert report.sections(text)["a"] == "## A\n\nsecond\n"
+    assert text.startswith("# Evidence\n\nIntro.\n")
+    assert "<!-- end a -->\nBetween.\n" in text and "first" not in text
+    assert text.index("second") < text.index("## B") < text.index("old c")
