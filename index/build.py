@@ -139,6 +139,7 @@ class BuildOptions:
     mapping: str | None = None
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
     min_percentile: float = Policy().min_percentile
+    policy: Policy | None = None  # the whole default policy (--policy JSON); wins over the above
     descriptors: DescriptorOptions = DescriptorOptions()
     neighbours: int = DEFAULT_NEIGHBOURS
     progress: bool = True
@@ -166,6 +167,11 @@ def check_options(options: BuildOptions) -> None:
         )
     if options.pca is not None and options.space not in (None, "raw"):
         raise StoreError(f"--pca and --space {options.space} both choose the space; give one")
+    bounded = options.policy.descriptor_bounds() if options.policy is not None else {}
+    if bounded and options.generator is None:
+        raise StoreError(
+            f"the policy bounds {', '.join(sorted(bounded))}, which needs a --generator"
+        )
     threshold = options.active_threshold
     if not (math.isfinite(threshold) and threshold > 0):
         raise StoreError(f"--active-threshold must be a finite number > 0, got {threshold}")
@@ -401,6 +407,13 @@ def build_version(
             if wanted is not None and result.descriptors is not None
             else None
         )
+        computed = set(descriptor_settings.names) if descriptor_settings is not None else set()
+        bounded = set(options.policy.descriptor_bounds()) if options.policy else set()
+        if bounded - computed:
+            raise StoreError(
+                f"the policy bounds {', '.join(sorted(bounded - computed))}, which this "
+                "generator does not compute (a TorchScript generator has psi and nu only)"
+            )
         calibration = Calibration(
             source=request.source,  # type: ignore[arg-type]
             count=count,
@@ -432,7 +445,7 @@ def build_version(
             mapping=mapping,
             calibration=calibration,
             descriptors=descriptor_settings,
-            policy=Policy(min_percentile=options.min_percentile),
+            policy=options.policy or Policy(min_percentile=options.min_percentile),
             source_file=str(options.latents_file),
             source_sha256=source_sha,
             files=files,

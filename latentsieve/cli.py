@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
     _add(build, "calibration-count", type=int, default=None)
     _add(build, "min-percentile", type=float, default=None, help="default policy")
+    _add(build, "policy", default=None,
+         help='the whole default policy as JSON, e.g. \'{"min_percentile": 0.05, '
+              '"psi": {"max_percentile": 0.9}}\'')
     _add(build, "descriptor-calibration-count", type=int, default=None,
          help="latents whose psi/nu/delta calibrate descriptor percentiles (default 1000)")
     _add(build, "projection-rows", type=int, default=None, help="m of P (default 120)")
@@ -199,6 +202,7 @@ def _build(args: argparse.Namespace) -> int:
             if args.min_percentile is not None
             else Policy().min_percentile
         ),
+        policy=_policy(args.policy, args.min_percentile),
         descriptors=_descriptor_options(args),
         neighbours=_whole(args.neighbours, DEFAULT_NEIGHBOURS),
         progress=not args.no_progress and sys.stderr.isatty(),
@@ -208,6 +212,26 @@ def _build(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"model": options.model, "version": folder.name, "path": str(folder)}))
     return 0
+
+
+def _policy(text: str | None, min_percentile: float | None) -> Policy | None:
+    """``--policy JSON`` as a Policy (None when not given); refused with --min-percentile."""
+    from pydantic import ValidationError
+
+    from index.manifest import Policy
+
+    if text is None:
+        return None
+    if min_percentile is not None:
+        raise CliError("--policy and --min-percentile both set the policy; give one")
+    try:
+        return Policy.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'policy'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise CliError(f"--policy {text!r}: {problems}") from exc
 
 
 def _whole(value: str | int | None, default: int) -> int:

@@ -134,3 +134,63 @@ def test_bandwidth_neighbours_is_recorded(tmp_path: Path, vae_like: Path) -> Non
     manifest = LatentStore(tmp_path / "s").load("m").manifest
     assert manifest.bandwidth.rule == "knn_median" and manifest.bandwidth.k == 5
     assert manifest.latent_set == "encoder-means"
+
+
+@pytest.fixture(scope="module")
+def digits_means(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workers.demo_models.digits_vae import training_latents
+
+    path = tmp_path_factory.mktemp("digits") / "means.npy"
+    np.save(path, training_latents())
+    return path
+
+
+def build_digits(store: Path, source: Path, *extra: str) -> int:
+    return main(["index", "build", "--store", str(store), "--model", "d", "--latents",
+                 str(source), "--sampler", "torch-cpu", "--calibration-count", "200",
+                 "--generator", "workers.demo_models.digits_vae:decoder",
+                 "--descriptor-calibration-count", "100", "--no-progress", *extra])
+
+
+def test_policy_json_becomes_the_default_policy(
+    tmp_path: Path, digits_means: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = '{"min_percentile": 0.1, "psi": {"max_percentile": 0.8}}'
+    assert build_digits(tmp_path / "s", digits_means, "--policy", policy) == 0
+    manifest = LatentStore(tmp_path / "s").load("d").manifest
+    assert manifest.policy.min_percentile == 0.1
+    assert manifest.policy.psi is not None and manifest.policy.psi.max_percentile == 0.8
+    capsys.readouterr()
+    assert main(["score", "--store", str(tmp_path / "s"), "--model", "d", "--seeds",
+                 "0-199"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    for result in results:  # the default policy computes psi and applies its bound
+        too_high = result["descriptors"]["psi_percentile"] > 0.8
+        assert ("psi_percentile_above_max" in result["reasons"]) == too_high
+    assert any("psi_percentile_above_max" in result["reasons"] for result in results)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--policy", "{"], "--policy"),
+        (["--policy", '{"min_percentile": "0.5"}'], "min_percentile"),
+        (["--policy", '{"psi": {"max": 0.5}}'], "psi.max"),
+        (["--policy", "{}", "--min-percentile", "0.1"], "give one"),
+    ],
+)
+def test_bad_policies_exit_2(
+    tmp_path: Path, digits_means: Path, extra: list[str], message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert build_digits(tmp_path / "s", digits_means, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() or LatentStore(tmp_path / "s").models() == []
+
+
+def test_a_descriptor_bound_needs_a_generator(
+    tmp_path: Path, vae_like: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert build(tmp_path / "s", vae_like, "--sampler", "torch-cpu", "--policy",
+                 '{"psi": {"max_percentile": 0.9}}') == 2
+    assert "needs a --generator" in capsys.readouterr().err
