@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.bandwidth import AUTO_K, choose_bandwidth
+from index.bandwidth import AUTO_K, choose_bandwidth, parse_sigma
 from index.checksums import sha256_file
 from index.errors import StoreError
 from index.latent_files import load_latents
@@ -326,6 +326,9 @@ def build_version(
                 f"--sampler draws {numel} numbers per latent ({sampler}), the index latents "
                 f"have {dim}; give a --mapping or a matching shape"
             )
+    if options.pca is not None and options.pca > dim:
+        raise StoreError(f"--pca {options.pca} is larger than the latent size {dim}")
+    parse_sigma(options.sigma)  # refused before the staging folder is made
     generator = resolve_module_spec(options.generator, "generator") if options.generator else None
     mapping = resolve_module_spec(options.mapping, "mapping") if options.mapping else None
     source_sha = sha256_file(options.latents_file)

@@ -12,11 +12,10 @@ import httpx
 import numpy as np
 import pytest
 
-from index.manifest import Policy
 from index.store import LatentStore
 from service.settings import Settings
 from workers.demo_models.digits_vae import training_latents
-from workers.policy import PERCENTILE_BELOW_MIN
+from workers.policy import PERCENTILE_BELOW_MIN, decide
 from workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +52,8 @@ async def test_nested_latents_match_the_scorer(
         [r["percentile"] for r in body["results"]], expected.percentile, atol=0
     )
     for result in body["results"]:
-        assert "seed" not in result and "descriptors" not in result
+        # The demo's default policy bounds psi, so psi is computed and returned with its rank.
+        assert "seed" not in result and set(result["descriptors"]) == {"psi", "psi_percentile"}
         assert result["error_bound"] == 0.0 and result["cached"] is False
         assert result["accept"] == (not result["reasons"])
     assert body["accepted"] == [i for i, r in enumerate(body["results"]) if r["accept"]]
@@ -128,10 +128,11 @@ async def test_policy_override_and_cached_verdicts(
     payload = {"model": MODEL, "latents": latents.tolist()}
     first = (await app_client.post("/score", json=payload)).json()
     assert [r["cached"] for r in first["results"]] == [False] * 5
-    percentiles = np.array([r["percentile"] for r in first["results"]])
-    default = Policy().min_percentile
-    assert [r["accept"] for r in first["results"]] == (percentiles >= default).tolist()
-    assert first["results"][3]["reasons"] == [PERCENTILE_BELOW_MIN]
+    expected = scorer.score(latents, None, {"psi"})
+    reasons = decide(expected.percentile, scorer.manifest.policy, expected.descriptor_percentiles)
+    assert [r["reasons"] for r in first["results"]] == reasons
+    assert [r["accept"] for r in first["results"]] == [not why for why in reasons]
+    assert PERCENTILE_BELOW_MIN in first["results"][3]["reasons"]
 
     # The same latents again with a policy that refuses everything: scores come from the
     # cache, the verdicts are recomputed for the new policy.
@@ -145,7 +146,7 @@ async def test_policy_override_and_cached_verdicts(
     assert [not r["accept"] for r in second["results"]] == below
     assert second["accepted"] == [i for i, b in enumerate(below) if not b]
 
-    lenient = {**payload, "policy": {"min_percentile": 0.0}}
+    lenient = {**payload, "policy": {"min_percentile": 0.0, "psi": {"max_percentile": 1.0}}}
     third = (await app_client.post("/score", json=lenient)).json()
     assert third["accepted"] == [0, 1, 2, 3, 4]
     assert all(r["cached"] and r["reasons"] == [] for r in third["results"])
@@ -215,11 +216,12 @@ async def test_a_partial_policy_override_keeps_the_models_other_rules(
     app_client: httpx.AsyncClient, scorer: ModelScorer
 ) -> None:
     """Only the fields a request sets replace the model's policy."""
-    assert scorer.manifest.policy.min_percentile == 0.05
+    model_min = scorer.manifest.policy.min_percentile
+    assert model_min > 0
     far = [[6.0] * 8]  # far from every training latent: percentile 0
     body = {"model": MODEL, "latents": far, "policy": {"psi": {"max_percentile": 1.0}}}
     result = (await app_client.post("/score", json=body)).json()["results"][0]
-    assert result["percentile"] < 0.05
-    assert result["reasons"] == [PERCENTILE_BELOW_MIN]
+    assert result["percentile"] < model_min
+    assert result["reasons"] == [PERCENTILE_BELOW_MIN]  # the psi bound was relaxed, not this
     relaxed = {**body, "policy": {"min_percentile": 0.0}}
     assert (await app_client.post("/score", json=relaxed)).json()["results"][0]["accept"]

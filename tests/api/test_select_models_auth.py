@@ -12,6 +12,7 @@ import pytest
 
 from index.store import LatentStore
 from service.settings import Settings
+from workers.policy import decide
 from workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
@@ -34,8 +35,12 @@ async def test_select_returns_the_best_seeds_first(
     seeds = np.arange(100, 300)
     scores = scorer.score(scorer.draw(seeds.tolist())).log_density
     best = seeds[np.argsort(-scores, kind="stable")[:10]].tolist()
-    assert body["accepted"] == best
     assert [r["seed"] for r in body["results"]] == best
+    # accepted: the kept seeds the model's policy (density and psi rules) accepts, in order.
+    kept = scorer.score(scorer.draw(best), None, {"psi"})
+    reasons = decide(kept.percentile, scorer.manifest.policy, kept.descriptor_percentiles)
+    assert [r["reasons"] for r in body["results"]] == reasons
+    assert body["accepted"] == [s for s, why in zip(best, reasons, strict=True) if not why]
     densities = [r["log_density"] for r in body["results"]]
     assert densities == sorted(densities, reverse=True)
     np.testing.assert_allclose(densities, np.sort(scores)[::-1][:10], atol=1e-9)
@@ -91,7 +96,7 @@ async def test_models_lists_every_served_model(
         "sampler": "torch-cpu:float32:8",
         "descriptors": True,
         "generator": True,
-        "policy": {"min_percentile": 0.05},
+        "policy": {"min_percentile": 0.1, "psi": {"max_percentile": 0.9}},  # DEMO_POLICY
     }
     assert models["nosampler"]["sampler"] is None
     assert models["nosampler"]["generator"] is False

@@ -17,6 +17,7 @@ from index.store import LatentStore
 from latentsieve.cli import main
 from workers.demo_models.digits_quality import digits_quality
 from workers.demo_models.digits_vae import decoder
+from workers.policy import decide
 from workers.scoring import ModelScorer
 
 MODEL = "digits-vae"
@@ -45,18 +46,21 @@ def recomputed(store_root: Path) -> dict[str, np.ndarray]:
     latents = scorer.draw(SEEDS)
     with torch.no_grad():
         images = decoder()(torch.from_numpy(latents)).numpy()
+    scored = scorer.score(latents, None, {"psi"})
     return {
-        "log_density": scorer.score(latents).log_density,
-        "percentile": scorer.score(latents).percentile,
+        "log_density": scored.log_density,
+        "percentile": scored.percentile,
+        "psi_percentile": scored.descriptor_percentiles["psi"],
         "confidence": digits_quality().confidence(images),
         "prior": -0.5 * (latents.astype(np.float64) ** 2).sum(axis=1),
     }
 
 
 def test_report_numbers_match_an_independent_recomputation(
-    demo_report: dict[str, Any], recomputed: dict[str, np.ndarray]
+    demo_report: dict[str, Any], recomputed: dict[str, np.ndarray], store_root: Path
 ) -> None:
     numbers = demo_report["numbers"]
+    policy = LatentStore(store_root).load(MODEL).manifest.policy
     assert numbers["model"] == MODEL and numbers["seeds"]["count"] == len(SEEDS)
     log_density, confidence = recomputed["log_density"], recomputed["confidence"]
     rho = numbers["spearman"]["confidence"]["log_density"]
@@ -69,8 +73,10 @@ def test_report_numbers_match_an_independent_recomputation(
     assert quarter["kept"] == 225
     assert quarter["kept_by_score"] == pytest.approx(kept.mean(), abs=1e-12)
     assert quarter["gain"]["value"] == pytest.approx(kept.mean() - confidence.mean(), abs=1e-12)
-    rejected = float(np.mean(recomputed["percentile"] < numbers["policy"]["min_percentile"]))
+    reasons = decide(recomputed["percentile"], policy, {"psi": recomputed["psi_percentile"]})
+    rejected = float(np.mean([bool(why) for why in reasons]))
     assert numbers["policy"]["rejected_share"] == pytest.approx(rejected)
+    assert numbers["policy"]["min_percentile"] == policy.min_percentile
     assert numbers["log_density"]["q0.5"] == pytest.approx(np.quantile(log_density, 0.5))
 
 
