@@ -200,11 +200,12 @@ def choose_space(
     """The index space of ``--pca`` / ``--space`` over (N, d) latents: the manifest's
     Projection and its (mean, components), or None when the space is the latents as sent.
 
-    ``active`` keeps coordinate j when the training latents' variance there is at least
-    ``threshold`` times the variance of what the sampler sends there (``query_variance``: 1
-    for N(0, I) draws scored as drawn, measured on mapped draws; None: a mapped sampler nobody
-    measured, against the largest training variance). Without a sampler nothing says what
-    queries look like, so every coordinate is kept.
+    ``active`` drops coordinate j when the training latents' variance there is below
+    ``threshold`` times both the variance of what the sampler sends there (``query_variance``:
+    1 for N(0, I) draws scored as drawn, measured on mapped draws; None: a mapped sampler nobody
+    measured, the largest training variance) and the largest training variance (see
+    :func:`fit_active`). Without a sampler nothing says what queries look like, so every
+    coordinate is kept.
     """
     n, dim = latents.shape
     if options.pca is not None:
@@ -240,6 +241,12 @@ def choose_space(
         reference_variance=described,
     )
     log.info("index space", extra={"space": space, "kept": projection.kept, "dim": dim})
+    if 2 * kept.size < dim:
+        log.warning(
+            "--space %s keeps %d of %d coordinates (%.0f%% of the variance); check the latents' "
+            "scale against the sampler's, or pass --space raw",
+            space, kept.size, dim, 100 * ratio,
+        )
     return projection, (mean, components)
 
 

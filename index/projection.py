@@ -56,14 +56,16 @@ def coordinate_variances(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fit_active(
     latents: np.ndarray, threshold: float, reference: np.ndarray | float, standardize: bool
 ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-    """Keep coordinate j of (N, d) latents when var_j >= threshold * reference_j (Burda et al.,
-    2016's activity of a VAE unit is the variance of its encoder means); with ``standardize``
-    scale each kept coordinate by 1 / sd_j. Returns mean (d,), components (d', d), the variance
-    ratio kept, and the kept coordinates (d',) in ascending order (at least the largest one)."""
+    """Keep coordinate j of (N, d) latents unless it collapsed: var_j < threshold * reference_j
+    *and* var_j < threshold * max_k var_k (Burda et al., 2016's activity of a VAE unit is the
+    variance of its encoder means). The second test keeps latents that are merely on a smaller
+    scale than the queries in every coordinate: a coordinate is dropped only when it is small
+    against the queries and against the other coordinates. With ``standardize`` each kept
+    coordinate is scaled by 1 / sd_j. Returns mean (d,), components (d', d), the variance ratio
+    kept, and the kept coordinates (d',) in ascending order (never empty)."""
     mean, variance = coordinate_variances(latents)
-    kept = np.flatnonzero(variance >= threshold * np.broadcast_to(reference, variance.shape))
-    if kept.size == 0:
-        kept = np.array([int(variance.argmax())])
+    floor = np.minimum(np.broadcast_to(reference, variance.shape), variance.max())
+    kept = np.flatnonzero(variance >= threshold * floor)
     components = np.zeros((kept.size, latents.shape[1]))
     scale = 1.0 / np.sqrt(np.maximum(variance[kept], 1e-300)) if standardize else 1.0
     components[np.arange(kept.size), kept] = scale

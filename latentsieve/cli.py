@@ -386,7 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "'latentsieve worker' (distributed mode over Redis Streams) is not available in "
             "this release; run 'latentsieve serve' (embedded workers)"
         )
-    except (CliError, StoreError, ValueError, OSError) as exc:
+    except Exception as exc:
+        from workers.modules import ModuleLoadError  # imported late: it brings in torch
+
+        if not isinstance(exc, CliError | StoreError | ValueError | OSError | ModuleLoadError):
+            raise
         print(f"latentsieve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from index.build import BuildOptions, build_version
-from index.manifest import PercentileBounds, Policy
+from index.manifest import IndexManifest, PercentileBounds, Policy
+from index.module_refs import resolve_module_spec
 from index.store import LatentStore
 from workers.calibration import calibrate_build, draw_mapped_queries
 from workers.demo_models.digits_vae import LATENT_DIM, training_latents
@@ -55,10 +56,11 @@ DEMO_RECIPES: dict[str, DemoRecipe] = {
 
 
 def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
-    """The newest version of demo ``model`` in ``store_root``, building one first if none."""
+    """The newest version of demo ``model`` in ``store_root``, building one first if there is
+    none or if the demo's modules changed since it was built."""
     store = LatentStore(store_root)
     existing = store.newest(model)
-    if existing is not None:
+    if existing is not None and _current(store.read_manifest(model, existing)):
         return existing
     recipe = DEMO_RECIPES[model]
     inputs = store_root / ".inputs"
@@ -78,6 +80,17 @@ def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
         progress=False,
     )
     return build_version(store, options, calibrate_build, draw_mapped_queries).name
+
+
+def _current(manifest: IndexManifest) -> bool:
+    """Whether the demo modules a version recorded still have the source they had (a newer
+    release of the demo model needs a new version: the old one would refuse to load)."""
+    for reference in (manifest.generator, manifest.mapping):
+        if reference is not None and reference.source == "import":
+            if resolve_module_spec(reference.spec, "module").sha256 != reference.sha256:
+                log.info("demo module changed; rebuilding", extra={"model": manifest.model})
+                return False
+    return True
 
 
 def ensure_demo_indexes(store_root: Path) -> dict[str, str]:

@@ -86,7 +86,7 @@ class ReportData:
 def read_quality_csv(path: Path) -> dict[int, float]:
     """``seed,quality`` rows -> {seed: quality}; every problem names its line."""
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        handle = path.open(newline="", encoding="utf-8-sig")  # a BOM from spreadsheets is fine
     except OSError as exc:
         raise ReportError(f"--quality {path}: {exc.strerror or exc}") from exc
     values: dict[int, float] = {}
@@ -168,14 +168,16 @@ SECTIONS = frozenset(
 def make_report(
     scorer: ModelScorer,
     seeds: Sequence[int],
-    user_quality: np.ndarray | None = None,
+    given_quality: dict[str, np.ndarray] | None = None,
     proxy: QualityProxy | None = None,
     resamples: int = 1000,
     progress: bool = True,
     sections: frozenset[str] = SECTIONS,
 ) -> ReportData:
     """Score ``seeds`` with ``scorer``'s model and measure every experiment (module docstring);
-    correlations and rejection tables always, the optional ``sections`` when named."""
+    correlations and rejection tables always, the optional ``sections`` when named. Quality
+    comes from ``given_quality`` ({name: (n,)} per seed, e.g. the user's file) and from
+    ``proxy`` applied to the generator's outputs."""
     manifest = scorer.manifest
     if scorer.seed_latents is None:
         raise ReportError(
@@ -194,7 +196,9 @@ def make_report(
     draws = draw_latents(scorer.seed_latents.recipe, seeds)
     source = scorer.seed_latents.map(draws)
     index_space = scorer.loaded.to_index_space(source)
-    names = sorted(scorer.descriptor_names) if "descriptors" in sections else []
+    # The descriptors the policy bounds are always computed: the policy needs them.
+    wanted = scorer.descriptor_names if "descriptors" in sections else frozenset()
+    names = sorted(wanted | set(manifest.policy.descriptor_bounds()))
     batch = scorer.score(source, sigma, names)
     log_density = batch.log_density
     stage("scored")
@@ -207,9 +211,9 @@ def make_report(
     if generator is not None:
         outputs = _render(generator, source, manifest.latent_shape)
         images = _images(outputs)
-    if user_quality is not None:
-        quality["quality"] = user_quality
-        sources["quality"] = "the user's --quality file"
+    for name, values in (given_quality or {}).items():
+        quality[name] = values
+        sources[name] = "the user's --quality file" if name == "quality" else "given"
     if proxy is not None and outputs is not None:
         flat = outputs.reshape(outputs.shape[0], -1)
         quality.update(proxy.proxies(flat))
@@ -231,8 +235,9 @@ def make_report(
     reasons = decide(batch.percentile, manifest.policy, batch.descriptor_percentiles)
     accepted = np.array([not why for why in reasons])
     policy_fraction = float(1.0 - accepted.mean())
-    fractions = tuple(sorted({*REJECT_FRACTIONS, round(policy_fraction, 6)} - {0.0}))
-    rejection = {q: rejection_table(log_density, quality[q], fractions, resamples) for q in quality}
+    rejection = {
+        q: rejection_table(log_density, quality[q], REJECT_FRACTIONS, resamples) for q in quality
+    }
     by_score = {
         name: {
             q: rejection_table(values, quality[q], REJECT_FRACTIONS, max(100, resamples // 5))
@@ -447,6 +452,7 @@ def run_report(
     scorer = ModelScorer(store.load(model))
     generator = scorer.manifest.generator
     proxy = demo_quality_proxy(generator.spec if generator else None)
-    data = make_report(scorer, seeds, user_quality, proxy, resamples, progress)
+    given = {"quality": user_quality} if user_quality is not None else None
+    data = make_report(scorer, seeds, given, proxy, resamples, progress)
     write_page(data, out)
     return data.numbers

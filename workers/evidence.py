@@ -13,6 +13,7 @@ samples with replacement from a seeded generator):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ BOOTSTRAP = 1000
 CONFIDENCE = 0.95
 REJECT_FRACTIONS = (0.1, 0.25, 0.5)
 NEIGHBOURS = 3  # k of the k-NN manifold estimate (Kynkaanniemi et al. use k = 3)
+BLOCK_CELLS = 4_000_000  # largest (rows, n) block of bootstrap indices or distances at once
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,25 @@ class Interval:
 
 
 def _interval(value: float, resampled: np.ndarray) -> Interval:
+    """Percentile interval of the resampled statistic; undefined (NaN) when more than 1% of
+    the resamples have no value (e.g. a rare binary quality often constant in a resample),
+    since the rest would be a biased subset."""
     tail = (1.0 - CONFIDENCE) / 2.0
     finite = resampled[np.isfinite(resampled)]
-    if finite.size == 0:
+    if finite.size == 0 or finite.size < 0.99 * resampled.size:
         return Interval(value, float("nan"), float("nan"))
     low, high = np.quantile(finite, [tail, 1.0 - tail])
     return Interval(float(value), float(low), float(high))
 
 
-def bootstrap_rows(n: int, resamples: int, seed: int) -> np.ndarray:
-    """``(resamples, n)`` row indices drawn with replacement (one bootstrap sample a row)."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+def bootstrap_rows(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of ``(b, n)`` row indices drawn with replacement, one bootstrap sample a row,
+    ``resamples`` rows in all; blocks hold at most ~``BLOCK_CELLS`` indices, so memory stays
+    bounded for any n. The same seed gives the same resamples."""
+    rng = np.random.default_rng(seed)
+    per_block = max(1, BLOCK_CELLS // max(n, 1))
+    for start in range(0, resamples, per_block):
+        yield rng.integers(0, n, size=(min(per_block, resamples - start), n))
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,10 +82,10 @@ def spearman_interval(
     (each resample re-ranks its own draw, ties get average ranks)."""
     score = np.asarray(score, dtype=np.float64)
     quality = np.asarray(quality, dtype=np.float64)
-    rows = bootstrap_rows(score.size, resamples, seed)
-    resampled = _rowwise_pearson(
-        rankdata(score[rows], axis=1), rankdata(quality[rows], axis=1)
-    )
+    resampled = np.concatenate([
+        _rowwise_pearson(rankdata(score[rows], axis=1), rankdata(quality[rows], axis=1))
+        for rows in bootstrap_rows(score.size, resamples, seed)
+    ])
     return _interval(spearman(score, quality), resampled)
 
 
@@ -101,7 +111,6 @@ def rejection_table(
     quality = np.asarray(quality, dtype=np.float64)
     n = score.size
     rng = np.random.default_rng(seed)
-    rows = bootstrap_rows(n, resamples, seed + 1)
     table: list[dict[str, object]] = []
     for fraction in fractions:
         keep = n - int(np.floor(fraction * n))
@@ -111,9 +120,10 @@ def rejection_table(
             [quality[rng.choice(n, size=keep, replace=False)].mean() for _ in range(resamples)]
         )
         # Bootstrap the gain: each resample ranks its own draw by score.
-        order = np.argsort(-score[rows], axis=1, kind="stable")[:, :keep]
-        q = quality[rows]
-        gains = np.take_along_axis(q, order, axis=1).mean(axis=1) - q.mean(axis=1)
+        gains = np.concatenate([
+            _kept_gain(score[rows], quality[rows], keep)
+            for rows in bootstrap_rows(n, resamples, seed + 1)
+        ])
         table.append(
             {
                 "reject_fraction": fraction,
@@ -126,6 +136,13 @@ def rejection_table(
     return table
 
 
+def _kept_gain(scores: np.ndarray, qualities: np.ndarray, keep: int) -> np.ndarray:
+    """Per resample row: mean quality of the ``keep`` highest scores minus the row's mean."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+    kept = np.take_along_axis(qualities, order, axis=1).mean(axis=1)
+    return np.asarray(kept - qualities.mean(axis=1))
+
+
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise squared L2 distances (n, f), (m, f) -> (n, m), float64, clamped at 0."""
     a = np.asarray(a, dtype=np.float64)
@@ -134,17 +151,34 @@ def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(np.maximum(out, 0.0))
 
 
+def _row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    """Row blocks whose (block, cols) float64 distance matrix stays ~BLOCK_CELLS."""
+    step = max(1, BLOCK_CELLS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
 def manifold_radii(features: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
-    """Distance of each feature vector (n, f) to its k-th nearest other one: (n,)."""
-    squared = _squared_distances(features, features)
-    np.fill_diagonal(squared, np.inf)
-    k = min(k, features.shape[0] - 1)
-    return np.asarray(np.sqrt(np.partition(squared, k - 1, axis=1)[:, k - 1]))
+    """Distance of each feature vector (n, f) to its k-th nearest other one: (n,), exact
+    float64, in row blocks (memory ~BLOCK_CELLS doubles for any n)."""
+    n = features.shape[0]
+    k = min(k, n - 1)
+    out = np.empty(n)
+    for block in _row_blocks(n, n):
+        squared = _squared_distances(features[block], features)
+        rows = np.arange(squared.shape[0])
+        squared[rows, block.start + rows] = np.inf  # not its own neighbour
+        out[block] = np.sqrt(np.partition(squared, k - 1, axis=1)[:, k - 1])
+    return out
 
 
 def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Whether each point (n, f) lies in some ball B(centre_j, radius_j): (n,) bool."""
-    return np.asarray((_squared_distances(points, centres) <= radii[None, :] ** 2).any(axis=1))
+    out = np.empty(points.shape[0], dtype=bool)
+    for block in _row_blocks(points.shape[0], centres.shape[0]):
+        squared = _squared_distances(points[block], centres)
+        out[block] = (squared <= radii[None, :] ** 2).any(axis=1)
+    return out
 
 
 def coverage(
@@ -172,10 +206,13 @@ def realism(real: np.ndarray, generated: np.ndarray, k: int = NEIGHBOURS) -> np.
     median (the paper drops the sparsest half); >= 1 means inside the real manifold. (n,)."""
     radii = manifold_radii(real, k)
     dense = radii <= np.median(radii)
-    distances = np.sqrt(_squared_distances(generated, real[dense]))
-    with np.errstate(divide="ignore"):
-        ratios = radii[dense][None, :] / distances
-    return np.asarray(ratios.max(axis=1))
+    centres, reach = real[dense], radii[dense]
+    out = np.empty(generated.shape[0])
+    for block in _row_blocks(generated.shape[0], centres.shape[0]):
+        distances = np.sqrt(_squared_distances(generated[block], centres))
+        with np.errstate(divide="ignore"):
+            out[block] = (reach[None, :] / distances).max(axis=1)
+    return out
 
 
 def precision_recall_table(
@@ -222,8 +259,8 @@ def precision_recall_table(
 def mean_interval(values: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> Interval:
     """Mean of (n,) values with its bootstrap 95% interval."""
     values = np.asarray(values, dtype=np.float64)
-    rows = bootstrap_rows(values.size, resamples, seed)
-    return _interval(float(values.mean()), values[rows].mean(axis=1))
+    means = [values[rows].mean(axis=1) for rows in bootstrap_rows(values.size, resamples, seed)]
+    return _interval(float(values.mean()), np.concatenate(means))
 
 
 def mask_gain(
@@ -234,8 +271,9 @@ def mask_gain(
     quality = np.asarray(quality, dtype=np.float64)
     if not kept.any():
         return Interval(float("nan"), float("nan"), float("nan"))
-    rows = bootstrap_rows(quality.size, resamples, seed)
-    mask, q = kept[rows], quality[rows]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        gains = (q * mask).sum(axis=1) / mask.sum(axis=1) - q.mean(axis=1)
-    return _interval(float(quality[kept].mean() - quality.mean()), gains)
+    parts = []
+    for rows in bootstrap_rows(quality.size, resamples, seed):
+        mask, q = kept[rows], quality[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            parts.append((q * mask).sum(axis=1) / mask.sum(axis=1) - q.mean(axis=1))
+    return _interval(float(quality[kept].mean() - quality.mean()), np.concatenate(parts))

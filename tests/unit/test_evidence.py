@@ -114,3 +114,40 @@ def test_mask_gain_and_mean_interval() -> None:
     assert np.isnan(mask_gain(np.zeros(100, bool), quality).value)
     mean = mean_interval(quality, resamples=300)
     assert mean.value == pytest.approx(49.5) and mean.ci_low < 49.5 < mean.ci_high
+
+
+def test_a_constant_quality_gives_no_correlation_and_no_gain() -> None:
+    score = np.random.default_rng(4).standard_normal(200)
+    flat = np.full(200, 0.7)
+    interval = spearman_interval(score, flat, resamples=50)
+    assert np.isnan(interval.value) and np.isnan(interval.ci_low)  # undefined, not a number
+    gain = rejection_table(score, flat, (0.25,), resamples=50)[0]["gain"]
+    assert isinstance(gain, dict) and gain["value"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_blocked_computations_equal_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.evidence as evidence
+
+    rng = np.random.default_rng(7)
+    real, generated = rng.standard_normal((300, 5)), rng.standard_normal((200, 5))
+    score, quality = correlated(300, 1.0)
+    whole = (
+        evidence.manifold_radii(real), evidence.realism(real, generated),
+        evidence.precision_recall(real, generated), spearman_interval(score, quality, 64),
+    )
+    monkeypatch.setattr(evidence, "BLOCK_CELLS", 1000)  # blocks of 3-5 rows
+    blocked = (
+        evidence.manifold_radii(real), evidence.realism(real, generated),
+        evidence.precision_recall(real, generated), spearman_interval(score, quality, 64),
+    )
+    np.testing.assert_allclose(whole[0], blocked[0], rtol=1e-12)  # BLAS order only
+    np.testing.assert_allclose(whole[1], blocked[1], rtol=1e-12)
+    assert whole[2] == blocked[2]
+    assert whole[3].value == blocked[3].value  # the resamples differ by block layout, not rho
+
+
+def test_mostly_undefined_resamples_give_no_interval() -> None:
+    quality = np.zeros(200)
+    quality[0] = 1.0  # a rare event: most resamples miss it and are constant
+    interval = spearman_interval(np.arange(200.0), quality, resamples=200)
+    assert np.isfinite(interval.value) and np.isnan(interval.ci_low)

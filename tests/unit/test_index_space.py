@@ -194,3 +194,14 @@ def test_a_descriptor_bound_needs_a_generator(
     assert build(tmp_path / "s", vae_like, "--sampler", "torch-cpu", "--policy",
                  '{"psi": {"max_percentile": 0.9}}') == 2
     assert "needs a --generator" in capsys.readouterr().err
+
+
+def test_latents_on_a_smaller_scale_than_the_sampler_keep_every_coordinate(
+    tmp_path: Path
+) -> None:
+    # Every coordinate's variance (0.0625) is under 0.1 x the sampler's 1, but none is small
+    # against the others: nothing collapsed, so nothing is dropped.
+    source = tmp_path / "small.npy"
+    np.save(source, np.random.default_rng(1).normal(0, 0.25, (500, 16)).astype(np.float32))
+    assert build(tmp_path / "s", source, "--sampler", "torch-cpu") == 0
+    assert LatentStore(tmp_path / "s").load("m").manifest.projection is None

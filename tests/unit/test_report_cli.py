@@ -110,10 +110,10 @@ def test_user_quality_file_learns_whether_filtering_pays(
     # A quality the score predicts: filtering must show a positive gain, interval above 0.
     noise = np.random.default_rng(0).normal(0, 0.5, len(SEEDS))
     quality = recomputed["log_density"] + noise
-    csv = write_quality(
-        tmp_path / "q.csv",
-        ["seed,quality", *[f"{s},{q:.17g}" for s, q in zip(SEEDS, quality, strict=True)]],
-    )
+    # Written as a spreadsheet would: a byte-order mark and Windows line endings.
+    rows = ["seed,quality", *[f"{s},{q:.17g}" for s, q in zip(SEEDS, quality, strict=True)]]
+    csv = tmp_path / "q.csv"
+    csv.write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode("utf-8"))
     assert run_report(store_root, tmp_path / "out", "--quality", str(csv)) == 0
     numbers = json.loads((tmp_path / "out" / "report.json").read_text())
     rho = numbers["spearman"]["quality"]["log_density"]

@@ -40,7 +40,8 @@ def alphas_cumprod() -> torch.Tensor:
 
 
 def ddim_timesteps(steps: int = SAMPLING_STEPS) -> list[int]:
-    """Descending timesteps ``T-1 .. 0`` spaced evenly ("leading" spacing, as diffusers)."""
+    """Descending timesteps spaced ``T // steps`` apart, ending at 0 ("leading" spacing, as
+    diffusers): 960, 920, ..., 0 for 25 steps."""
     stride = TRAIN_STEPS // steps
     return list(range(0, TRAIN_STEPS, stride))[::-1]
 
