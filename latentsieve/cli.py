@@ -132,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(score, "sigma", type=float, default=None)
     _add(score, "out", default=None, help="FILE.json or FILE.npy (default: JSON on stdout)")
     _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")
+    _add(score, "device", default="auto", help="auto (CUDA when PyTorch sees it), cpu, cuda[:I]")
 
     serve = commands.add_parser("serve", help="run the HTTP gateway")
     _add(serve, "store", required=True)
     _add(serve, "host", default="127.0.0.1")
     _add(serve, "port", type=int, default=8000)
     _add(serve, "redis", default=None)
+    _add(serve, "device", default=None, help="auto (default), cpu, cuda[:I]: where scores run")
     _add(serve, "workers", type=int, default=None,
          help="processes sharing the port (default 1; see docs/service.md, 'Workers')")
 
@@ -262,12 +264,14 @@ def _list(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from index.latent_files import load_latents
     from index.store import LatentStore
+    from workers.devices import resolve_device
     from workers.scoring import ModelScorer, score_report
 
     store = LatentStore(args.store)
     if args.model not in store.models():
         raise CliError(f"unknown model {args.model!r} in {args.store}; see 'index list'")
-    scorer = ModelScorer(store.load(args.model))
+    device = resolve_device(args.device)  # before loading: a missing GPU is one line, exit 2
+    scorer = ModelScorer(store.load(args.model), device=device)
     manifest = scorer.manifest
     seeds: range | None = None
     if args.seeds is not None:
@@ -332,6 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
     run_server(
         store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
         workers=None if args.workers is None else int(args.workers), log_level=args.log_level,
+        device=args.device,
     )
     return 0
 

@@ -38,6 +38,7 @@ from service.registry import ModelRegistry
 from service.schemas import ScoreRequest, SelectRequest, parse_json
 from service.settings import Settings
 from workers.batcher import DynamicBatcher
+from workers.devices import resolve_device
 
 if TYPE_CHECKING:
     from service.cache import ScoreCache
@@ -186,7 +187,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = ModelRegistry(LatentStore(settings.store))
+        device = resolve_device(settings.device)  # an absent CUDA device stops start-up here
+        registry = ModelRegistry(LatentStore(settings.store), device=device)
         await registry.refresh()
         loaded = registry.snapshot()
         bounds = settings.log_density_buckets or log_density_buckets(
@@ -201,7 +203,9 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_limit=settings.queue_limit,
-            on_batch=lambda key, size: metrics.batch_size.labels(model=key.model).observe(size),
+            on_batch=lambda key, size, seconds: metrics.observe_batch(
+                key.model, device, size, seconds
+            ),
             on_queue_change=metrics.queue_changed,
         )
         metrics.watch_queue_depth(
@@ -228,7 +232,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         # keeps full collections from walking them during requests (latency spikes).
         gc.collect()
         gc.freeze()
-        log.info("gateway ready", extra={"models": sorted(loaded)})
+        log.info("gateway ready", extra={"models": sorted(loaded), "device": device})
         try:
             yield
         finally:

@@ -13,11 +13,12 @@ from service.app import create_app
 from service.metrics import MULTIPROC_ENV
 from service.multiworker import metrics_folder, serve_workers
 from service.settings import Settings
+from workers.devices import resolve_device
 
 
 def run_server(
     store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None,
-    workers: int | None = None, log_level: str = "warning",
+    workers: int | None = None, log_level: str = "warning", device: str | None = None,
 ) -> None:
     """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now.
 
@@ -29,7 +30,11 @@ def run_server(
         overrides["redis_url"] = redis_url
     if workers is not None:
         overrides["workers"] = workers
+    if device is not None:
+        resolve_device(device)  # one line for a bad or absent device, before Settings
+        overrides["device"] = device
     settings = Settings(**overrides)
+    resolve_device(settings.device)  # a missing GPU stops here, before any process starts
     if settings.workers > 1:
         serve_workers(settings, log_level)
         return

@@ -243,6 +243,10 @@ class ServiceMetrics:
             "latentsieve_batch_size", "Latents per computed batch.", ["model"],
             buckets=BATCH_BUCKETS, registry=self.registry,
         )
+        self.compute_seconds = Histogram(
+            "latentsieve_compute_seconds", "Seconds to compute one batch, by scoring device.",
+            ["model", "device"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
         self.descriptor = ArrayHistogram(
             "latentsieve_descriptor", "Local-geometry descriptors returned.", ["model", "name"],
             buckets=DESCRIPTOR_BUCKETS, registry=self.registry, multiprocess=shared,
@@ -320,6 +324,11 @@ class ServiceMetrics:
                 series = self.decisions.labels(model=model, decision=decision, reason=reason)
                 self._decision_series[(model, reason)] = series
             series.inc(count)
+
+    def observe_batch(self, model: str, device: str, size: int, seconds: float) -> None:
+        """One computed batch: its size (latents) and compute time on ``device``."""
+        self.batch_size.labels(model=model).observe(size)
+        self.compute_seconds.labels(model=model, device=device).observe(seconds)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """``latentsieve_request_duration_seconds{route, status}`` of one answered request."""

@@ -23,9 +23,13 @@ class ModelRegistry:
     """Name -> scorer of the newest successfully loaded version."""
 
     def __init__(
-        self, store: LatentStore, on_load: Callable[[ModelScorer], None] | None = None
+        self,
+        store: LatentStore,
+        on_load: Callable[[ModelScorer], None] | None = None,
+        device: str = "cpu",
     ) -> None:
         self.store = store
+        self.device = device  # resolved (workers.devices.resolve_device): cpu or cuda:I
         self.on_load = on_load
         self._models: dict[str, ModelScorer] = {}
         self._failed: set[tuple[str, str]] = set()
@@ -53,7 +57,7 @@ class ModelRegistry:
         return newest
 
     def _load(self, name: str, version: str) -> ModelScorer:
-        return ModelScorer(self.store.load(name, version))
+        return ModelScorer(self.store.load(name, version), device=self.device)
 
     async def refresh(self) -> list[str]:
         """Load every model whose newest version is not the one served; returns

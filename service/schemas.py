@@ -255,6 +255,14 @@ class ScoreResponse(BaseModel):
     accepted: list[int]
 
 
+class ComputeInfo(BaseModel):
+    """Where a model's scores are computed: in the gateway process (``embedded``) and on which
+    device (``cpu`` or ``cuda:I``, from ``--device``)."""
+
+    mode: Literal["embedded"]
+    device: str
+
+
 class ModelInfo(BaseModel):
     """One served model as ``GET /models`` lists it."""
 
@@ -270,6 +278,8 @@ class ModelInfo(BaseModel):
     descriptors: bool
     generator: bool
     policy: Policy
+    shards: int
+    compute: ComputeInfo
 
 
 class ModelsResponse(BaseModel):

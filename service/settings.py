@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
+    # auto | cpu | cuda | cuda:I (workers/devices.py); resolved once at start-up.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     opentelemetry: bool = False
     # Bounds (nats) of latentsieve_score_log_density; None derives them from the store at
     # start-up. ``serve --workers`` fixes them in the parent so that every worker, replacements

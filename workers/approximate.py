@@ -20,6 +20,7 @@ import numpy as np
 
 from index.manifest import ApproximateSearch, MeasuredError, check_sigma
 from workers.density import DensityEngine, DensityScorer, DensityScores
+from workers.devices import faiss_has_gpu
 
 QUERY_CHUNK = 64  # queries per gather of neighbours: Q x k x d float64 stays small
 
@@ -28,8 +29,15 @@ class NeighbourDensity:
     """Eq. (1) over the ``k`` retrieved neighbours of each query; the same interface as
     :class:`workers.density.DensityEngine` (``latents`` (N, d) is the index-space copy)."""
 
-    def __init__(self, index: faiss.Index, latents: np.ndarray, search: ApproximateSearch) -> None:
+    def __init__(
+        self,
+        index: faiss.Index,
+        latents: np.ndarray,
+        search: ApproximateSearch,
+        gpu_resources: Any = None,
+    ) -> None:
         self.index = index
+        self.gpu_resources = gpu_resources  # a GPU index's memory pool lives as long as it
         self.latents = latents
         self.n, self.dim = int(latents.shape[0]), int(latents.shape[1])
         self.k = min(search.k, self.n)
@@ -76,11 +84,16 @@ def open_density(
     device: str = "cpu",
 ) -> DensityScorer:
     """The scorer of an index kind: the exact engine for ``flat`` (on ``device``), neighbours
-    for ivf/hnsw (FAISS on the CPU)."""
+    for ivf/hnsw. An ivf index moves to the GPU when ``device`` is CUDA and the FAISS build has
+    GPU indexes (faiss-gpu); hnsw has no GPU form in FAISS and stays on the CPU."""
     if kind == "flat":
         return DensityEngine(latents, device=device)
     if index is None or search is None:
         raise ValueError(f"a {kind} index needs its FAISS index and search settings")
+    if kind == "ivf" and device.startswith("cuda") and faiss_has_gpu():
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, int(device.split(":")[1]), index)
+        return NeighbourDensity(index, latents, search, resources)
     return NeighbourDensity(index, latents, search)
 
 

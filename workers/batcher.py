@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class DynamicBatcher(Generic[K]):
         max_batch_size: int,
         max_wait_ms: float,
         queue_limit: int,
-        on_batch: Callable[[K, int], None] | None = None,
+        on_batch: Callable[[K, int, float], None] | None = None,
         on_queue_change: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
@@ -178,7 +179,9 @@ class DynamicBatcher(Generic[K]):
     async def _compute(self, key: K, batch: list[_Item]) -> None:
         rows = np.concatenate([item.rows for item in batch]) if len(batch) > 1 else batch[0].rows
         try:
+            started = time.perf_counter()
             result = await asyncio.to_thread(self.compute, key, rows)
+            seconds = time.perf_counter() - started
             if len(result) != len(rows):
                 raise RuntimeError(f"compute returned {len(result)} rows for {len(rows)}")
         except Exception as exc:
@@ -189,7 +192,7 @@ class DynamicBatcher(Generic[K]):
                     item.future.set_exception(exc)
             return
         if self.on_batch is not None:
-            self.on_batch(key, len(rows))
+            self.on_batch(key, len(rows), seconds)
         start = 0
         for item in batch:
             stop = start + int(item.rows.shape[0])

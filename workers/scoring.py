@@ -41,7 +41,10 @@ def percentile_of(scores: np.ndarray, sorted_reference: np.ndarray) -> np.ndarra
 
 @dataclass
 class ModelScorer:
-    """Engine, sampler, mapping and per-sigma calibrations of one version."""
+    """Engine, sampler, mapping and per-sigma calibrations of one version. ``device`` (``cpu``
+    or ``cuda:I``, see workers/devices.py) runs the density GEMMs, the generator's Jacobians
+    and, for ivf, the FAISS search where the FAISS build has GPU indexes; seed draws and the
+    mapping stay on the CPU, where the sampler recipe is defined."""
 
     loaded: LoadedVersion
     device: str = "cpu"
@@ -65,7 +68,7 @@ class ModelScorer:
         settings = manifest.descriptors
         if settings is not None and manifest.generator is not None:
             self.descriptor_engine = DescriptorEngine(
-                load_module(manifest.generator, self.loaded.path),
+                load_module(manifest.generator, self.loaded.path).to(self.device),
                 manifest.latent_shape,
                 settings.output_dim,
                 m=settings.projection_rows,

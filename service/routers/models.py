@@ -30,6 +30,8 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
         "descriptors": scorer.has_descriptors,
         "generator": manifest.generator is not None,
         "policy": manifest.policy.model_dump(exclude_none=True),
+        "shards": 1,
+        "compute": {"mode": "embedded", "device": scorer.device},
     }
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from index.store import LatentStore
 from service.settings import Settings
+from workers.devices import resolve_device
 from workers.policy import decide
 from workers.scoring import ModelScorer
 
@@ -97,6 +98,8 @@ async def test_models_lists_every_served_model(
         "descriptors": True,
         "generator": True,
         "policy": {"min_percentile": 0.1, "psi": {"max_percentile": 0.9}},  # DEMO_POLICY
+        "shards": 1,
+        "compute": {"mode": "embedded", "device": resolve_device("auto")},
     }
     assert models["nosampler"]["sampler"] is None
     assert models["nosampler"]["generator"] is False

@@ -65,7 +65,7 @@ async def test_batches_are_capped_and_keys_kept_apart() -> None:
     recorder = Recorder()
     sizes: list[tuple[str, int]] = []
     batcher: DynamicBatcher[str] = DynamicBatcher(
-        recorder, 5, 50.0, 1000, on_batch=lambda key, size: sizes.append((key, size))
+        recorder, 5, 50.0, 1000, on_batch=lambda key, size, _seconds: sizes.append((key, size))
     )
     batcher.start()
     try:

@@ -36,7 +36,7 @@ def test_sections_are_replaced_alone_and_kept_in_order(tmp_path: Path) -> None:
 
 def test_unknown_section_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown section"):
-        load_report().write_section("gpu", "x", tmp_path / "p.md")
+        load_report().write_section("tpu", "x", tmp_path / "p.md")
 
 
 def test_the_shipped_page_has_every_section() -> None:
