@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.store import LatentStore
-from service.auth import ApiKeyMiddleware
+from service.auth import OPEN_PATHS, ApiKeyMiddleware
 from service.direct_routes import install_direct_routes
 from service.errors import ServiceError, install_error_handlers
 from service.metrics import (
@@ -146,7 +146,23 @@ def json_body(model: type[Any]) -> dict[str, Any]:
     }
 
 
-def _install_openapi(app: FastAPI) -> None:
+def _document_limits(components: dict[str, Any], settings: Settings) -> None:
+    """This deployment's limits in the request schemas (past them the answer is 413)."""
+    score = components["ScoreRequest"]["properties"]
+    score["seeds"]["maxItems"] = settings.max_batch
+    score["latents"]["oneOf"][0]["maxItems"] = settings.max_batch
+    shape = components["EncodedLatents"]["properties"]["shape"]
+    shape["prefixItems"] = [{"type": "integer", "minimum": 1, "maximum": settings.max_batch}]
+    select = components["SelectRequest"]["properties"]
+    select["count"]["maximum"] = settings.select_max_count
+    select["keep"]["maximum"] = settings.max_batch
+
+
+def _install_openapi(app: FastAPI, settings: Settings) -> None:
+    """The spec: the hand-parsed request bodies' schemas with this deployment's limits and,
+    when keys are configured, the API-key security every route but the open ones
+    (/healthz, /readyz) requires."""
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
@@ -158,6 +174,16 @@ def _install_openapi(app: FastAPI) -> None:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 components[model.__name__] = body
+            _document_limits(components, settings)
+            if settings.api_keys:
+                schema["components"]["securitySchemes"] = {
+                    "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "BearerKey": {"type": "http", "scheme": "bearer"},
+                }
+                schema["security"] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
+                for path in OPEN_PATHS:
+                    for operation in schema["paths"].get(path, {}).values():
+                        operation["security"] = []
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -266,7 +292,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
     app.include_router(scoring.router)
     app.include_router(models.router)
     app.include_router(health.router)
-    _install_openapi(app)
+    _install_openapi(app, settings)
     # Innermost, so that auth and the request metrics wrap the direct routes too.
     install_direct_routes(app, scoring.router, get_runtime)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

@@ -27,6 +27,27 @@ class ServiceError(Exception):
         self.headers = dict(headers or {})
 
 
+ERROR_MEANINGS = {
+    401: "missing or wrong API key (when keys are configured)",
+    404: "unknown model",
+    413: "body, batch or seed range over the configured limit",
+    422: "malformed body, wrong dimension, NaN/Inf, bad sigma, unknown descriptor",
+    429: "queue full; retry after Retry-After seconds",
+    503: "not ready (starting, or no loadable index)",
+    504: "no result within the request timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the one error body."""
+    from service.schemas import ErrorResponse
+
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
+        for status in statuses
+    }
+
+
 def error_response(
     status: int, detail: str, headers: Mapping[str, str] | None = None
 ) -> FastJSONResponse:

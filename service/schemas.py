@@ -23,7 +23,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PrivateAttr,
     StrictInt,
     Tag,
     ValidationError,
@@ -46,15 +45,31 @@ _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
-def _seed_in_range(value: Any) -> Any:
-    # The JSON reader (orjson) reads integer literals past 64 bits as floats: name the range,
-    # not the type, for those. Other floats (1.5, 2.0) are refused as not integers.
-    if isinstance(value, float) and not -(2**63) <= value <= MAX_SEED:
-        raise ValueError(f"seeds are integers in [0, {MAX_SEED}]; {value:.6g} is out of range")
+EXACT_FLOAT_INTEGERS = 2**53  # past it a float no longer holds every integer exactly
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes numbers like ``2.0``: take those as the integer they
+    are while a float holds it exactly (|x| <= 2^53); refuse 1.5 and larger floats."""
+    if isinstance(value, float) and value.is_integer():
+        if abs(value) > EXACT_FLOAT_INTEGERS:
+            raise ValueError(
+                f"{value:.6g} is past 2^53 as a decimal number; write it as an integer literal"
+            )
+        return int(value)
     return value
 
 
-Seed = Annotated[StrictInt, BeforeValidator(_seed_in_range), Field(ge=0, le=MAX_SEED)]
+def _seed_in_range(value: Any) -> Any:
+    # The JSON reader (orjson) reads integer literals past 64 bits as floats: name the range,
+    # not the type, for those. 1.5 is refused as not an integer; 2.0 is the integer 2.
+    if isinstance(value, float) and not -(2**63) <= value <= MAX_SEED:
+        raise ValueError(f"seeds are integers in [0, {MAX_SEED}]; {value:.6g} is out of range")
+    return _integral(value)
+
+
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED), BeforeValidator(_seed_in_range)]
+Count = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
 def _sigma_in_range(value: float) -> float:
     if not SIGMA_MIN <= value <= SIGMA_MAX:
         raise ValueError(f"sigma must be in [1e-100, 1e100] (a bandwidth > 0), got {value!r}")
@@ -62,7 +77,12 @@ def _sigma_in_range(value: float) -> float:
 
 
 Sigma = Annotated[
-    float, Field(allow_inf_nan=False, strict=True), AfterValidator(_sigma_in_range)
+    float,
+    Field(
+        allow_inf_nan=False, strict=True,
+        json_schema_extra={"minimum": SIGMA_MIN, "maximum": SIGMA_MAX},  # what validation holds
+    ),
+    AfterValidator(_sigma_in_range),
 ]
 
 
@@ -74,7 +94,7 @@ class EncodedLatents(_Body):
     """A base64 little-endian array: ``dtype``, ``shape`` ``[n, ...]`` and ``data``."""
 
     dtype: Literal["float32", "float16", "float64"]
-    shape: list[Annotated[StrictInt, Field(ge=1)]] = Field(min_length=1, max_length=8)
+    shape: list[Count] = Field(min_length=1, max_length=8)
     data: str
 
 
@@ -173,8 +193,37 @@ def _finite_float32(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _one_of_latents_or_seeds(schema: dict[str, Any]) -> None:
+    """The spec says what validation enforces: exactly one of the two, neither null, at least
+    one seed, and only the known descriptor names."""
+    for name in ("latents", "seeds"):
+        field = schema["properties"][name]
+        branches = [branch for branch in field.pop("anyOf", []) if branch.get("type") != "null"]
+        field.pop("default", None)
+        if len(branches) == 1:
+            field.update(branches[0])
+        elif branches:
+            field["anyOf"] = branches
+    schema["properties"]["seeds"]["minItems"] = 1
+    descriptors = schema["properties"]["descriptors"]["anyOf"][0]
+    descriptors["items"] = {"type": "string", "enum": list(DESCRIPTOR_NAMES)}
+    # Nested latents: a batch of at least one latent, each a (possibly nested) list of numbers.
+    schema["properties"]["latents"]["oneOf"][0] = {
+        "type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1},
+    }
+    schema["oneOf"] = [{"required": ["latents"]}, {"required": ["seeds"]}]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: what was wrong and what is allowed."""
+
+    detail: str
+
+
 class ScoreRequest(_Body):
-    """``POST /score``: exactly one of ``latents`` or ``seeds``."""
+    """``POST /score``: exactly one of ``latents`` or ``seeds`` (neither may be null)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_latents_or_seeds)
 
     model: str = Field(min_length=1, max_length=256)
     latents: LatentsField | None = None
@@ -182,7 +231,6 @@ class ScoreRequest(_Body):
     sigma: Sigma | None = None
     descriptors: list[str] | None = None
     policy: Policy | None = None
-    _array: np.ndarray | None = PrivateAttr(default=None)
 
     @field_validator("descriptors")
     @classmethod
@@ -195,21 +243,28 @@ class ScoreRequest(_Body):
             )
         return names
 
+    @field_validator("latents", "seeds", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # only an explicit null reaches here: leave the field out instead
+            raise ValueError("must not be null; send exactly one of 'latents' or 'seeds'")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> ScoreRequest:
         if (self.latents is None) == (self.seeds is None):
             raise ValueError("send exactly one of 'latents' or 'seeds'")
         if self.seeds is not None and not self.seeds:
             raise ValueError("seeds: send at least one seed")
-        if isinstance(self.latents, EncodedLatents):
-            self._array = encoded_latents(self.latents)
-        elif self.latents is not None:
-            self._array = nested_latents(self.latents)
         return self
 
-    def latent_array(self) -> np.ndarray | None:
-        """The decoded latents (n, d) float32, or None for a seed request."""
-        return self._array
+    def decode_latents(self) -> np.ndarray | None:
+        """The latents (n, d) float32, decoded and checked (rectangular, finite, the base64
+        length matching the shape), or None for a seed request; ValueError says what is wrong.
+        Called after the model is known, so an unknown model is a 404 whatever the latents."""
+        if isinstance(self.latents, EncodedLatents):
+            return encoded_latents(self.latents)
+        return None if self.latents is None else nested_latents(self.latents)
 
 
 class SelectRequest(_Body):
@@ -217,19 +272,20 @@ class SelectRequest(_Body):
 
     model: str = Field(min_length=1, max_length=256)
     start: Seed = 0
-    count: Annotated[StrictInt, Field(ge=1)]
-    keep: Annotated[StrictInt, Field(ge=1)]
+    count: Count
+    keep: Count
     min_distance: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
     sigma: Sigma | None = None
     policy: Policy | None = None
 
-    @model_validator(mode="after")
-    def _keep_within_count(self) -> SelectRequest:
+    def range_problem(self) -> str | None:
+        """What is wrong across fields (JSON Schema cannot say it), or None. Checked after
+        the model is known, so an unknown model is a 404 whatever the range."""
         if self.keep > self.count:
-            raise ValueError(f"keep ({self.keep}) must be <= count ({self.count})")
+            return f"keep ({self.keep}) must be <= count ({self.count})"
         if self.start + self.count - 1 > MAX_SEED:
-            raise ValueError("seeds start .. start + count - 1 must stay below 2^64")
-        return self
+            return "seeds start .. start + count - 1 must stay below 2^64"
+        return None
 
 
 class ScoreResult(BaseModel):

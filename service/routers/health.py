@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.app import Runtime, RuntimeDep
-from service.errors import ServiceError
+from service.errors import ServiceError, error_responses
 from service.responses import FastJSONResponse
 
 router = APIRouter(tags=["health"])
@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(request: Request) -> FastJSONResponse:
     """200 when at least one model is loaded, 503 otherwise."""
     runtime = getattr(request.app.state, "runtime", None)
@@ -33,7 +33,7 @@ async def readyz(request: Request) -> FastJSONResponse:
     return FastJSONResponse({"status": "ready", "models": served})
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=error_responses(401, 503))
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus text format."""
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.app import RuntimeDep
+from service.errors import error_responses
 from service.responses import FastJSONResponse
 from service.schemas import ModelsResponse
 from workers.scoring import ModelScorer
@@ -35,7 +36,11 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
     }
 
 
-@router.get("/models", response_class=FastJSONResponse, responses={200: {"model": ModelsResponse}})
+@router.get(
+    "/models",
+    response_class=FastJSONResponse,
+    responses={200: {"model": ModelsResponse}, **error_responses(401, 503)},
+)
 async def list_models(runtime: RuntimeDep) -> FastJSONResponse:
     """Every served model, sorted by name."""
     served = runtime.registry.snapshot()

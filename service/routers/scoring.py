@@ -15,7 +15,7 @@ from index.manifest import Policy
 from service.app import Runtime, RuntimeDep, json_body, read_json
 from service.cache import CachedScore, cache_keys
 from service.direct_routes import direct
-from service.errors import ServiceError
+from service.errors import ServiceError, error_responses
 from service.responses import FastJSONResponse
 from service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
 from workers.batcher import DynamicBatcher, QueueFull
@@ -249,10 +249,14 @@ def _timed_out(runtime: Runtime) -> ServiceError:
     )
 
 
+# Every status a scoring route can answer besides 200, with the one error body.
+ERRORS = error_responses(401, 404, 413, 422, 429, 503, 504)
+
+
 @router.post(
     "/score",
     response_class=FastJSONResponse,
-    responses={200: {"model": ScoreResponse}},
+    responses={200: {"model": ScoreResponse}, **ERRORS},
     openapi_extra=json_body(ScoreRequest),
 )
 @direct
@@ -267,7 +271,14 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
         body = validate_body(ScoreRequest, data)
     scorer = resolve_model(runtime, body.model)
     manifest = scorer.manifest
-    latents = body.latent_array()
+    try:
+        latents = (
+            await asyncio.to_thread(body.decode_latents)
+            if declared > INLINE_VALIDATION_LATENTS
+            else body.decode_latents()
+        )
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from exc
     if latents is None:
         check_batch(runtime, len(body.seeds or ()), "seeds")
     else:
@@ -298,7 +309,7 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
 @router.post(
     "/select",
     response_class=FastJSONResponse,
-    responses={200: {"model": ScoreResponse}},
+    responses={200: {"model": ScoreResponse}, **ERRORS},
     openapi_extra=json_body(SelectRequest),
 )
 @direct
@@ -307,6 +318,9 @@ async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
     with ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
     body = validate_body(SelectRequest, await read_json(request, runtime.settings))
     scorer = resolve_model(runtime, body.model)
+    problem = body.range_problem()
+    if problem is not None:
+        raise ServiceError(422, problem)
     manifest = scorer.manifest
     limit = runtime.settings.select_max_count
     if body.count > limit:

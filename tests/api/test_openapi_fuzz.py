@@ -55,3 +55,22 @@ def test_spec_documents_the_request_bodies(api_schema: OpenApiSchema) -> None:
     assert {"ScoreRequest", "SelectRequest", "EncodedLatents", "Policy"} <= set(
         raw["components"]["schemas"]
     )
+
+
+def test_spec_documents_every_status_and_what_validation_enforces(
+    api_schema: OpenApiSchema,
+) -> None:
+    raw = api_schema.raw_schema
+    for path in ("/score", "/select"):
+        responses = raw["paths"][path]["post"]["responses"]
+        assert {"200", "401", "404", "413", "422", "429", "503", "504"} <= set(responses)
+        error = responses["422"]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    score = raw["components"]["schemas"]["ScoreRequest"]
+    assert score["oneOf"] == [{"required": ["latents"]}, {"required": ["seeds"]}]
+    assert score["properties"]["seeds"]["minItems"] == 1
+    assert score["properties"]["seeds"]["maxItems"] == 4096  # the deployment's max_batch
+    assert score["properties"]["descriptors"]["anyOf"][0]["items"]["enum"] == [
+        "psi", "nu", "delta"
+    ]
+    assert "securitySchemes" not in raw["components"]  # no keys configured: no security
