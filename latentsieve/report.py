@@ -293,6 +293,7 @@ def make_report(
         "log_density": _quantiles(log_density),
         "calibration": manifest.calibration.quantiles,
         "policy": {
+            "rules": manifest.policy.model_dump(exclude_none=True),
             "min_percentile": manifest.policy.min_percentile,
             "rejected_share": policy_fraction,
             "gain": {q: mask_gain(accepted, quality[q], resamples).as_dict() for q in quality},

@@ -229,6 +229,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             queue_limit=settings.queue_limit,
+            group_of=lambda key: key.model,
+            group_limit=settings.model_queue_limit,
             on_batch=lambda key, size, seconds: metrics.observe_batch(
                 key.model, device, size, seconds
             ),

@@ -69,7 +69,7 @@ def _seed_in_range(value: Any) -> Any:
 
 
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED), BeforeValidator(_seed_in_range)]
-Count = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
+Count = Annotated[StrictInt, Field(ge=1, le=EXACT_FLOAT_INTEGERS), BeforeValidator(_integral)]
 def _sigma_in_range(value: float) -> float:
     if not SIGMA_MIN <= value <= SIGMA_MAX:
         raise ValueError(f"sigma must be in [1e-100, 1e100] (a bandwidth > 0), got {value!r}")

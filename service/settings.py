@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=1024, ge=1)
     max_wait_ms: float = Field(default=2.0, ge=0)
     queue_limit: int = Field(default=262_144, ge=1)
+    # Latents one model may have queued: one busy model cannot take the whole queue.
+    model_queue_limit: int = Field(default=65_536, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
     reload_interval_s: float = Field(default=2.0, gt=0)
     cache_bytes: int = Field(default=64 * MIB, ge=0)

@@ -55,7 +55,11 @@ class DynamicBatcher(Generic[K]):
         queue_limit: int,
         on_batch: Callable[[K, int, float], None] | None = None,
         on_queue_change: Callable[[], None] | None = None,
+        group_of: Callable[[K], Hashable] | None = None,
+        group_limit: int | None = None,
     ) -> None:
+        """``group_of`` maps a key to its group (e.g. the model) and ``group_limit`` caps the
+        rows one group may have queued, so one busy group cannot fill the whole queue."""
         if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size, queue_limit must be >= 1 and max_wait_ms >= 0")
         self.compute = compute
@@ -66,6 +70,9 @@ class DynamicBatcher(Generic[K]):
         self.on_queue_change = on_queue_change
         self._pending: dict[K, deque[_Item]] = {}
         self._queued_rows: dict[K, int] = {}
+        self.group_of = group_of
+        self.group_limit = group_limit
+        self._queued_groups: dict[Hashable, int] = {}
         self._queued = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -97,6 +104,7 @@ class DynamicBatcher(Generic[K]):
                     item.future.cancel()
         self._pending.clear()
         self._queued_rows.clear()
+        self._queued_groups.clear()
         self._queued = 0
         self._queue_changed()
 
@@ -114,11 +122,20 @@ class DynamicBatcher(Generic[K]):
                 f"{self._queued} rows queued, {count} more would pass the limit "
                 f"of {self.queue_limit}"
             )
+        group = self.group_of(key) if self.group_of is not None else None
+        if self.group_limit is not None and (
+            self._queued_groups.get(group, 0) + count > self.group_limit
+        ):
+            raise QueueFull(
+                f"{self._queued_groups.get(group, 0)} rows queued for {group}, {count} more "
+                f"would pass its limit of {self.group_limit}"
+            )
         loop = asyncio.get_running_loop()
         item = _Item(rows, deadline, loop.time(), loop.create_future())
         item.future.add_done_callback(_retrieve)
         self._pending.setdefault(key, deque()).append(item)
         self._queued_rows[key] = self._queued_rows.get(key, 0) + count
+        self._queued_groups[group] = self._queued_groups.get(group, 0) + count
         self._queued += count
         self._queue_changed()
         self._wake.set()
@@ -164,6 +181,10 @@ class DynamicBatcher(Generic[K]):
                 break
             items.popleft()
             self._queued_rows[key] -= count
+            group = self.group_of(key) if self.group_of is not None else None
+            self._queued_groups[group] -= count
+            if not self._queued_groups[group]:
+                del self._queued_groups[group]
             self._queued -= count
             if expired:
                 if not item.future.done():

@@ -177,12 +177,13 @@ async def score_latents(
         runtime.metrics.cache_hits.inc(len(hits) - len(misses))
     if misses:
         runtime.metrics.cache_misses.inc(len(misses))
-    if len(misses) > runtime.settings.queue_limit:
+    limit = min(runtime.settings.queue_limit, runtime.settings.model_queue_limit)
+    if len(misses) > limit:
         # Could never fit, however long the client waits: not a 429.
         raise ServiceError(
             413,
-            f"{len(misses)} uncached latents exceed the queue limit of "
-            f"{runtime.settings.queue_limit}",
+            f"{len(misses)} uncached latents exceed the queue limit of {limit} "
+            "(LATENTSIEVE_QUEUE_LIMIT, LATENTSIEVE_MODEL_QUEUE_LIMIT per model)",
         )
     if misses:
         # A sigma other than the build's needs its own calibration: compute it here, once per

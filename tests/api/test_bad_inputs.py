@@ -248,6 +248,29 @@ async def test_queue_full_is_429_with_retry_after(
     assert after.status_code == 200
 
 
+async def test_one_busy_model_cannot_fill_the_queue(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    # Each model may queue 4 latents; the queue as a whole could hold 1000.
+    tight = settings.model_copy(update={
+        "queue_limit": 1000, "model_queue_limit": 4, "max_wait_ms": 300.0,
+        "max_batch_size": 1024, "cache_bytes": 0,
+    })
+    async with serve(tight) as client:
+        too_big = await client.post("/score", json={"model": MODEL, "seeds": [1, 2, 3, 4, 5]})
+        first, second, other = await asyncio.gather(
+            client.post("/score", json={"model": MODEL, "latents": [[0.5] * 8] * 3}),
+            client.post("/score", json={"model": MODEL, "latents": [[0.7] * 8] * 3}),
+            client.post("/score", json={"model": "nosampler", "latents": [[0.1] * 6] * 3}),
+        )
+    assert too_big.status_code == 413 and "MODEL_QUEUE_LIMIT" in too_big.json()["detail"]
+    assert sorted([first.status_code, second.status_code]) == [200, 429]
+    refused = first if first.status_code == 429 else second
+    assert refused.headers["retry-after"] == "1"
+    assert f"for {MODEL}" in refused.json()["detail"]
+    assert other.status_code == 200, other.text  # another model still has its room
+
+
 async def test_no_result_in_time_is_504(settings: Settings, serve: Callable[..., Any]) -> None:
     slow = settings.model_copy(update={"request_timeout_s": 0.05, "max_wait_ms": 1000.0})
     async with serve(slow) as client:

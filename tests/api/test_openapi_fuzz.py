@@ -18,7 +18,11 @@ from service.settings import Settings
 
 @pytest.fixture(scope="module")
 def api_schema(store_root: Path) -> OpenApiSchema:
-    app = create_app(Settings(store=store_root, reload_interval_s=60.0, max_body_bytes=1 << 20))
+    # Small limits: the spec documents them, so the fuzzer sends requests right at them.
+    app = create_app(Settings(
+        store=store_root, reload_interval_s=60.0, max_body_bytes=1 << 20, max_batch=256,
+        select_max_count=2000,
+    ))
     return from_asgi("/openapi.json", app)
 
 
@@ -69,7 +73,9 @@ def test_spec_documents_every_status_and_what_validation_enforces(
     score = raw["components"]["schemas"]["ScoreRequest"]
     assert score["oneOf"] == [{"required": ["latents"]}, {"required": ["seeds"]}]
     assert score["properties"]["seeds"]["minItems"] == 1
-    assert score["properties"]["seeds"]["maxItems"] == 4096  # the deployment's max_batch
+    assert score["properties"]["seeds"]["maxItems"] == 256  # this deployment's max_batch
+    select = raw["components"]["schemas"]["SelectRequest"]["properties"]
+    assert select["count"]["maximum"] == 2000 and select["keep"]["maximum"] == 256
     assert score["properties"]["descriptors"]["anyOf"][0]["items"]["enum"] == [
         "psi", "nu", "delta"
     ]

@@ -77,6 +77,7 @@ def test_report_numbers_match_an_independent_recomputation(
     rejected = float(np.mean([bool(why) for why in reasons]))
     assert numbers["policy"]["rejected_share"] == pytest.approx(rejected)
     assert numbers["policy"]["min_percentile"] == policy.min_percentile
+    assert numbers["policy"]["rules"] == policy.model_dump(exclude_none=True)
     assert numbers["log_density"]["q0.5"] == pytest.approx(np.quantile(log_density, 0.5))
 
 
