@@ -297,3 +297,17 @@ async def test_an_integral_number_is_the_integer_it_writes(app_client: httpx.Asy
     )
     assert select.status_code == 200 and len(select.json()["results"]) == 2
 
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_any_body_is_read(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    # The body itself is small and valid JSON: only the declared length can make this a 413.
+    async with serve(settings.model_copy(update={"max_body_bytes": 1000})) as client:
+        response = await client.post(
+            "/score", content=json.dumps(GOOD).encode(),
+            headers={"content-type": "application/json", "content-length": "1000000"},
+        )
+    assert response.request.headers["content-length"] == "1000000"  # precondition
+    assert response.status_code == 413, response.text
+    assert "1000" in response.json()["detail"]

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from index.store import LatentStore
 from service.settings import Settings
@@ -225,3 +226,41 @@ async def test_a_partial_policy_override_keeps_the_models_other_rules(
     assert result["reasons"] == [PERCENTILE_BELOW_MIN]  # the psi bound was relaxed, not this
     relaxed = {**body, "policy": {"min_percentile": 0.0}}
     assert (await app_client.post("/score", json=relaxed)).json()["results"][0]["accept"]
+
+
+async def test_percentiles_at_another_sigma_match_a_float64_reference(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    """Independent of the engine: equation (1) in float64 over the demo's kept coordinates,
+    and the percentile as the share of the calibration draws (the recorded seeds, drawn here
+    with torch's recipe) whose float64 score at the request's sigma is <= the score."""
+    from workers.density import log_density_reference
+
+    manifest = scorer.manifest
+    sigma = 0.37  # not the build's sigma: percentiles need a calibration at this sigma
+    assert sigma != manifest.bandwidth.sigma and manifest.projection is not None
+    kept = list(manifest.projection.kept or ())
+    training = training_latents().astype(np.float64)[:, kept]
+    calibration = manifest.calibration
+    assert calibration.seed_start is not None
+    draws = np.stack([
+        torch.randn(8, generator=torch.Generator("cpu").manual_seed(seed)).numpy()
+        for seed in range(calibration.seed_start, calibration.seed_start + calibration.count)
+    ])[:, kept]
+    reference = np.sort(log_density_reference(draws, training, sigma))
+    latents = sample_latents(6, seed=12)
+    response = await app_client.post(
+        "/score", json={"model": MODEL, "latents": latents.tolist(), "sigma": sigma}
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    want = log_density_reference(latents[:, kept].astype(np.float64), training, sigma)
+    got = np.array([r["log_density"] for r in results])
+    np.testing.assert_allclose(got, want, atol=1e-4)  # CONTRACT §1
+    brute = [(reference <= value).mean() for value in got]
+    # One calibration rank of slack: float32 and float64 scores may order a near-tie apart.
+    np.testing.assert_allclose(
+        [r["percentile"] for r in results], brute, atol=1.5 / calibration.count
+    )
+    # At the build's sigma the percentiles differ: the test can tell the two apart.
+    assert not np.allclose(brute, scorer.score(latents).percentile)

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 import redis
 
-from service.cache import CachedScore, RedisCache, cache_key
+from service.cache import CachedScore, RedisCache, cache_key, make_cache
+from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -163,7 +165,11 @@ async def test_unresponsive_redis_costs_one_short_timeout() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        cache = RedisCache(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.25)
+        # The gateway's own construction, with its defaults (no timeout passed here): a
+        # longer default timeout would show as a stall.
+        settings = Settings(store=Path("unused"), redis_url=f"redis://127.0.0.1:{port}/0")
+        cache = make_cache(settings)
+        assert isinstance(cache, RedisCache)
         try:
             started = time.monotonic()
             assert await cache.get_many([key(1)]) == [None]
