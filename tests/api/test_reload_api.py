@@ -114,3 +114,48 @@ async def test_a_generator_that_no_longer_imports_is_skipped_and_reload_goes_on(
         assert await served_version(client, NOSAMPLER) == first
         good = await asyncio.to_thread(new_nosampler_version, root, 4)
         assert await wait_for_version(client, NOSAMPLER, good)
+
+
+async def test_a_request_in_flight_finishes_on_the_version_it_started_with(
+    store_root: Path,
+    tmp_path: Path,
+    serve: Callable[..., Any],
+    new_nosampler_version: Callable[[Path, int], str],
+) -> None:
+    """Scores checked against float64 eq. (1) over each version's own latents (not against
+    the engine): a request queued before a reload is scored on the old latents."""
+    from workers.density import log_density_reference
+
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    store = LatentStore(root)
+    first = store.newest(NOSAMPLER)
+    assert first is not None
+    old = store.load(NOSAMPLER, first)
+    query = [[2.0] * 6]  # far out, where two samples of N(0, I) differ most
+    # A long batching window keeps the request queued while the new version is served.
+    settings = Settings(store=root, reload_interval_s=0.05, max_wait_ms=4000.0, cache_bytes=0)
+    async with serve(settings) as client:
+        pending = asyncio.ensure_future(
+            client.post("/score", json={"model": NOSAMPLER, "latents": query})
+        )
+        await asyncio.sleep(0.2)
+        assert not pending.done()  # precondition: still queued in the batcher
+        second = await asyncio.to_thread(new_nosampler_version, root, 7)
+        assert await wait_for_version(client, NOSAMPLER, second)
+        assert not pending.done()
+        # A new request for the same latent joins the queue while the old one waits: each
+        # must be computed on its own version, never batched onto the other's.
+        response, fresh = await asyncio.gather(
+            pending, client.post("/score", json={"model": NOSAMPLER, "latents": query})
+        )
+    new = LatentStore(root).load(NOSAMPLER, second)
+    q = np.asarray(query, dtype=np.float64)
+    on_old = log_density_reference(q, np.asarray(old.latents, np.float64), 1.0)[0]
+    on_new = log_density_reference(q, np.asarray(new.latents, np.float64), 1.0)[0]
+    assert abs(on_old - on_new) > 0.1  # the two versions tell apart
+    body = response.json()
+    assert body["index_version"] == first
+    assert body["results"][0]["log_density"] == pytest.approx(on_old, abs=1e-4)
+    assert fresh.json()["index_version"] == second
+    assert fresh.json()["results"][0]["log_density"] == pytest.approx(on_new, abs=1e-4)
