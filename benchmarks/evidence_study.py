@@ -315,10 +315,10 @@ def final_ldm_quality(seeds: range, proxy: QualityProxy) -> dict[str, np.ndarray
 
 
 def evaluate_policies(
-    scorer: ModelScorer, seeds: range, proxy: object, model: str, resamples: int
+    scorer: ModelScorer, seeds: range, proxy: QualityProxy, model: str, resamples: int
 ) -> list[dict[str, object]]:
     """Each candidate policy on the default index: share rejected, gain in mean quality."""
-    assert isinstance(proxy, QualityProxy) and scorer.descriptor_engine is not None
+    assert scorer.descriptor_engine is not None
     latents = scorer.draw(seeds)
     batch = scorer.score(latents, None, {"psi"})
     with torch.no_grad():

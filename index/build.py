@@ -207,16 +207,15 @@ def choose_space(
     :func:`fit_active`). Without a sampler nothing says what queries look like, so every
     coordinate is kept.
     """
-    n, dim = latents.shape
-    if options.pca is not None:
-        if options.pca > dim:
-            raise StoreError(f"--pca {options.pca} is larger than the latent size {dim}")
+    dim = latents.shape[1]
+    if options.pca is not None:  # build_version has checked pca <= dim
         mean, components, ratio = fit_pca(latents, options.pca)
         return Projection(dim=options.pca, explained_variance_ratio=ratio), (mean, components)
     space = options.space or DEFAULT_SPACE
     if space == "raw" or (space == "active" and not has_sampler):
         return None
-    _, variance = coordinate_variances(latents)
+    # fit_active compares against min(reference, largest training variance): an infinite
+    # reference leaves the largest training variance, a zero one keeps every coordinate.
     reference: np.ndarray | float
     if isinstance(query_variance, float):
         reference, described = query_variance, "the sampler's N(0, 1) draws"
@@ -224,7 +223,7 @@ def choose_space(
         reference = query_variance
         described = f"the mapped sampler's draws ({SPACE_REFERENCE_DRAWS} calibration seeds)"
     elif has_sampler:
-        reference, described = float(variance.max()), "the largest training-latent variance"
+        reference, described = math.inf, "the largest training-latent variance"
     else:  # standardized without a sampler: scale every coordinate, drop none
         reference, described = 0.0, "none: no sampler, every coordinate kept"
     mean, components, ratio, kept = fit_active(

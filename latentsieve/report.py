@@ -47,12 +47,11 @@ from workers.samplers import MAX_SEED, draw_latents
 from workers.scoring import ModelScorer
 
 MIN_SEEDS = 20
-GRID_SIZE = 16
+GRID_SIZE = 16  # samples in each of the highest / lowest grids
 SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 AUTO_RULE_NEIGHBOURS = (1, 3, 10)
 TRUNCATION_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 TRUNCATION_SEEDS = 1000
-BASELINES = ("prior_log_likelihood", "nearest_neighbour", "random")
 
 
 class ReportError(ValueError):
@@ -79,8 +78,12 @@ class ReportData:
     calibration: np.ndarray
     quality: dict[str, np.ndarray]
     images: np.ndarray | None = None  # (n, H, W) or (n, H, W, 3) in [0, 1]
-    order: np.ndarray | None = None  # seed rows by descending log_density
     seeds: list[int] = field(default_factory=list)
+
+    def grid_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the ``GRID_SIZE`` highest (best first) and lowest (worst first) scores."""
+        order = np.argsort(-self.log_density, kind="stable")
+        return order[:GRID_SIZE], order[::-1][:GRID_SIZE]
 
 
 def read_quality_csv(path: Path) -> dict[int, float]:
@@ -150,13 +153,16 @@ def _render(generator: torch.nn.Module, latents: np.ndarray, shape: tuple[int, .
     return np.concatenate(parts)
 
 
-def _nearest_neighbour_score(index_latents: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Minus the L2 distance to the nearest training latent (higher = closer): (n,)."""
+def _nearest_neighbour_score(scorer: ModelScorer, queries: np.ndarray) -> np.ndarray:
+    """Minus the L2 distance to the nearest training latent (higher = closer): (n,); exact,
+    by the version's own FAISS index for ``flat`` and a flat copy for the approximate kinds."""
     import faiss
 
-    search = faiss.IndexFlatL2(index_latents.shape[1])
-    search.add(np.ascontiguousarray(index_latents, dtype=np.float32))
-    squared, _ = search.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
+    index = scorer.loaded.index
+    if scorer.manifest.kind != "flat":
+        index = faiss.IndexFlatL2(scorer.loaded.latents.shape[1])
+        index.add(np.ascontiguousarray(scorer.loaded.latents, dtype=np.float32))
+    squared, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)
     return np.asarray(-np.sqrt(np.maximum(squared[:, 0].astype(np.float64), 0.0)))
 
 
@@ -226,7 +232,7 @@ def make_report(
     scores["prior_log_likelihood"] = (
         -0.5 * (draws.double().reshape(len(seeds), -1) ** 2).sum(1).numpy()
     )
-    scores["nearest_neighbour"] = _nearest_neighbour_score(scorer.loaded.latents, index_space)
+    scores["nearest_neighbour"] = _nearest_neighbour_score(scorer, index_space)
     scores["random"] = rng.random(len(seeds))
     spearman = {
         q: {s: spearman_interval(v, quality[q], resamples).as_dict() for s, v in scores.items()}
@@ -314,7 +320,6 @@ def make_report(
         scorer.calibration(sigma),
         quality,
         images,
-        np.argsort(-log_density, kind="stable"),
         [int(seed) for seed in seeds],
     )
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.evidence import REJECT_FRACTIONS
+
 if TYPE_CHECKING:
     from latentsieve.report import ReportData
 
@@ -288,19 +290,18 @@ def page_html(data: ReportData) -> str:
             "log_density (nats)",
         )
     )
-    reference = np.sort(data.calibration)
     levels = np.linspace(0.0, 1.0, 101)
     sections.append("<h2>Calibration: log_density to percentile</h2>")
     sections.append(
         line_svg(
-            np.quantile(reference, levels),
+            np.quantile(data.calibration, levels),
             {"percentile": (levels.tolist(), None, None)},
             "log_density (nats)",
             "percentile",
         )
     )
-    if data.images is not None and data.order is not None:
-        top, bottom = data.order[:16], data.order[::-1][:16]
+    if data.images is not None:
+        top, bottom = data.grid_rows()
         for title, rows in (("Highest log_density", top), ("Lowest log_density", bottom)):
             sections.append(f"<h2>{title} (seed, log_density)</h2>")
             sections.append(
@@ -364,7 +365,10 @@ def page_html(data: ReportData) -> str:
         qualities = list(data.quality)
         sections.append(
             _table(
-                ["score", *[f"{q}, {f:.0%} rejected" for q in qualities for f in (0.1, 0.25, 0.5)]],
+                [
+                    "score",
+                    *[f"{q}, {f:.0%} rejected" for q in qualities for f in REJECT_FRACTIONS],
+                ],
                 [
                     [name, *[_ci(row["gain"]) for q in qualities for row in tables[q]]]
                     for name, tables in n["rejection_by_score"].items()
@@ -462,6 +466,6 @@ def write_page(data: ReportData, out: Path) -> None:
         json.dumps(finite_json(data.numbers), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
     (out / "index.html").write_text(page_html(data), encoding="utf-8")
-    if data.images is not None and data.order is not None:
-        for name, rows in (("highest", data.order[:16]), ("lowest", data.order[::-1][:16])):
+    if data.images is not None:
+        for name, rows in zip(("highest", "lowest"), data.grid_rows(), strict=True):
             (out / f"grid_{name}.png").write_bytes(png_bytes(tile(data.images[rows]), 4))

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from workers.devices import DEVICE_PATTERN
+
 MIB = 1024 * 1024
 
 
@@ -36,7 +38,7 @@ class Settings(BaseSettings):
     select_max_count: int = Field(default=100_000, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
     # auto | cpu | cuda | cuda:I (workers/devices.py); resolved once at start-up.
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     opentelemetry: bool = False
     # Bounds (nats) of latentsieve_score_log_density; None derives them from the store at
     # start-up. ``serve --workers`` fixes them in the parent so that every worker, replacements

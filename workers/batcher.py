@@ -122,7 +122,7 @@ class DynamicBatcher(Generic[K]):
                 f"{self._queued} rows queued, {count} more would pass the limit "
                 f"of {self.queue_limit}"
             )
-        group = self.group_of(key) if self.group_of is not None else None
+        group = self._group(key)
         if self.group_limit is not None and (
             self._queued_groups.get(group, 0) + count > self.group_limit
         ):
@@ -164,6 +164,9 @@ class DynamicBatcher(Generic[K]):
             if batch:
                 await self._compute(key, batch)
 
+    def _group(self, key: K) -> Hashable:
+        return self.group_of(key) if self.group_of is not None else None
+
     def _queue_changed(self) -> None:
         if self.on_queue_change is not None:
             self.on_queue_change()
@@ -181,7 +184,7 @@ class DynamicBatcher(Generic[K]):
                 break
             items.popleft()
             self._queued_rows[key] -= count
-            group = self.group_of(key) if self.group_of is not None else None
+            group = self._group(key)
             self._queued_groups[group] -= count
             if not self._queued_groups[group]:
                 del self._queued_groups[group]

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$", re.IGNORECASE)
 
 
 def resolve_device(spec: str, cuda_devices: int | None = None) -> str:
@@ -17,9 +17,9 @@ def resolve_device(spec: str, cuda_devices: int | None = None) -> str:
     text = spec.strip().lower()
     if not DEVICE_PATTERN.fullmatch(text):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:I, got {spec!r}")
-    count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if (
-        cuda_devices is None
-    ) else cuda_devices
+    count = cuda_devices
+    if count is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if text == "auto":
         return "cuda:0" if count > 0 else "cpu"
     if text == "cpu":

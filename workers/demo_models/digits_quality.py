@@ -25,6 +25,12 @@ from workers.evidence import realism
 HIDDEN_UNITS = 64
 
 
+def hidden_features(classifier: MLPClassifier, images: np.ndarray) -> np.ndarray:
+    """The classifier's hidden ReLU layer of images (n, 64): (n, HIDDEN_UNITS) float64."""
+    weights, bias = classifier.coefs_[0], classifier.intercepts_[0]
+    return np.maximum(np.asarray(images, dtype=np.float64) @ weights + bias, 0.0)
+
+
 @dataclass(frozen=True)
 class DigitsQuality:
     """The trained classifier and the hidden features of the real digits."""
@@ -34,8 +40,7 @@ class DigitsQuality:
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Hidden-layer (ReLU) features of images (n, 64) in [0, 1]: (n, HIDDEN_UNITS)."""
-        weights, bias = self.classifier.coefs_[0], self.classifier.intercepts_[0]
-        return np.maximum(np.asarray(images, dtype=np.float64) @ weights + bias, 0.0)
+        return hidden_features(self.classifier, images)
 
     def confidence(self, images: np.ndarray) -> np.ndarray:
         """Top-class probability of images (n, 64): (n,) in [0.1, 1]."""
@@ -57,5 +62,4 @@ def digits_quality() -> DigitsQuality:
     pixels = digits_pixels().astype(np.float64)
     classifier = MLPClassifier(hidden_layer_sizes=(HIDDEN_UNITS,), max_iter=500, random_state=0)
     classifier.fit(pixels, load_digits().target)
-    weights, bias = classifier.coefs_[0], classifier.intercepts_[0]
-    return DigitsQuality(classifier, np.maximum(pixels @ weights + bias, 0.0))
+    return DigitsQuality(classifier, hidden_features(classifier, pixels))
