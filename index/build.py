@@ -33,6 +33,7 @@ from index.manifest import (
     DescriptorSettings,
     IndexKind,
     IndexManifest,
+    IndexShard,
     MeasuredError,
     ModuleReference,
     Policy,
@@ -142,6 +143,7 @@ class BuildOptions:
     policy: Policy | None = None  # the whole default policy (--policy JSON); wins over the above
     descriptors: DescriptorOptions = DescriptorOptions()
     neighbours: int = DEFAULT_NEIGHBOURS
+    shards: int = 1  # --shards K: K row-disjoint flat indexes (CONTRACT §4)
     progress: bool = True
 
 
@@ -181,6 +183,13 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError("the neighbour count k must be >= 1")
     if options.calibration_count < 1:
         raise StoreError("the calibration count must be >= 1")
+    if options.shards < 1:
+        raise StoreError(f"--shards must be a whole number >= 1, got {options.shards}")
+    if options.shards > 1 and options.kind != "flat":
+        raise StoreError(
+            f"--shards {options.shards} needs --kind flat: an approximate kind is one FAISS "
+            "index and is not split (build it unsharded)"
+        )
     descriptors = options.descriptors
     if descriptors.calibration_count < 1 or descriptors.projection_rows < 1:
         raise StoreError("descriptor calibration count and projection rows must be >= 1")
@@ -247,6 +256,23 @@ def choose_space(
             space, kept.size, dim, 100 * ratio,
         )
     return projection, (mean, components)
+
+
+def write_shards(
+    latents: np.ndarray, staged: Path, count: int, progress: bool
+) -> tuple[IndexShard, ...]:
+    """``count`` flat indexes of contiguous, near-equal row ranges of latents (N, d); each
+    shard holds at least 2 rows, so leave-one-out sums stay defined on every shard."""
+    n = latents.shape[0]
+    if n < 2 * count:
+        raise StoreError(f"--shards {count} needs at least {2 * count} latents, got {n}")
+    bounds = np.linspace(0, n, count + 1).round().astype(np.int64)
+    shards: list[IndexShard] = []
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        name = f"shard-{number}.faiss"
+        write_index("flat", latents[start:stop], staged / name, 1, progress)
+        shards.append(IndexShard(file=name, start=int(start), count=int(stop - start)))
+    return tuple(shards)
 
 
 def write_index(
@@ -360,9 +386,14 @@ def build_version(
         pca_arrays = space[1] if space is not None else None
         latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
         bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
-        search = write_index(
-            options.kind, latents, staged / INDEX_FILE, options.neighbours, options.progress
-        )
+        shards: tuple[IndexShard, ...] = ()
+        search: ApproximateSearch | None = None
+        if options.shards > 1:
+            shards = write_shards(latents, staged, options.shards, options.progress)
+        else:
+            search = write_index(
+                options.kind, latents, staged / INDEX_FILE, options.neighbours, options.progress
+            )
         if projection is not None and pca_arrays is not None:
             np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
         wanted = options.descriptors if generator is not None else None
@@ -458,6 +489,7 @@ def build_version(
             source_file=str(options.latents_file),
             source_sha256=source_sha,
             files=files,
+            shards=shards,
         )
         target = store.publish(staged, manifest)
     log.info(

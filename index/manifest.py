@@ -224,6 +224,15 @@ class DescriptorSettings(_Frozen):
     quantiles: dict[str, dict[str, float]]
 
 
+class IndexShard(_Frozen):
+    """One row-disjoint part of a sharded version: its own flat FAISS index of rows
+    ``start .. start + count - 1`` of the training latents (CONTRACT §4, ``--shards``)."""
+
+    file: str
+    start: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
 class IndexManifest(_Frozen):
     """Everything needed to load and trust one version; written last, read first."""
 
@@ -254,3 +263,9 @@ class IndexManifest(_Frozen):
     source_file: str
     source_sha256: str
     files: dict[str, str]  # file name in the version directory -> sha256
+    # Row-disjoint shards (``--shards K``, K >= 2); empty: one shard, ``index.faiss``.
+    shards: tuple[IndexShard, ...] = ()
+
+    def shard_layout(self) -> tuple[IndexShard, ...]:
+        """Every shard of this version, unsharded versions as one shard over all N rows."""
+        return self.shards or (IndexShard(file="index.faiss", start=0, count=self.n),)

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,20 +34,49 @@ INDEX_FILE = "index.faiss"
 STAGING = ".staging"
 
 
+@dataclass(frozen=True)
+class LoadedShard:
+    """One opened shard: rows ``start .. start + len(latents) - 1`` of the version. ``latents``
+    is a zero-copy (n, d) float32 view of the memory-mapped flat index, valid while ``index``
+    lives (for ivf and hnsw a reconstructed copy)."""
+
+    number: int
+    start: int
+    index: faiss.Index
+    latents: np.ndarray
+
+
 @dataclass
 class LoadedVersion:
-    """One verified version in memory. ``latents`` is a zero-copy (N, d) float32 view of the
-    memory-mapped FAISS flat index, valid while ``index`` lives."""
+    """One verified version: manifest, calibration and projection, and the shards asked for
+    (all of them unless the loader named some; none for a gateway that only routes)."""
 
     manifest: IndexManifest
     path: Path
-    index: faiss.Index
-    latents: np.ndarray
+    shards: tuple[LoadedShard, ...]
     calibration_scores: np.ndarray  # sorted float64 log densities at manifest.calibration.sigma
     calibration_indices: np.ndarray | None  # leave-one-out rows, else None
     # Sorted calibration values per descriptor (psi, nu, delta) when the model has a generator.
     descriptor_calibration: dict[str, np.ndarray] | None = None
     projection: tuple[np.ndarray, np.ndarray] | None = None  # mean (d,), components (d', d)
+
+    @property
+    def latents(self) -> np.ndarray:
+        """All N training latents (N, d'): the one shard of an unsharded version."""
+        return self._whole().latents
+
+    @property
+    def index(self) -> faiss.Index:
+        """The FAISS index of an unsharded version."""
+        return self._whole().index
+
+    def _whole(self) -> LoadedShard:
+        if len(self.shards) != 1 or self.manifest.shards:
+            raise StoreError(
+                f"{self.manifest.model}/{self.manifest.version} is split into "
+                f"{len(self.manifest.shard_layout())} shards; score it shard by shard"
+            )
+        return self.shards[0]
 
     def to_index_space(self, latents: np.ndarray) -> np.ndarray:
         """Latents as sent (n, d) -> the index's space (n, d'): its projection, if any."""
@@ -99,16 +128,36 @@ class LatentStore:
                 f"{path}: invalid manifest ({'.'.join(map(str, first['loc']))}: {first['msg']})"
             ) from exc
 
-    def load(self, model: str, version: str | None = None, verify: bool = True) -> LoadedVersion:
-        """Load ``version`` (default: newest) after checking every file's sha256."""
+    def load(
+        self,
+        model: str,
+        version: str | None = None,
+        verify: bool = True,
+        shards: Collection[int] | None = None,
+    ) -> LoadedVersion:
+        """Load ``version`` (default: newest) after checking the sha256 of every file it opens;
+        ``shards`` names the shard numbers to open (default: all; empty: none)."""
         version = version or self.newest(model)
         if version is None:
             raise StoreError(f"model {model!r} has no index version in {self.root}")
         manifest = self.read_manifest(model, version)
         folder = self.root / model / version
+        layout = manifest.shard_layout()
+        wanted = range(len(layout)) if shards is None else sorted(set(shards))
+        unknown = [number for number in wanted if not 0 <= number < len(layout)]
+        if unknown:
+            raise StoreError(
+                f"{model}/{version} has shards 0..{len(layout) - 1}, not {unknown}"
+            )
+        skipped = {layout[number].file for number in range(len(layout))} - {
+            layout[number].file for number in wanted
+        }
         if verify:
-            verify_files(folder, manifest.files)
-        index, latents = _read_index(folder / INDEX_FILE, manifest)
+            verify_files(folder, {k: v for k, v in manifest.files.items() if k not in skipped})
+        opened = tuple(
+            LoadedShard(number, layout[number].start, *_read_index(folder, manifest, number))
+            for number in wanted
+        )
         calibration = manifest.calibration
         scores = np.load(folder / calibration.scores_file, allow_pickle=False)
         indices = (
@@ -125,7 +174,7 @@ class LatentStore:
             with np.load(folder / manifest.projection.file) as stored:
                 projection = (stored["mean"], stored["components"])
         return LoadedVersion(
-            manifest, folder, index, latents, scores, indices, descriptors, projection
+            manifest, folder, opened, scores, indices, descriptors, projection
         )
 
     @contextlib.contextmanager
@@ -178,11 +227,15 @@ class LatentStore:
         return rows
 
 
-def _read_index(path: Path, manifest: IndexManifest) -> tuple[faiss.Index, np.ndarray]:
-    """The index and its vectors (N, d') float32: a zero-copy view of a memory-mapped flat
-    index; for ivf and hnsw an in-memory index and a reconstructed copy of its vectors."""
+def _read_index(
+    folder: Path, manifest: IndexManifest, number: int
+) -> tuple[faiss.Index, np.ndarray]:
+    """Shard ``number``'s index and its vectors (n, d') float32: a zero-copy view of a
+    memory-mapped flat index; for ivf and hnsw an in-memory index and a copy of its vectors."""
+    shard = manifest.shard_layout()[number]
+    path = folder / shard.file
     projected = manifest.projection
-    expected = (manifest.n, projected.dim if projected is not None else manifest.dim)
+    expected = (shard.count, projected.dim if projected is not None else manifest.dim)
     try:
         if manifest.kind == "flat":
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)

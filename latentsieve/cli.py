@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("latentsieve")
 
 _ENV_NAMES = {"redis": "LATENTSIEVE_REDIS_URL"}
+MAX_CLI_SEEDS = 10_000_000
 
 
 class CliError(Exception):
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "bandwidth-neighbours", type=int, default=None,
          help="k of --sigma auto: median distance to the k-th nearest training latent")
     _add(build, "neighbours", type=int, default=None, help="k scored by ivf/hnsw (default 256)")
+    _add(build, "shards", type=int, default=1,
+         help="split a flat index into K row-disjoint shards (workers serve them apart)")
     _add(build, "sampler", default=None, help="torch-cpu[:DTYPE][:SHAPE]")
     _add(build, "generator", default=None, help="TorchScript file or package.module:factory")
     _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
@@ -142,11 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "device", default=None, help="auto (default), cpu, cuda[:I]: where scores run")
     _add(serve, "workers", type=int, default=None,
          help="processes sharing the port (default 1; see docs/service.md, 'Workers')")
+    _add(serve, "compute", default="embedded", choices=("embedded", "workers"),
+         help="embedded: score in this process; workers: over Redis Streams (needs --redis)")
 
     worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
     _add(worker, "store", required=True)
     _add(worker, "redis", required=True)
-    _add(worker, "metrics-port", type=int, default=None)
+    _add(worker, "models", default=None, help="comma-separated model names (default: all)")
+    _add(worker, "shards", default=None, help="comma-separated shard numbers (default: all)")
+    _add(worker, "device", default="auto", help="auto (CUDA when PyTorch sees it), cpu, cuda[:I]")
+    _add(worker, "metrics-port", type=int, default=None, help="serve /metrics on this port")
+    _add(worker, "max-batch-size", type=int, default=1024, help="latents per computed batch")
+    _add(worker, "max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
+    _add(worker, "read-count", type=int, default=64, help="jobs read from Redis at once")
+    _add(worker, "claim-idle-ms", type=int, default=10_000,
+         help="reclaim a job pending this long on another (dead) worker")
+    _add(worker, "max-deliveries", type=int, default=3,
+         help="deliveries before a job goes to the dead-letter stream")
+    _add(worker, "heartbeat-ttl", type=float, default=3.0,
+         help="seconds a heartbeat counts as live")
 
     report = commands.add_parser(
         "report", help="evidence page: does rejecting low scores keep better samples?"
@@ -207,6 +224,7 @@ def _build(args: argparse.Namespace) -> int:
         policy=_policy(args.policy, args.min_percentile),
         descriptors=_descriptor_options(args),
         neighbours=_whole(args.neighbours, DEFAULT_NEIGHBOURS),
+        shards=_whole(args.shards, 1),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     folder = build_version(
@@ -262,23 +280,25 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    """Offline scoring through the service's own engine (embedded compute, no HTTP)."""
+    import asyncio
+
     from index.latent_files import load_latents
     from index.store import LatentStore
-    from workers.devices import resolve_device
-    from workers.scoring import ModelScorer, score_report
+    from service.engine import ScoreJob
+    from service.errors import ServiceError
+    from service.offline import offline_engine
 
     store = LatentStore(args.store)
     if args.model not in store.models():
         raise CliError(f"unknown model {args.model!r} in {args.store}; see 'index list'")
-    device = resolve_device(args.device)  # before loading: a missing GPU is one line, exit 2
-    scorer = ModelScorer(store.load(args.model), device=device)
-    manifest = scorer.manifest
+    manifest = store.read_manifest(args.model, store.newest(args.model) or "")
     seeds: range | None = None
+    latents: np.ndarray | None = None
     if args.seeds is not None:
         seeds = parse_seed_range(args.seeds)
-        if len(seeds) > 10_000_000:
-            raise CliError("--seeds: at most 10,000,000 seeds per run")
-        latents = scorer.draw(seeds)
+        if len(seeds) > MAX_CLI_SEEDS:
+            raise CliError(f"--seeds: at most {MAX_CLI_SEEDS:,} seeds per run")
     else:
         raw = load_latents(args.latents, min_count=1)
         if tuple(raw.shape[1:]) != manifest.latent_shape and raw[0].size != manifest.dim:
@@ -287,17 +307,26 @@ def _score(args: argparse.Namespace) -> int:
                 f"model's latent shape {manifest.latent_shape} ({manifest.dim} numbers)"
             )
         latents = raw.reshape(raw.shape[0], -1)
-    sigma = manifest.bandwidth.sigma if args.sigma is None else check_sigma(args.sigma)
-    names = parse_descriptor_names(args.descriptors, manifest.policy)
-    if names and not scorer.has_descriptors:
-        raise CliError(f"model {args.model!r} has no generator, so no descriptors")
-    if names - scorer.descriptor_names:
-        raise CliError(
-            f"model {args.model!r} computes only {', '.join(sorted(scorer.descriptor_names))}"
-        )
-    batch = scorer.score(latents, sigma, names)
-    report = score_report(scorer, batch, sigma, manifest.policy, seeds)
-    _write_report(report, batch.log_density, batch.percentile, seeds, args.out)
+    sigma = None if args.sigma is None else check_sigma(args.sigma)
+    names = sorted(parse_descriptor_names(args.descriptors, manifest.policy))
+    job = ScoreJob(args.model, latents, seeds, sigma, names or None)
+
+    async def run() -> dict[str, object]:
+        async with offline_engine(Path(args.store), args.device, MAX_CLI_SEEDS) as engine:
+            return await engine.score(job)
+
+    try:
+        report = asyncio.run(run())
+    except ServiceError as exc:
+        raise CliError(exc.detail) from exc
+    results = report["results"]
+    assert isinstance(results, list)
+    _write_report(
+        report,
+        np.array([row["log_density"] for row in results], dtype=np.float64),
+        np.array([row["percentile"] for row in results], dtype=np.float64),
+        seeds, args.out,
+    )
     return 0
 
 
@@ -336,8 +365,41 @@ def _serve(args: argparse.Namespace) -> int:
     run_server(
         store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
         workers=None if args.workers is None else int(args.workers), log_level=args.log_level,
-        device=args.device,
+        device=args.device, compute=args.compute,
     )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from workers.devices import resolve_device
+    from workers.stream_worker import WorkerOptions, parse_list, parse_shards, run_worker
+
+    numbers = {
+        "max-batch-size": int(args.max_batch_size), "read-count": int(args.read_count),
+        "claim-idle-ms": int(args.claim_idle_ms), "max-deliveries": int(args.max_deliveries),
+    }
+    for option, value in numbers.items():
+        if value < 1:
+            raise CliError(f"--{option} must be >= 1, got {value}")
+    if float(args.heartbeat_ttl) <= 0 or float(args.max_wait_ms) < 0:
+        raise CliError("--heartbeat-ttl must be > 0 and --max-wait-ms >= 0")
+    options = WorkerOptions(
+        store=args.store,
+        redis_url=args.redis,
+        device=resolve_device(args.device),
+        models=parse_list(args.models, "models"),
+        shards=parse_shards(args.shards),
+        max_batch_size=numbers["max-batch-size"],
+        max_wait_ms=float(args.max_wait_ms),
+        read_count=numbers["read-count"],
+        claim_idle_ms=numbers["claim-idle-ms"],
+        max_deliveries=numbers["max-deliveries"],
+        heartbeat_ttl_s=float(args.heartbeat_ttl),
+    )
+    port = None if args.metrics_port is None else int(args.metrics_port)
+    asyncio.run(run_worker(options, port))
     return 0
 
 
@@ -387,10 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "report":
             return _report(args)
-        raise CliError(
-            "'latentsieve worker' (distributed mode over Redis Streams) is not available in "
-            "this release; run 'latentsieve serve' (embedded workers)"
-        )
+        return _worker(args)
     except Exception as exc:
         from workers.modules import ModuleLoadError  # imported late: it brings in torch
 

@@ -15,19 +15,19 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client.multiprocess import mark_process_dead
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from index.store import LatentStore
 from service.auth import OPEN_PATHS, ApiKeyMiddleware
+from service.cache import make_cache
 from service.direct_routes import install_direct_routes
-from service.errors import ServiceError, install_error_handlers
+from service.engine import Compute, ScoringEngine
+from service.errors import install_error_handlers
 from service.metrics import (
     FLUSH_INTERVAL_S,
     ServiceMetrics,
@@ -35,74 +35,17 @@ from service.metrics import (
     multiprocess_dir,
 )
 from service.registry import ModelRegistry
-from service.schemas import ScoreRequest, SelectRequest, parse_json
+from service.routers import health, models, scoring
+from service.runtime import Runtime, get_runtime
+from service.schemas import ScoreRequest, SelectRequest
 from service.settings import Settings
-from workers.batcher import DynamicBatcher
+from service.stream_compute import StreamCompute
 from workers.devices import resolve_device
-
-if TYPE_CHECKING:
-    from service.cache import ScoreCache
-    from service.routers.scoring import ScoreKey
+from workers.local_compute import LocalCompute, ModelBatchers
 
 log = logging.getLogger(__name__)
 
 ROUTES = frozenset({"/score", "/select", "/models", "/healthz", "/readyz", "/metrics"})
-# Large bodies are parsed in a worker thread so one upload does not stall every request.
-THREADED_PARSE_BYTES = 1 << 20
-
-
-@dataclass
-class Runtime:
-    """What the routers use, built by the lifespan of one app."""
-
-    settings: Settings
-    registry: ModelRegistry
-    batcher: DynamicBatcher[ScoreKey]
-    cache: ScoreCache
-    metrics: ServiceMetrics
-
-
-async def get_runtime(request: Request) -> Runtime:
-    """The running app's ``Runtime``; 503 while it is starting or stopping (async: a sync
-    dependency would cost every request a trip through the threadpool)."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is None:
-        raise ServiceError(503, "the service is starting; retry shortly")
-    assert isinstance(runtime, Runtime)
-    return runtime
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw body, refused with 413 past ``max_bytes`` (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ServiceError(
-            413, f"the body is {int(declared)} bytes; at most {max_bytes} are allowed"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    while True:  # the ASGI messages themselves: Request.stream() adds a generator per request
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise ServiceError(413, f"the body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def read_json(request: Request, settings: Settings) -> Any:
-    """Body -> parsed JSON under the size, depth and finite-number rules (413/422)."""
-    raw = await read_body(request, settings.max_body_bytes)
-    if len(raw) > THREADED_PARSE_BYTES:
-        return await asyncio.to_thread(parse_json, raw, settings.max_json_depth)
-    return parse_json(raw, settings.max_json_depth)
 
 
 class RequestMetricsMiddleware:
@@ -132,18 +75,6 @@ class RequestMetricsMiddleware:
                 # Unknown paths share one label so scanners cannot blow up the series count.
                 route = scope["path"] if scope["path"] in ROUTES else "other"
                 runtime.metrics.observe_request(route, status, time.perf_counter() - started)
-
-
-def json_body(model: type[Any]) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` for a route that parses its JSON body itself."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
-            },
-        }
-    }
 
 
 def _document_limits(components: dict[str, Any], settings: Settings) -> None:
@@ -190,6 +121,18 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _every_shard(
+    registry: ModelRegistry, compute: StreamCompute
+) -> dict[tuple[str, int], list[str]]:
+    """Live worker devices for every shard of every served model (empty lists included)."""
+    live = compute.live_workers()
+    return {
+        (name, shard): live.get((name, shard), [])
+        for name, served in registry.snapshot().items()
+        for shard in range(len(served.view.manifest.shard_layout()))
+    }
+
+
 def _telemetry_options(enabled: bool) -> dict[str, Any]:
     """FastAPI's native OpenTelemetry (FastAPI >= 0.16x) off unless asked for: it checks the
     global providers on every request (~5 us), and this service reports through Prometheus."""
@@ -205,49 +148,71 @@ async def _flush_metrics(metrics: ServiceMetrics) -> None:
         metrics.flush()
 
 
+def _make_compute(
+    settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics, device: str
+) -> Compute:
+    """The transport of ``settings.compute``: this process's batchers, or Redis workers."""
+    if settings.compute == "workers":
+        assert settings.redis_url is not None  # Settings refuses workers without Redis
+        return StreamCompute(
+            settings.redis_url,
+            lambda: {
+                name: len(served.view.manifest.shard_layout())
+                for name, served in registry.snapshot().items()
+            },
+            queue_limit=settings.queue_limit,
+            model_queue_limit=settings.model_queue_limit,
+        )
+    batchers = ModelBatchers(
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.queue_limit,
+        settings.model_queue_limit,
+        on_batch=lambda key, size, seconds: metrics.observe_batch(
+            key.model, device, size, seconds
+        ),
+        on_queue_change=metrics.queue_changed,
+    )
+    return LocalCompute(batchers, device)
+
+
 def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI:
     """The gateway for ``settings``; ``reload_on_sighup`` when it owns the process."""
-    # Imported here: the routers import ``RuntimeDep`` from this module.
-    from service.cache import make_cache
-    from service.routers import health, models, scoring
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        device = resolve_device(settings.device)  # an absent CUDA device stops start-up here
-        registry = ModelRegistry(LatentStore(settings.store), device=device)
+        embedded = settings.compute == "embedded"
+        # An absent CUDA device stops start-up here; in front of workers nothing computes here.
+        device = resolve_device(settings.device) if embedded else "cpu"
+        registry = ModelRegistry(LatentStore(settings.store), device=device,
+                                 load_shards=embedded)
         await registry.refresh()
         loaded = registry.snapshot()
         bounds = settings.log_density_buckets or log_density_buckets(
             [
-                (s.manifest.calibration.log_density_min, s.manifest.calibration.log_density_max)
-                for s in loaded.values()
+                (calibration.log_density_min, calibration.log_density_max)
+                for calibration in (s.view.manifest.calibration for s in loaded.values())
             ]
         )
         metrics = ServiceMetrics(bounds, multiprocess_dir=multiprocess_dir())
-        batcher: DynamicBatcher[ScoreKey] = DynamicBatcher(
-            scoring.score_rows,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            queue_limit=settings.queue_limit,
-            group_of=lambda key: key.model,
-            group_limit=settings.model_queue_limit,
-            on_batch=lambda key, size, seconds: metrics.observe_batch(
-                key.model, device, size, seconds
-            ),
-            on_queue_change=metrics.queue_changed,
-        )
-        metrics.watch_queue_depth(
-            lambda: scoring.queue_depth_by_model(batcher, registry.snapshot())
-        )
+        compute = _make_compute(settings, registry, metrics, device)
+        cache = make_cache(settings, on_error=metrics.cache_errors.inc)
+        engine = ScoringEngine(settings, registry, cache, compute, metrics)
+        metrics.watch_queue_depth(engine.queue_depth_by_model)
         metrics.watch_index_latents(
             lambda: {
-                (name, s.manifest.version): s.manifest.n
-                for name, s in registry.snapshot().items()
+                (name, s.version): s.view.manifest.n for name, s in registry.snapshot().items()
             }
         )
-        cache = make_cache(settings, on_error=metrics.cache_errors.inc)
-        app.state.runtime = Runtime(settings, registry, batcher, cache, metrics)
-        batcher.start()
+        if isinstance(compute, StreamCompute):
+            await compute.start()
+            metrics.watch_live_workers(
+                lambda: {
+                    (model, str(shard)): len(devices)
+                    for (model, shard), devices in _every_shard(registry, compute).items()
+                }
+            )
+        app.state.runtime = Runtime(settings, engine, metrics)
         watcher = asyncio.create_task(registry.watch(settings.reload_interval_s), name="reload")
         flusher = (
             asyncio.create_task(_flush_metrics(metrics), name="metrics-flush")
@@ -260,7 +225,8 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         # keeps full collections from walking them during requests (latency spikes).
         gc.collect()
         gc.freeze()
-        log.info("gateway ready", extra={"models": sorted(loaded), "device": device})
+        log.info("gateway ready", extra={
+            "models": sorted(loaded), "device": device, "compute": settings.compute})
         try:
             yield
         finally:
@@ -271,8 +237,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            await batcher.stop()
-            await cache.close()
+            await engine.stop()
             if flusher is not None:  # multiprocess mode
                 flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

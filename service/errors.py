@@ -33,7 +33,8 @@ ERROR_MEANINGS = {
     413: "body, batch or seed range over the configured limit",
     422: "malformed body, wrong dimension, NaN/Inf, bad sigma, unknown descriptor",
     429: "queue full; retry after Retry-After seconds",
-    503: "not ready (starting, or no loadable index)",
+    502: "a worker failed on the job, or it went to the dead-letter stream (--compute workers)",
+    503: "not ready (starting, no loadable index, no live worker for a shard, Redis down)",
     504: "no result within the request timeout",
 }
 

@@ -1,40 +1,133 @@
-"""``latentsieve serve``: settings from the arguments and ``LATENTSIEVE_*``, then uvicorn."""
+"""``latentsieve serve``: settings from the arguments and ``LATENTSIEVE_*``, then uvicorn.
+
+``--workers N`` (N > 1) runs uvicorn's own worker processes on one port (uvicorn's
+``workers=``; hosts scale further by replicas behind a load balancer). What the processes must
+agree on is fixed here, in the parent, before they start:
+
+- **Settings.** The parent's ``Settings`` are written back to ``LATENTSIEVE_*`` variables, from
+  which each worker's factory reads the same ``Settings()``.
+- **Metrics.** ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) makes any
+  worker's ``/metrics`` the sum of all; the score buckets are fixed from the store's manifests.
+- **Reload.** Every worker polls the store (``reload_interval_s``); SIGHUP to the parent makes
+  uvicorn restart the workers one by one, each loading the newest versions.
+
+Not shared: the in-process score cache (configure Redis to share one) and memory (each worker
+holds its own copy of every served index, or none in front of Redis workers).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
 
+from index.errors import StoreError
+from index.store import LatentStore
 from service.app import create_app
-from service.metrics import MULTIPROC_ENV
-from service.multiworker import metrics_folder, serve_workers
+from service.metrics import MULTIPROC_ENV, log_density_buckets
 from service.settings import Settings
 from workers.devices import resolve_device
+
+LOG_LEVEL_ENV = "LATENTSIEVE_LOG_LEVEL"
+WORKER_FACTORY = "service.main:worker_app"
+
+
+def worker_app() -> FastAPI:
+    """The app of one of uvicorn's worker processes: settings from the environment."""
+    from latentsieve.logs import configure_logging
+
+    configure_logging(os.environ.get(LOG_LEVEL_ENV, "warning"))
+    return create_app(Settings())  # type: ignore[call-arg]
+
+
+@contextlib.contextmanager
+def metrics_folder() -> Iterator[str]:
+    """The multiprocess metrics folder: ``PROMETHEUS_MULTIPROC_DIR`` emptied of ``*.db`` files
+    when set (counts start at 0, as on a restart), else a temporary folder removed after."""
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        yield str(folder)
+        return
+    created = tempfile.mkdtemp(prefix="latentsieve-metrics-")
+    try:
+        yield created
+    finally:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def store_log_density_buckets(store: Path) -> tuple[float, ...]:
+    """The score buckets a single process would derive at start-up, from the manifests of each
+    model's newest version (read without loading an index)."""
+    latents = LatentStore(store)
+    ranges = []
+    for model in latents.models():
+        version = latents.newest(model)
+        if version is None:
+            continue
+        try:
+            calibration = latents.read_manifest(model, version).calibration
+        except StoreError:
+            continue  # the workers will skip it too
+        ranges.append((calibration.log_density_min, calibration.log_density_max))
+    return log_density_buckets(ranges)
+
+
+def serve_workers(settings: Settings, log_level: str = "warning") -> None:
+    """Serve ``settings`` with uvicorn's ``settings.workers`` processes until SIGINT/SIGTERM."""
+    if settings.log_density_buckets is None:  # one set of buckets for every worker
+        settings = settings.model_copy(
+            update={"log_density_buckets": list(store_log_density_buckets(settings.store))}
+        )
+    with metrics_folder() as folder:
+        for name in [key for key in os.environ if key.startswith("LATENTSIEVE_")]:
+            del os.environ[name]  # the workers must read exactly these settings
+        os.environ.update(settings.environment())
+        os.environ[LOG_LEVEL_ENV] = log_level
+        os.environ[MULTIPROC_ENV] = folder  # before the workers import prometheus_client
+        uvicorn.run(
+            WORKER_FACTORY, factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=10,
+        )
 
 
 def run_server(
     store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None,
     workers: int | None = None, log_level: str = "warning", device: str | None = None,
+    compute: str | None = None,
 ) -> None:
     """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now.
 
-    ``workers`` (default ``LATENTSIEVE_WORKERS``, else 1) processes share the port; see
-    ``service.multiworker`` for what they share and what each keeps to itself.
+    ``workers`` (default ``LATENTSIEVE_WORKERS``, else 1) processes share the port.
     """
     overrides: dict[str, Any] = {"store": Path(store), "host": host, "port": port}
     if redis_url:
         overrides["redis_url"] = redis_url
     if workers is not None:
         overrides["workers"] = workers
+    if compute is not None:
+        overrides["compute"] = compute
     if device is not None:
         resolve_device(device)  # one line for a bad or absent device, before Settings
         overrides["device"] = device
-    settings = Settings(**overrides)
-    resolve_device(settings.device)  # a missing GPU stops here, before any process starts
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from exc
+    if settings.compute == "embedded":
+        resolve_device(settings.device)  # a missing GPU stops here, before any process starts
     if settings.workers > 1:
         serve_workers(settings, log_level)
         return

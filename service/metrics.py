@@ -29,9 +29,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from workers.stream_worker import BATCH_BUCKETS, DURATION_BUCKETS
+
 PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
-BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))
 LOG_DENSITY_BUCKET_COUNT = 20
 # psi (nats), nu (an effective rank) and delta (a count) share one histogram: signed decades.
@@ -292,6 +292,23 @@ class ServiceMetrics:
             return
         for model, depth in self._queue_depth_read().items():
             self._queue_depth.labels(model=model).set(depth)
+
+    def watch_live_workers(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """``latentsieve_live_workers{model, shard}``: workers with a fresh heartbeat."""
+        self._add_scrape_time(
+            _GaugeCallback(
+                "latentsieve_live_workers", "Workers with a live heartbeat, per model shard.",
+                ["model", "shard"],
+                lambda: {key: float(count) for key, count in read().items()},
+            )
+        )
+
+    def count_cache(self, hits: int, misses: int) -> None:
+        """``latentsieve_cache_requests_total{result}`` for one lookup of many latents."""
+        if hits:
+            self.cache_hits.inc(hits)
+        if misses:
+            self.cache_misses.inc(misses)
 
     def watch_index_latents(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """``latentsieve_index_latents{model, version}``: N of each served version."""

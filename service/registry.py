@@ -1,8 +1,8 @@
 """The models being served, and their hot reload from the store.
 
-The registry maps a model name to the ``ModelScorer`` of its newest loaded version. A reload
+The registry maps a model name to the ``ServedModel`` of its newest loaded version. A reload
 loads a newer version in a worker thread and swaps one dict reference, so a request that
-already holds a scorer keeps scoring with it while new requests see the new version.
+already holds a version keeps scoring with it while new requests see the new version.
 """
 
 from __future__ import annotations
@@ -11,36 +11,54 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from index.errors import StoreError
 from index.store import LatentStore
-from workers.scoring import ModelScorer
+from workers.scoring import ModelView
+from workers.shard_scoring import ShardScorer, open_shards
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One served version: its view (manifest, sampler, calibrations) and, when this process
+    computes (``--compute embedded``), a scorer per shard; none in front of workers."""
+
+    view: ModelView
+    shards: tuple[ShardScorer, ...]
+
+    @property
+    def version(self) -> str:
+        return self.view.manifest.version
+
+
 class ModelRegistry:
-    """Name -> scorer of the newest successfully loaded version."""
+    """Name -> the newest successfully loaded version. ``load_shards`` False: load only the
+    small parts (a gateway in front of workers); the workers load the training latents."""
 
     def __init__(
         self,
         store: LatentStore,
-        on_load: Callable[[ModelScorer], None] | None = None,
+        on_load: Callable[[ServedModel], None] | None = None,
         device: str = "cpu",
+        load_shards: bool = True,
     ) -> None:
         self.store = store
         self.device = device  # resolved (workers.devices.resolve_device): cpu or cuda:I
         self.on_load = on_load
-        self._models: dict[str, ModelScorer] = {}
+        self.load_shards = load_shards
+        self._models: dict[str, ServedModel] = {}
         self._failed: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
-    def get(self, name: str) -> ModelScorer | None:
-        """The scorer serving ``name`` now, or None (a dict lookup: never the filesystem)."""
+    def get(self, name: str) -> ServedModel | None:
+        """The version serving ``name`` now, or None (a dict lookup: never the filesystem)."""
         return self._models.get(name)
 
-    def snapshot(self) -> dict[str, ModelScorer]:
+    def snapshot(self) -> dict[str, ServedModel]:
         """Every served model, as of now."""
         return dict(self._models)
 
@@ -56,8 +74,10 @@ class ModelRegistry:
                 newest[name] = version
         return newest
 
-    def _load(self, name: str, version: str) -> ModelScorer:
-        return ModelScorer(self.store.load(name, version), device=self.device)
+    def _load(self, name: str, version: str) -> ServedModel:
+        loaded = self.store.load(name, version, shards=None if self.load_shards else ())
+        shards = open_shards(loaded, self.device) if self.load_shards else ()
+        return ServedModel(ModelView(loaded), shards)
 
     async def refresh(self) -> list[str]:
         """Load every model whose newest version is not the one served; returns
@@ -72,7 +92,7 @@ class ModelRegistry:
             loaded: list[str] = []
             for name, version in newest.items():
                 current = self._models.get(name)
-                if current is not None and current.manifest.version == version:
+                if current is not None and current.version == version:
                     continue
                 if (name, version) in self._failed:
                     continue

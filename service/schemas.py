@@ -311,12 +311,22 @@ class ScoreResponse(BaseModel):
     accepted: list[int]
 
 
-class ComputeInfo(BaseModel):
-    """Where a model's scores are computed: in the gateway process (``embedded``) and on which
-    device (``cpu`` or ``cuda:I``, from ``--device``)."""
+class ShardWorkers(BaseModel):
+    """One shard of a model in front of workers: its live workers and their devices."""
 
-    mode: Literal["embedded"]
-    device: str
+    shard: int
+    live_workers: int
+    devices: list[str]
+
+
+class ComputeInfo(BaseModel):
+    """Where a model's scores are computed: in the gateway process (``embedded``, on
+    ``device``: ``cpu`` or ``cuda:I`` from ``--device``) or by Redis workers (``workers``,
+    with the live workers of each shard)."""
+
+    mode: Literal["embedded", "workers"]
+    device: str | None = None
+    shards: list[ShardWorkers] | None = None
 
 
 class ModelInfo(BaseModel):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from workers.devices import DEVICE_PATTERN
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
+    # embedded: score in this process; workers: send uncached batches to ``latentsieve worker``
+    # processes over Redis Streams (needs redis_url).
+    compute: Literal["embedded", "workers"] = "embedded"
     # auto | cpu | cuda | cuda:I (workers/devices.py); resolved once at start-up.
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     opentelemetry: bool = False
@@ -60,6 +63,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [float(bound) for bound in value.split(",") if bound.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _workers_need_redis(self) -> Self:
+        if self.compute == "workers" and not self.redis_url:
+            raise ValueError("--compute workers needs --redis URL (LATENTSIEVE_REDIS_URL)")
+        return self
 
     def environment(self) -> dict[str, str]:
         """``LATENTSIEVE_*`` variables from which ``Settings()`` rebuilds these settings (unset

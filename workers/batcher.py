@@ -14,15 +14,28 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-
-import numpy as np
+from typing import Generic, Protocol, Self, TypeVar
 
 log = logging.getLogger(__name__)
 
+
+class Rows(Protocol):
+    """A typed batch along its first axis: counted, sliced and concatenated (LitServe's
+    ``batch``/``unbatch``); ``workers.shard_scoring`` has the ones the service uses."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, start: int, stop: int) -> Self: ...
+
+    @classmethod
+    def concat(cls, parts: Sequence[Self]) -> Self: ...
+
+
 K = TypeVar("K", bound=Hashable)
+Q = TypeVar("Q", bound=Rows)
+R = TypeVar("R", bound=Rows)
 
 
 class QueueFull(Exception):
@@ -30,26 +43,26 @@ class QueueFull(Exception):
 
 
 @dataclass
-class _Item:
-    rows: np.ndarray  # (n, d)
+class _Item(Generic[Q, R]):
+    rows: Q
     deadline: float  # loop.time() seconds
     enqueued: float
-    future: asyncio.Future[np.ndarray] = field(repr=False)
+    future: asyncio.Future[R] = field(repr=False)
 
 
-def _retrieve(future: asyncio.Future[np.ndarray]) -> None:
+def _retrieve(future: asyncio.Future[R]) -> None:
     """Mark a future's exception as seen: its caller may have timed out and gone."""
     if not future.cancelled():
         future.exception()
 
 
-class DynamicBatcher(Generic[K]):
+class DynamicBatcher(Generic[K, Q, R]):
     """Merge concurrent ``submit`` calls per key into compute calls of at most
     ``max_batch_size`` rows (one item larger than that is computed alone)."""
 
     def __init__(
         self,
-        compute: Callable[[K, np.ndarray], np.ndarray],
+        compute: Callable[[K, Q], R],
         max_batch_size: int,
         max_wait_ms: float,
         queue_limit: int,
@@ -68,7 +81,7 @@ class DynamicBatcher(Generic[K]):
         self.queue_limit = queue_limit
         self.on_batch = on_batch
         self.on_queue_change = on_queue_change
-        self._pending: dict[K, deque[_Item]] = {}
+        self._pending: dict[K, deque[_Item[Q, R]]] = {}
         self._queued_rows: dict[K, int] = {}
         self.group_of = group_of
         self.group_limit = group_limit
@@ -108,13 +121,13 @@ class DynamicBatcher(Generic[K]):
         self._queued = 0
         self._queue_changed()
 
-    async def submit(self, key: K, rows: np.ndarray, deadline: float) -> np.ndarray:
-        """Queue ``rows`` (n, d) and wait for compute's (n, ...) rows for them.
+    async def submit(self, key: K, rows: Q, deadline: float) -> R:
+        """Queue ``rows`` (n of them) and wait for compute's n result rows for them.
 
         ``deadline`` is in ``loop.time()`` seconds; past it this raises TimeoutError.
         Raises QueueFull when the queued rows would exceed ``queue_limit``.
         """
-        count = int(rows.shape[0])
+        count = len(rows)
         if count == 0:
             raise ValueError("submit needs at least one row")
         if self._queued + count > self.queue_limit:
@@ -131,7 +144,7 @@ class DynamicBatcher(Generic[K]):
                 f"would pass its limit of {self.group_limit}"
             )
         loop = asyncio.get_running_loop()
-        item = _Item(rows, deadline, loop.time(), loop.create_future())
+        item: _Item[Q, R] = _Item(rows, deadline, loop.time(), loop.create_future())
         item.future.add_done_callback(_retrieve)
         self._pending.setdefault(key, deque()).append(item)
         self._queued_rows[key] = self._queued_rows.get(key, 0) + count
@@ -171,14 +184,14 @@ class DynamicBatcher(Generic[K]):
         if self.on_queue_change is not None:
             self.on_queue_change()
 
-    def _take(self, key: K, now: float) -> list[_Item]:
+    def _take(self, key: K, now: float) -> list[_Item[Q, R]]:
         """Pop up to ``max_batch_size`` rows of live items for ``key``; drop expired ones."""
         items = self._pending.get(key)
-        batch: list[_Item] = []
+        batch: list[_Item[Q, R]] = []
         size = 0
         while items:
             item = items[0]
-            count = int(item.rows.shape[0])
+            count = len(item.rows)
             expired = item.deadline <= now or item.future.done()
             if not expired and batch and size + count > self.max_batch_size:
                 break
@@ -200,8 +213,8 @@ class DynamicBatcher(Generic[K]):
             self._queued_rows.pop(key, None)
         return batch
 
-    async def _compute(self, key: K, batch: list[_Item]) -> None:
-        rows = np.concatenate([item.rows for item in batch]) if len(batch) > 1 else batch[0].rows
+    async def _compute(self, key: K, batch: list[_Item[Q, R]]) -> None:
+        rows = type(batch[0].rows).concat([item.rows for item in batch])
         try:
             started = time.perf_counter()
             result = await asyncio.to_thread(self.compute, key, rows)
@@ -219,7 +232,7 @@ class DynamicBatcher(Generic[K]):
             self.on_batch(key, len(rows), seconds)
         start = 0
         for item in batch:
-            stop = start + int(item.rows.shape[0])
+            stop = start + len(item.rows)
             if not item.future.done():
-                item.future.set_result(result[start:stop])
+                item.future.set_result(result.take(start, stop))
             start = stop

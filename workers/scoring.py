@@ -1,25 +1,26 @@
-"""One loaded index version, ready to score latents or seeds and to decide on them."""
+"""One loaded index version: the view a gateway routes and decides with, and the scorer that
+computes it whole in process (every shard, merged)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from index.manifest import IndexManifest, Policy, check_sigma
-from index.store import LoadedVersion
-from workers.approximate import open_density
-from workers.calibration import score_calibration, score_descriptors
+from index.store import LatentStore, LoadedVersion
 from workers.density import DensityScorer
 from workers.descriptors import DescriptorEngine
 from workers.modules import load_module
 from workers.policy import decide
 from workers.seed_latents import SeedLatents
+from workers.shard_scoring import ShardKey, ShardQuery, merge_log_sums, open_shards
 
 CALIBRATIONS_KEPT = 8
+BLOCK = 1024  # calibration latents per computed block
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,19 @@ class ScoredBatch:
     descriptors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
     descriptor_percentiles: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
 
+    def __len__(self) -> int:
+        return int(self.log_density.shape[0])
+
+    def rows(self, index: np.ndarray | Sequence[int]) -> ScoredBatch:
+        """The scores of the rows ``index``, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return ScoredBatch(
+            self.log_density[index],
+            self.percentile[index],
+            {name: values[index] for name, values in self.descriptors.items()},
+            {name: values[index] for name, values in self.descriptor_percentiles.items()},
+        )
+
 
 def percentile_of(scores: np.ndarray, sorted_reference: np.ndarray) -> np.ndarray:
     """Fraction of reference scores <= each score (CONTRACT §1): (n,), (M,) sorted -> (n,)."""
@@ -39,43 +53,30 @@ def percentile_of(scores: np.ndarray, sorted_reference: np.ndarray) -> np.ndarra
     return np.asarray(ranks / sorted_reference.size, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class CalibrationBlock:
+    """Part of a version's calibration set to score at a new sigma: a query for every shard
+    and whether its latents are already in the index's space (leave-one-out rows are)."""
+
+    query: ShardQuery
+    index_space: bool
+
+
 @dataclass
-class ModelScorer:
-    """Engine, sampler, mapping and per-sigma calibrations of one version. ``device`` (``cpu``
-    or ``cuda:I``, see workers/devices.py) runs the density GEMMs, the generator's Jacobians
-    and, for ivf, the FAISS search where the FAISS build has GPU indexes; seed draws and the
-    mapping stay on the CPU, where the sampler recipe is defined."""
+class ModelView:
+    """What routing and deciding need of one version, without its training latents: the
+    manifest, the sampler (and mapping) that turns seeds into latents, and the calibrations
+    that turn scores into percentiles. A gateway in front of workers holds only this."""
 
     loaded: LoadedVersion
-    device: str = "cpu"
-    engine: DensityScorer = field(init=False)
     seed_latents: SeedLatents | None = field(init=False)
-    descriptor_engine: DescriptorEngine | None = field(init=False)
     _calibrations: OrderedDict[float, np.ndarray] = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
-    # One calibration computed at a time per model: concurrent requests for a new sigma wait for
-    # the first one's result instead of each scoring the whole calibration set.
-    _compute_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         manifest = self.loaded.manifest
-        self.engine = open_density(
-            manifest.kind, self.loaded.latents, self.loaded.index, manifest.search, self.device
-        )
         mapping = load_module(manifest.mapping, self.loaded.path) if manifest.mapping else None
         self.seed_latents = SeedLatents(manifest.sampler, mapping) if manifest.sampler else None
-        self.descriptor_engine = None
-        settings = manifest.descriptors
-        if settings is not None and manifest.generator is not None:
-            self.descriptor_engine = DescriptorEngine(
-                load_module(manifest.generator, self.loaded.path).to(self.device),
-                manifest.latent_shape,
-                settings.output_dim,
-                m=settings.projection_rows,
-                projection_seed=settings.projection_seed,
-                delta_directions=settings.delta_directions,
-                delta_radius=settings.delta_radius,
-            )
         self._calibrations = OrderedDict(
             [(manifest.calibration.sigma, self.loaded.calibration_scores)]
         )
@@ -84,47 +85,126 @@ class ModelScorer:
     def manifest(self) -> IndexManifest:
         return self.loaded.manifest
 
+    @property
+    def has_descriptors(self) -> bool:
+        return self.manifest.descriptors is not None and self.manifest.generator is not None
+
+    @property
+    def descriptor_names(self) -> frozenset[str]:
+        """The descriptors this model computes (calibrated at build time)."""
+        settings = self.manifest.descriptors
+        if not self.has_descriptors or settings is None:
+            return frozenset()
+        return frozenset(settings.names)
+
     def draw(self, seeds: Sequence[int]) -> np.ndarray:
-        """seeds (n,) -> index-space latents (n, d) float32; needs a sampler."""
+        """seeds (n,) -> latents as the sampler and mapping send them (n, d) float32."""
         if self.seed_latents is None:
             raise ValueError(f"model {self.manifest.model!r} has no sampler; send latents")
         return self.seed_latents.draw(seeds)
 
-    def _draw_index_space(self, seeds: Sequence[int]) -> np.ndarray:
-        return self.loaded.to_index_space(self.draw(seeds))
-
-    def calibration(self, sigma: float) -> np.ndarray:
-        """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
-        once (same calibration set) and the last ``CALIBRATIONS_KEPT`` are kept."""
-        cached = self._cached_calibration(sigma)
-        if cached is not None:
-            return cached
-        with self._compute_lock:
-            cached = self._cached_calibration(sigma)
-            if cached is not None:
-                return cached
-            spec = self.manifest.calibration
-            scores = score_calibration(
-                self.engine,
-                sigma,
-                count=spec.count,
-                seed_start=spec.seed_start,
-                indices=self.loaded.calibration_indices,
-                draw=self._draw_index_space if spec.source == "sampler" else None,
-            )
-            scores.sort()
-            with self._lock:
-                self._calibrations[sigma] = scores
-                while len(self._calibrations) > CALIBRATIONS_KEPT:
-                    self._calibrations.popitem(last=False)
-            return scores
-
-    def _cached_calibration(self, sigma: float) -> np.ndarray | None:
+    def cached_calibration(self, sigma: float) -> np.ndarray | None:
+        """Sorted calibration scores at ``sigma`` if known (the build's, or computed)."""
         with self._lock:
             cached = self._calibrations.get(sigma)
             if cached is not None:
                 self._calibrations.move_to_end(sigma)
             return cached
+
+    def keep_calibration(self, sigma: float, scores: np.ndarray) -> np.ndarray:
+        """Record the calibration scores (count,) at ``sigma``; the last
+        ``CALIBRATIONS_KEPT`` sigmas are kept. Returns them sorted."""
+        ordered = np.sort(np.asarray(scores, dtype=np.float64))
+        with self._lock:
+            self._calibrations[sigma] = ordered
+            while len(self._calibrations) > CALIBRATIONS_KEPT:
+                self._calibrations.popitem(last=False)
+        return ordered
+
+    def calibration_blocks(self) -> Iterator[CalibrationBlock]:
+        """The calibration set (CONTRACT §1) in blocks of ``BLOCK``: sampler draws as sent, or
+        the leave-one-out training rows in the index's space, each leaving itself out."""
+        spec = self.manifest.calibration
+        for start in range(0, spec.count, BLOCK):
+            stop = min(start + BLOCK, spec.count)
+            if spec.source == "sampler":
+                assert spec.seed_start is not None
+                seeds = range(spec.seed_start + start, spec.seed_start + stop)
+                yield CalibrationBlock(ShardQuery(self.draw(seeds)), index_space=False)
+            else:
+                assert self.loaded.calibration_indices is not None
+                rows = self.loaded.calibration_indices[start:stop].astype(np.int64)
+                yield CalibrationBlock(ShardQuery(self._training_rows(rows), rows), True)
+
+    def _training_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Training latents (r, d') of global rows, from the opened shards or, for a view that
+        opened none, from the store's memory-mapped shard files (no copy beyond the rows)."""
+        loaded = self.loaded
+        if len(loaded.shards) != len(self.manifest.shard_layout()):
+            store = LatentStore(loaded.path.parent.parent)
+            loaded = store.load(self.manifest.model, self.manifest.version, verify=False)
+        out = np.empty((rows.size, loaded.shards[0].latents.shape[1]), dtype=np.float32)
+        for shard in loaded.shards:
+            local = rows - shard.start
+            inside = np.flatnonzero((local >= 0) & (local < shard.latents.shape[0]))
+            out[inside] = shard.latents[local[inside]]
+        return out
+
+    def scored(
+        self, log_density: np.ndarray, sigma: float, descriptors: dict[str, np.ndarray]
+    ) -> ScoredBatch:
+        """Merged scores -> their percentiles against the calibrations (sigma's must be known)."""
+        reference = self.cached_calibration(sigma)
+        if reference is None:
+            raise ValueError(f"no calibration at sigma {sigma}; compute it first")
+        batch = ScoredBatch(log_density, percentile_of(log_density, reference))
+        if descriptors:
+            calibration = self.loaded.descriptor_calibration
+            if calibration is None:
+                raise ValueError(f"model {self.manifest.model!r} has no descriptor calibration")
+            for name in sorted(descriptors):
+                batch.descriptors[name] = descriptors[name]
+                batch.descriptor_percentiles[name] = percentile_of(
+                    descriptors[name], calibration[name]
+                )
+        return batch
+
+
+class ModelScorer:
+    """A whole version scored in this thread: the view and a scorer per shard, merged
+    (CONTRACT §4). The library's synchronous entry point (reports, studies, tests); the
+    service goes through the engine's batchers and transports instead. ``device`` (``cpu``
+    or ``cuda:I``, see workers/devices.py) runs the density GEMMs, the generator's Jacobians
+    and, for ivf, the FAISS search where the FAISS build has GPU indexes; seed draws and the
+    mapping stay on the CPU, where the sampler recipe is defined."""
+
+    def __init__(self, loaded: LoadedVersion, device: str = "cpu") -> None:
+        self.loaded = loaded
+        self.device = device
+        self.view = ModelView(loaded)
+        self.shards = open_shards(loaded, device)
+        # One calibration computed at a time per model: concurrent callers for a new sigma
+        # wait for the first one's result instead of each scoring the whole calibration set.
+        self._compute_lock = threading.Lock()
+
+    @property
+    def manifest(self) -> IndexManifest:
+        return self.loaded.manifest
+
+    @property
+    def seed_latents(self) -> SeedLatents | None:
+        return self.view.seed_latents
+
+    @property
+    def engine(self) -> DensityScorer:
+        """The density engine of an unsharded version."""
+        if len(self.shards) != 1:
+            raise ValueError(f"model {self.manifest.model!r} is sharded; score through shards")
+        return self.shards[0].engine
+
+    @property
+    def descriptor_engine(self) -> DescriptorEngine | None:
+        return self.shards[0].descriptor_engine
 
     @property
     def has_descriptors(self) -> bool:
@@ -132,11 +212,42 @@ class ModelScorer:
 
     @property
     def descriptor_names(self) -> frozenset[str]:
-        """The descriptors this model computes (calibrated at build time)."""
-        settings = self.manifest.descriptors
-        if self.descriptor_engine is None or settings is None:
-            return frozenset()
-        return frozenset(settings.names)
+        return self.view.descriptor_names if self.has_descriptors else frozenset()
+
+    def draw(self, seeds: Sequence[int]) -> np.ndarray:
+        """seeds (n,) -> latents (n, d) float32 as sent; needs a sampler."""
+        return self.view.draw(seeds)
+
+    def _log_sums(
+        self, query: ShardQuery, sigma: float, descriptors: tuple[str, ...], index_space: bool
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        manifest = self.manifest
+        parts = [
+            shard.score(
+                ShardKey(manifest.model, manifest.version, shard.number, sigma, descriptors,
+                         index_space, shard),
+                query,
+            )
+            for shard in self.shards
+        ]
+        merged = merge_log_sums([part.log_sum for part in parts], query.exclude, manifest.n)
+        return merged, parts[0].descriptors
+
+    def calibration(self, sigma: float) -> np.ndarray:
+        """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
+        once (same calibration set) and the last ``CALIBRATIONS_KEPT`` are kept."""
+        cached = self.view.cached_calibration(sigma)
+        if cached is not None:
+            return cached
+        with self._compute_lock:
+            cached = self.view.cached_calibration(sigma)
+            if cached is not None:
+                return cached
+            scores = [
+                self._log_sums(block.query, sigma, (), block.index_space)[0]
+                for block in self.view.calibration_blocks()
+            ]
+            return self.view.keep_calibration(sigma, np.concatenate(scores))
 
     def score(
         self,
@@ -147,29 +258,27 @@ class ModelScorer:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
         and the named descriptors (CONTRACT §2) with their calibration percentiles."""
         sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
-        index_space = self.loaded.to_index_space(latents)
-        log_density = self.engine.log_density(index_space, sigma).log_density
-        batch = ScoredBatch(log_density, percentile_of(log_density, self.calibration(sigma)))
-        if not descriptors:
-            return batch
-        if self.descriptor_engine is None or self.loaded.descriptor_calibration is None:
-            raise ValueError(f"model {self.manifest.model!r} has no generator for descriptors")
-        missing = set(descriptors) - self.descriptor_names
-        if missing:
-            raise ValueError(
-                f"model {self.manifest.model!r} does not compute {', '.join(sorted(missing))} "
-                "(a TorchScript generator has psi and nu only)"
-            )
-        values = score_descriptors(self.descriptor_engine, np.asarray(latents, np.float32))
-        for name in sorted(set(descriptors)):
-            batch.descriptors[name] = values[name]
-            reference = self.loaded.descriptor_calibration[name]
-            batch.descriptor_percentiles[name] = percentile_of(values[name], reference)
-        return batch
+        names = tuple(sorted(set(descriptors)))
+        if names:
+            if not self.has_descriptors or self.loaded.descriptor_calibration is None:
+                raise ValueError(
+                    f"model {self.manifest.model!r} has no generator for descriptors"
+                )
+            missing = set(names) - self.descriptor_names
+            if missing:
+                raise ValueError(
+                    f"model {self.manifest.model!r} does not compute "
+                    f"{', '.join(sorted(missing))} (a TorchScript generator has psi and nu only)"
+                )
+        self.calibration(sigma)
+        log_density, values = self._log_sums(
+            ShardQuery(np.asarray(latents, dtype=np.float32)), sigma, names, False
+        )
+        return self.view.scored(log_density, sigma, values)
 
 
 def score_report(
-    scorer: ModelScorer,
+    scorer: ModelView | ModelScorer,
     batch: ScoredBatch,
     sigma: float,
     policy: Policy,

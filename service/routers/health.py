@@ -6,9 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.app import Runtime, RuntimeDep
 from service.errors import ServiceError, error_responses
 from service.responses import FastJSONResponse
+from service.runtime import RuntimeDep, current_runtime
+from service.stream_compute import StreamCompute
 
 router = APIRouter(tags=["health"])
 
@@ -21,15 +22,21 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses=error_responses(503))
 async def readyz(request: Request) -> FastJSONResponse:
-    """200 when at least one model is loaded, 503 otherwise."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if not isinstance(runtime, Runtime):
+    """200 when at least one model is loaded and (in front of workers) every shard of every
+    served model has a live worker; 503 naming what is missing otherwise."""
+    runtime = current_runtime(request)
+    if runtime is None:
         raise ServiceError(503, "not ready: the service is starting")
-    served = sorted(runtime.registry.snapshot())
+    served = sorted(runtime.engine.registry.snapshot())
     if not served:
         raise ServiceError(
             503, f"not ready: no model has a loadable index version in {runtime.settings.store}"
         )
+    compute = runtime.engine.compute
+    if isinstance(compute, StreamCompute):
+        missing = compute.missing()
+        if missing:
+            raise ServiceError(503, f"not ready: no live worker for {', '.join(missing)}")
     return FastJSONResponse({"status": "ready", "models": served})
 
 

@@ -6,18 +6,39 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.app import RuntimeDep
 from service.errors import error_responses
+from service.registry import ServedModel
 from service.responses import FastJSONResponse
+from service.runtime import Runtime, RuntimeDep
 from service.schemas import ModelsResponse
-from workers.scoring import ModelScorer
+from service.stream_compute import StreamCompute
 
 router = APIRouter(tags=["models"])
 
 
-def describe_model(scorer: ModelScorer) -> dict[str, Any]:
+def describe_compute(runtime: Runtime, served: ServedModel) -> dict[str, Any]:
+    """Where a model's scores are computed: this process's device, or the live workers (and
+    their devices) of each shard."""
+    compute = runtime.engine.compute
+    if not isinstance(compute, StreamCompute):
+        device = served.shards[0].device if served.shards else "cpu"
+        return {"mode": "embedded", "device": device}
+    live = compute.live_workers()
+    model = served.view.manifest.model
+    return {
+        "mode": "workers",
+        "shards": [
+            {"shard": shard, "live_workers": len(live.get((model, shard), [])),
+             "devices": sorted(set(live.get((model, shard), [])))}
+            for shard in range(len(served.view.manifest.shard_layout()))
+        ],
+    }
+
+
+def describe_model(runtime: Runtime, served: ServedModel) -> dict[str, Any]:
     """One ``ModelInfo`` row for a served version."""
-    manifest = scorer.manifest
+    view = served.view
+    manifest = view.manifest
     return {
         "name": manifest.model,
         "index_version": manifest.version,
@@ -28,11 +49,11 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
         "kind": manifest.kind,
         "exact": manifest.exact,
         "sampler": str(manifest.sampler) if manifest.sampler is not None else None,
-        "descriptors": scorer.has_descriptors,
+        "descriptors": view.has_descriptors,
         "generator": manifest.generator is not None,
         "policy": manifest.policy.model_dump(exclude_none=True),
-        "shards": 1,
-        "compute": {"mode": "embedded", "device": scorer.device},
+        "shards": len(manifest.shard_layout()),
+        "compute": describe_compute(runtime, served),
     }
 
 
@@ -43,5 +64,7 @@ def describe_model(scorer: ModelScorer) -> dict[str, Any]:
 )
 async def list_models(runtime: RuntimeDep) -> FastJSONResponse:
     """Every served model, sorted by name."""
-    served = runtime.registry.snapshot()
-    return FastJSONResponse({"models": [describe_model(served[name]) for name in sorted(served)]})
+    served = runtime.engine.registry.snapshot()
+    return FastJSONResponse(
+        {"models": [describe_model(runtime, served[name]) for name in sorted(served)]}
+    )

@@ -17,7 +17,7 @@ from service.app import create_app
 from service.direct_routes import direct_endpoints
 from service.routers import scoring
 from service.settings import Settings
-from workers.scoring import ModelScorer
+from workers.shard_scoring import ShardScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
@@ -53,7 +53,7 @@ async def test_other_methods_and_paths_fall_through(app_client: httpx.AsyncClien
 async def test_a_bug_is_a_logged_500_and_the_server_stays_up(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(self: ModelScorer, *args: Any, **kwargs: Any) -> Any:
+    def broken(self: ShardScorer, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in the scorer")
 
     good = {"model": MODEL, "latents": [[0.3] * 8]}
@@ -67,7 +67,7 @@ async def test_a_bug_is_a_logged_500_and_the_server_stays_up(
             base_url="http://gateway",
         ) as client,
     ):
-        monkeypatch.setattr(ModelScorer, "score", broken)
+        monkeypatch.setattr(ShardScorer, "score", broken)
         with caplog.at_level(logging.ERROR):
             response = await client.post("/score", json=good)
         assert response.status_code == 500

@@ -41,18 +41,26 @@ class Server:
     log: Path
 
 
+def clean_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its LATENTSIEVE_* variables, plus ``env``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
+    environment.update(env or {})
+    return environment
+
+
 @contextlib.contextmanager
 def running_server(
     store: Path, reload_interval_s: float, log: Path, workers: int = 1,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """``latentsieve serve --store STORE [--workers N]`` on a free port, ready, until the block
-    ends; ``env`` adds to the environment (without this one's LATENTSIEVE_* variables)."""
+    """``latentsieve serve --store STORE [--workers N] [args]`` on a free port, ready, until
+    the block ends; ``env`` adds to the environment (without this one's LATENTSIEVE_*)."""
     port = _free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSIEVE_")}
-    environment["LATENTSIEVE_RELOAD_INTERVAL_S"] = str(reload_interval_s)
+    environment = clean_environment({"LATENTSIEVE_RELOAD_INTERVAL_S": str(reload_interval_s)})
     environment.update(env or {})
-    command = [*latentsieve_command(), "serve", "--store", str(store), "--port", str(port)]
+    command = [
+        *latentsieve_command(), "serve", "--store", str(store), "--port", str(port), *args
+    ]
     if workers != 1:
         command += ["--workers", str(workers)]
     with log.open("wb") as sink:
@@ -81,3 +89,53 @@ def running_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Worker:
+    """A ``latentsieve worker`` process and its ``/metrics`` address."""
+
+    process: subprocess.Popen[bytes]
+    metrics_url: str
+    log: Path
+
+    def metrics(self) -> str:
+        return httpx.get(self.metrics_url, timeout=5).text
+
+    def stop(self) -> None:
+        """SIGTERM (a clean exit leaves the live sets), then wait."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_worker(
+    store: Path, redis_url: str, log: Path, *args: str, ready_s: float = 60
+) -> Worker:
+    """``latentsieve worker`` with a metrics port, returned once it serves ``/metrics`` and
+    its heartbeat is in Redis (it reports ``latentsieve_worker_up``)."""
+    port = _free_port()
+    command = [
+        *latentsieve_command(), "worker", "--store", str(store), "--redis", redis_url,
+        "--metrics-port", str(port), "--device", "cpu", *args,
+    ]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=clean_environment()
+        )
+    worker = Worker(process, f"http://127.0.0.1:{port}/metrics", log)
+    deadline = time.monotonic() + ready_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}: {log.read_text()}")
+        with contextlib.suppress(httpx.TransportError):
+            if "latentsieve_worker_up{" in worker.metrics():
+                return worker
+        if time.monotonic() > deadline:
+            worker.stop()
+            raise RuntimeError(f"worker not up in {ready_s} s: {log.read_text()}")
+        time.sleep(0.1)

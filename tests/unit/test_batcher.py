@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,32 @@ import pytest
 from workers.batcher import DynamicBatcher, QueueFull
 
 pytestmark = pytest.mark.anyio
+
+
+@dataclass(frozen=True)
+class Block:
+    """The smallest typed batch: an array along its first axis."""
+
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, start: int, stop: int) -> Block:
+        return Block(self.values[start:stop])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Block]) -> Block:
+        return cls(np.concatenate([part.values for part in parts]))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.values
+
+    def __mul__(self, factor: float) -> Block:
+        return Block(self.values * factor)
+
+    def __add__(self, offset: float) -> Block:
+        return Block(self.values + offset)
 
 
 class Recorder:
@@ -24,7 +52,7 @@ class Recorder:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, key: str, rows: np.ndarray) -> np.ndarray:
+    def __call__(self, key: str, rows: Block) -> Block:
         self.release.wait(5)
         if self.delay_s:
             threading.Event().wait(self.delay_s)
@@ -34,8 +62,8 @@ class Recorder:
         return rows * 2 + len(key)
 
 
-def rows(count: int, value: float) -> np.ndarray:
-    return np.full((count, 3), value)
+def rows(count: int, value: float) -> Block:
+    return Block(np.full((count, 3), value))
 
 
 def deadline(seconds: float = 5.0) -> float:
@@ -48,7 +76,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 
 
 async def test_concurrent_submits_share_one_compute(recorder: Recorder) -> None:
-    batcher: DynamicBatcher[str] = DynamicBatcher(recorder, 64, 50.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(recorder, 64, 50.0, 1000)
     batcher.start()
     try:
         results = await asyncio.gather(
@@ -64,7 +92,7 @@ async def test_concurrent_submits_share_one_compute(recorder: Recorder) -> None:
 async def test_batches_are_capped_and_keys_kept_apart() -> None:
     recorder = Recorder()
     sizes: list[tuple[str, int]] = []
-    batcher: DynamicBatcher[str] = DynamicBatcher(
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
         recorder, 5, 50.0, 1000, on_batch=lambda key, size, _seconds: sizes.append((key, size))
     )
     batcher.start()
@@ -89,7 +117,7 @@ async def test_batches_are_capped_and_keys_kept_apart() -> None:
 
 async def test_full_batch_does_not_wait_for_the_window() -> None:
     recorder = Recorder()
-    batcher: DynamicBatcher[str] = DynamicBatcher(recorder, 4, 10_000.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(recorder, 4, 10_000.0, 1000)
     batcher.start()
     try:
         async with asyncio.timeout(2):
@@ -102,7 +130,7 @@ async def test_full_batch_does_not_wait_for_the_window() -> None:
 async def test_expired_items_are_dropped_not_computed() -> None:
     recorder = Recorder()
     recorder.release.clear()
-    batcher: DynamicBatcher[str] = DynamicBatcher(recorder, 1, 0.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(recorder, 1, 0.0, 1000)
     batcher.start()
     try:
         # The first batch blocks in compute; the second item expires while it waits.
@@ -124,7 +152,7 @@ async def test_expired_items_are_dropped_not_computed() -> None:
 async def test_queue_full_refuses_without_queueing() -> None:
     recorder = Recorder()
     recorder.release.clear()
-    batcher: DynamicBatcher[str] = DynamicBatcher(recorder, 100, 200.0, 5)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(recorder, 100, 200.0, 5)
     batcher.start()
     try:
         waiting = asyncio.create_task(batcher.submit("a", rows(4, 1), deadline()))
@@ -145,7 +173,7 @@ async def test_queue_full_refuses_without_queueing() -> None:
 
 async def test_compute_error_fails_only_its_batch() -> None:
     recorder = Recorder(fail_key="bad")
-    batcher: DynamicBatcher[str] = DynamicBatcher(recorder, 64, 20.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(recorder, 64, 20.0, 1000)
     batcher.start()
     try:
         outcomes = await asyncio.gather(
@@ -158,13 +186,15 @@ async def test_compute_error_fails_only_its_batch() -> None:
     finally:
         await batcher.stop()
     assert isinstance(outcomes[0], RuntimeError) and isinstance(outcomes[1], RuntimeError)
-    assert isinstance(outcomes[2], np.ndarray)
+    assert isinstance(outcomes[2], Block)
     np.testing.assert_array_equal(after, rows(1, 5) * 2 + 4)
     assert ("bad", 3) in recorder.calls
 
 
 async def test_wrong_result_length_is_an_error() -> None:
-    batcher: DynamicBatcher[str] = DynamicBatcher(lambda key, r: r[:1], 64, 0.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
+        lambda key, r: r.take(0, 1), 64, 0.0, 1000
+    )
     batcher.start()
     try:
         with pytest.raises(RuntimeError, match="compute returned 1 rows for 2"):
@@ -175,7 +205,7 @@ async def test_wrong_result_length_is_an_error() -> None:
 
 
 async def test_stop_cancels_waiting_items() -> None:
-    batcher: DynamicBatcher[str] = DynamicBatcher(Recorder(), 64, 60_000.0, 1000)
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(Recorder(), 64, 60_000.0, 1000)
     batcher.start()
     waiting = asyncio.create_task(batcher.submit("a", rows(1, 1), deadline(60)))
     await asyncio.sleep(0.01)
@@ -192,7 +222,7 @@ def test_bad_limits_are_refused() -> None:
 
 async def test_a_group_limit_keeps_one_busy_group_from_filling_the_queue() -> None:
     recorder = Recorder()
-    batcher: DynamicBatcher[str] = DynamicBatcher(
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
         recorder, 100, 10_000.0, 1000, group_of=lambda key: key[0], group_limit=5
     )
     batcher.start()
@@ -216,7 +246,7 @@ async def test_a_group_limit_keeps_one_busy_group_from_filling_the_queue() -> No
 
 
 async def test_a_group_gets_its_room_back_once_computed() -> None:
-    batcher: DynamicBatcher[str] = DynamicBatcher(
+    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
         Recorder(), 100, 1.0, 1000, group_of=lambda key: key[0], group_limit=5
     )
     batcher.start()

@@ -1,0 +1,391 @@
+"""The scoring engine: one request from model lookup to decision, free of HTTP.
+
+``ScoringEngine.score`` and ``.select`` take typed jobs and return the CONTRACT §3 body. On the
+way: the model's served version (404), what it can compute (422), the score cache, the compute
+transport for the misses (in process, or Redis workers), calibrations at the request's sigma,
+the policy's decisions and the metric hooks. Routers and ``latentsieve score`` both call it;
+failures are ``ServiceError`` with the status a router answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from index.manifest import Policy
+from service.cache import CachedScore, ScoreCache, cache_keys
+from service.errors import ServiceError
+from service.registry import ModelRegistry, ServedModel
+from service.settings import Settings
+from workers.batcher import QueueFull
+from workers.local_compute import Computed, Work
+from workers.scoring import ModelView, ScoredBatch, score_report
+from workers.selection import pick_diverse
+from workers.shard_scoring import ShardQuery, ShardScorer
+from workers.streams import JobFailed, WorkersUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+NO_DESCRIPTORS: tuple[str, ...] = ()
+
+
+class Compute(Protocol):
+    """A transport that scores a ``Work`` on every shard and merges the parts."""
+
+    mode: str
+
+    async def compute(
+        self, shards: Sequence[ShardScorer], work: Work, deadline: float
+    ) -> Computed: ...
+
+    def queued_by_model(self) -> dict[str, int]: ...
+
+    async def stop(self) -> None: ...
+
+
+class EngineHooks(Protocol):
+    """What the engine reports (``service.metrics.ServiceMetrics``)."""
+
+    def count_cache(self, hits: int, misses: int) -> None: ...
+
+    def observe_results(
+        self, model: str, log_density: np.ndarray, percentile: np.ndarray,
+        reasons: Sequence[Sequence[str]],
+    ) -> None: ...
+
+    def observe_descriptors(self, model: str, values: dict[str, np.ndarray]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """A validated ``POST /score`` (or ``latentsieve score``): latents (n, d) or seeds."""
+
+    model: str
+    latents: np.ndarray | None = None
+    seeds: Sequence[int] | None = None
+    sigma: float | None = None
+    descriptors: Sequence[str] | None = None
+    policy: Policy | None = None
+
+
+@dataclass(frozen=True)
+class SelectJob:
+    """A validated ``POST /select``: the best ``keep`` of ``count`` seeds from ``start``."""
+
+    model: str
+    start: int
+    count: int
+    keep: int
+    min_distance: float | None = None
+    sigma: float | None = None
+    policy: Policy | None = None
+
+
+def effective_policy(default: Policy, override: Policy | None) -> Policy:
+    """The model's policy with the fields the request set replaced (unset fields keep the
+    model's values: ``{"psi": ...}`` alone does not reset ``min_percentile``)."""
+    if override is None:
+        return default
+    return Policy.model_validate(
+        {**default.model_dump(), **override.model_dump(exclude_unset=True)}
+    )
+
+
+def descriptor_names(
+    view: ModelView, asked: Sequence[str] | None, policy: Policy
+) -> tuple[str, ...]:
+    """The descriptors to compute: those asked for and those the policy bounds; 422 when the
+    model cannot compute them."""
+    bounded = policy.descriptor_bounds()
+    if not asked and not bounded:
+        return NO_DESCRIPTORS  # the common case: density only
+    names = tuple(sorted(set(asked or ()) | set(bounded)))
+    if not view.has_descriptors:
+        raise ServiceError(
+            422,
+            f"model {view.manifest.model!r} has no generator, so it has no descriptors "
+            f"({', '.join(names)} asked for by the request or its policy); leave them out",
+        )
+    missing = set(names) - view.descriptor_names
+    if missing:
+        raise ServiceError(
+            422,
+            f"model {view.manifest.model!r} computes only "
+            f"{', '.join(sorted(view.descriptor_names))}, not {', '.join(sorted(missing))} "
+            "(delta needs an eager generator; TorchScript cannot carry forward hooks)",
+        )
+    return names
+
+
+class ScoringEngine:
+    """Registry, cache, compute transport, calibrations, policy and metric hooks together."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        cache: ScoreCache,
+        compute: Compute,
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.cache = cache
+        self.compute = compute
+        self.hooks = hooks
+        self._calibrating: dict[tuple[str, str, float], asyncio.Lock] = {}
+
+    def deadline(self) -> float:
+        """Loop time by which a request started now must be answered."""
+        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
+
+    def resolve(self, name: str) -> ServedModel:
+        """The version serving ``name`` now; 404 naming the served models otherwise."""
+        served = self.registry.get(name)
+        if served is None:
+            names = ", ".join(sorted(self.registry.snapshot())) or "none"
+            raise ServiceError(404, f"unknown model {name!r}; served models: {names}")
+        return served
+
+    def check_batch(self, count: int, what: str) -> None:
+        """413 when a request carries more latents than ``max_batch``."""
+        limit = self.settings.max_batch
+        if count > limit:
+            raise ServiceError(413, f"{count} {what} in one request; at most {limit} are allowed")
+
+    def queue_depth_by_model(self) -> dict[str, int]:
+        """Queued latents per model (0 for idle served models)."""
+        depth = dict.fromkeys(self.registry.snapshot(), 0)
+        for model, rows in self.compute.queued_by_model().items():
+            depth[model] = depth.get(model, 0) + rows
+        return depth
+
+    async def score(self, job: ScoreJob) -> dict[str, Any]:
+        """The CONTRACT §3 body for ``job``; ServiceError for anything it cannot serve."""
+        served = self.resolve(job.model)
+        view = served.view
+        manifest = view.manifest
+        if job.latents is None:
+            self.check_batch(len(job.seeds or ()), "seeds")
+        else:
+            self.check_batch(len(job.latents), "latents")
+        sigma = manifest.bandwidth.sigma if job.sigma is None else job.sigma
+        policy = effective_policy(manifest.policy, job.policy)
+        names = descriptor_names(view, job.descriptors, policy)
+        latents = job.latents
+        if latents is not None and latents.shape[1] != manifest.dim:
+            raise ServiceError(
+                422,
+                f"each latent has {latents.shape[1]} numbers; model {manifest.model!r} "
+                f"takes {manifest.dim} (latent shape {list(manifest.latent_shape)})",
+            )
+        deadline = self.deadline()
+        try:
+            if latents is None:
+                async with asyncio.timeout_at(deadline):
+                    latents = await self._draw(view, job.seeds or [])
+            # Bounded inside: the calibration and the compute wait until the deadline at most,
+            # and Redis within its socket timeout.
+            batch, cached = await self._score_latents(served, latents, sigma, deadline, names)
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        return self._report(view, batch, cached, sigma, policy, job.seeds)
+
+    async def select(self, job: SelectJob) -> dict[str, Any]:
+        """The ``keep`` best seeds by log density, best first; with ``min_distance``, greedily
+        diverse (fewer than ``keep`` when diversity runs out)."""
+        served = self.resolve(job.model)
+        view = served.view
+        manifest = view.manifest
+        limit = self.settings.select_max_count
+        if job.count > limit:
+            raise ServiceError(413, f"count {job.count} is over the limit of {limit} seeds")
+        self.check_batch(job.keep, "kept seeds")
+        sigma = manifest.bandwidth.sigma if job.sigma is None else job.sigma
+        policy = effective_policy(manifest.policy, job.policy)
+        names = descriptor_names(view, None, policy)
+        seeds = range(job.start, job.start + job.count)
+        deadline = self.deadline()
+        try:
+            async with asyncio.timeout_at(deadline):
+                latents = await self._draw(view, seeds)
+                batch, cached = await self._score_latents(served, latents, sigma, deadline)
+                # Best first; equal scores keep the lower seed first: deterministic answers.
+                order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
+                kept = await asyncio.to_thread(
+                    pick_diverse, latents, order, job.keep, job.min_distance
+                )
+                chosen = batch.rows(kept)
+                kept_cached = [cached[row] for row in kept]
+                if names:  # the policy bounds descriptors: compute them for the kept seeds
+                    chosen, kept_cached = await self._score_latents(
+                        served, latents[kept], sigma, deadline, names
+                    )
+        except TimeoutError as exc:
+            raise self._timed_out() from exc
+        # ``accepted`` lists the kept seeds the policy accepts, best first; a kept seed it
+        # rejects stays in ``results`` with its reasons.
+        kept_seeds = [seeds[row] for row in kept]
+        return self._report(view, chosen, kept_cached, sigma, policy, kept_seeds)
+
+    async def _draw(self, view: ModelView, seeds: Sequence[int]) -> np.ndarray:
+        """Seeds -> (n, d) float32 with the model's recorded sampler; 422 without one."""
+        if view.seed_latents is None:
+            raise ServiceError(
+                422,
+                f"model {view.manifest.model!r} has no sampler, so it cannot take seeds; "
+                "send latents instead",
+            )
+        return await asyncio.to_thread(view.draw, seeds)
+
+    async def _compute(self, served: ServedModel, work: Work, deadline: float) -> Computed:
+        """``work`` through the transport, its failures as the statuses they mean."""
+        try:
+            return await self.compute.compute(served.shards, work, deadline)
+        except QueueFull as exc:
+            raise ServiceError(
+                429, f"the scoring queue is full ({exc}); retry after {RETRY_AFTER_S} s",
+                {"Retry-After": RETRY_AFTER_S},
+            ) from exc
+        except WorkersUnavailable as exc:
+            raise ServiceError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from exc
+        except JobFailed as exc:
+            raise ServiceError(502, str(exc)) from exc
+
+    async def calibration(self, served: ServedModel, sigma: float, deadline: float) -> None:
+        """Make sure the calibration at ``sigma`` is known: another sigma than the build's is
+        scored once per model version (same calibration set, same transport as requests)."""
+        view = served.view
+        if view.cached_calibration(sigma) is not None:
+            return
+        manifest = view.manifest
+        lock = self._calibrating.setdefault((manifest.model, manifest.version, sigma),
+                                            asyncio.Lock())
+        async with lock:
+            if view.cached_calibration(sigma) is not None:
+                return
+            blocks = await asyncio.to_thread(lambda: list(view.calibration_blocks()))
+            parts = await asyncio.gather(
+                *(
+                    self._compute(
+                        served,
+                        Work(manifest.model, manifest.version, manifest.n, sigma,
+                             NO_DESCRIPTORS, block.query, block.index_space),
+                        deadline,
+                    )
+                    for block in blocks
+                )
+            )
+            view.keep_calibration(sigma, np.concatenate([part.log_density for part in parts]))
+        self._calibrating.pop((manifest.model, manifest.version, sigma), None)
+
+    async def _score_latents(
+        self,
+        served: ServedModel,
+        latents: np.ndarray,
+        sigma: float,
+        deadline: float,
+        descriptors: tuple[str, ...] = NO_DESCRIPTORS,
+    ) -> tuple[ScoredBatch, list[bool]]:
+        """Cached scores where present, the transport for the rest; scores and hit flags."""
+        manifest = served.view.manifest
+        generator = (
+            f"{manifest.generator.sha256}:{manifest.generator.state_sha256 or ''}"
+            if descriptors and manifest.generator
+            else ""
+        )
+        keys = cache_keys(
+            manifest.model, manifest.version, sigma, descriptors, latents, generator,
+        )
+        hits = await self.cache.get_many(keys)
+        misses = [row for row, hit in enumerate(hits) if hit is None]
+        if self.hooks is not None:
+            self.hooks.count_cache(len(hits) - len(misses), len(misses))
+        limit = min(self.settings.queue_limit, self.settings.model_queue_limit)
+        if len(misses) > limit:
+            # Could never fit, however long the client waits: not a 429.
+            raise ServiceError(
+                413,
+                f"{len(misses)} uncached latents exceed the queue limit of {limit} "
+                "(LATENTSIEVE_QUEUE_LIMIT, LATENTSIEVE_MODEL_QUEUE_LIMIT per model)",
+            )
+        log_density = np.full(len(hits), np.nan)
+        percentile = np.full(len(hits), np.nan)
+        values = {name: np.full(len(hits), np.nan) for name in descriptors}
+        ranks = {name: np.full(len(hits), np.nan) for name in descriptors}
+        for row, hit in enumerate(hits):
+            if hit is not None:
+                log_density[row], percentile[row] = hit["log_density"], hit["percentile"]
+                for name in descriptors:
+                    values[name][row] = hit["descriptors"][name]
+                    ranks[name][row] = hit["descriptors"][f"{name}_percentile"]
+        if misses:
+            await self.calibration(served, sigma, deadline)
+            work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors,
+                        ShardQuery(np.ascontiguousarray(latents[misses], dtype=np.float32)))
+            computed = await self._compute(served, work, deadline)
+            fresh = served.view.scored(computed.log_density, sigma, computed.descriptors)
+            log_density[misses] = fresh.log_density
+            percentile[misses] = fresh.percentile
+            for name in descriptors:
+                values[name][misses] = fresh.descriptors[name]
+                ranks[name][misses] = fresh.descriptor_percentiles[name]
+            await self.cache.set_many(
+                [(keys[row], _cached(fresh, index)) for index, row in enumerate(misses)]
+            )
+        cached = [hit is not None for hit in hits]
+        return ScoredBatch(log_density, percentile, values, ranks), cached
+
+    def _report(
+        self,
+        view: ModelView,
+        batch: ScoredBatch,
+        cached: Sequence[bool],
+        sigma: float,
+        policy: Policy,
+        seeds: Sequence[int] | None,
+    ) -> dict[str, Any]:
+        """The CONTRACT §3 body; decisions are recomputed from the scores for this policy."""
+        report = score_report(view, batch, sigma, policy, seeds, cached)
+        if self.hooks is not None:
+            results: list[dict[str, Any]] = report["results"]  # type: ignore[assignment]
+            self.hooks.observe_results(
+                view.manifest.model, batch.log_density, batch.percentile,
+                [result["reasons"] for result in results],
+            )
+            if batch.descriptors:
+                self.hooks.observe_descriptors(view.manifest.model, batch.descriptors)
+        return report
+
+    def _timed_out(self) -> ServiceError:
+        return ServiceError(
+            504, f"no result within {self.settings.request_timeout_s} s; retry or send fewer"
+        )
+
+    async def stop(self) -> None:
+        await self.compute.stop()
+        await self.cache.close()
+
+
+def _cached(batch: ScoredBatch, row: int) -> CachedScore:
+    """One row of freshly computed scores as a cache entry."""
+    entry = CachedScore(
+        log_density=float(batch.log_density[row]), percentile=float(batch.percentile[row])
+    )
+    if batch.descriptors:
+        entry["descriptors"] = {
+            **{name: float(values[row]) for name, values in batch.descriptors.items()},
+            **{
+                f"{name}_percentile": float(values[row])
+                for name, values in batch.descriptor_percentiles.items()
+            },
+        }
+    return entry
+
+

@@ -1,0 +1,452 @@
+"""``latentsieve worker``: consume scoring jobs from Redis Streams (workers/streams.py).
+
+One process serves the shards it is given of every model in the store (or those named). Its
+loops, all on one event loop:
+
+- **read**: XREADGROUP up to ``read_count`` jobs at once from every assigned stream; each job
+  goes through the model's ``DynamicBatcher`` (the gateway's own, ``max_batch_size`` and
+  ``max_wait_ms``), so jobs from many requests and gateways become one GEMM. The result is
+  XADDed to the job's reply stream, then the job is XACKed and XDELed.
+- **claim**: XAUTOCLAIM jobs idle longer than ``claim_idle_ms`` in any consumer's pending list
+  (a worker killed mid-batch); a job delivered more than ``max_deliveries`` times goes to the
+  dead-letter stream and its gateway gets a ``dead_letter`` reply at once.
+- **heartbeat**: every ``heartbeat_ttl_s / 3`` each (model, shard) gets this worker's expiry
+  (Redis server time) in its live set; gateways count the members that have not expired.
+
+Jobs past their deadline are acknowledged and dropped, not computed. Any Redis error (a
+restart) sends the loop into backoff; consumer groups are created again when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from redis.exceptions import RedisError, ResponseError
+
+from index.errors import StoreError
+from index.store import LatentStore
+from workers.batcher import QueueFull
+from workers.local_compute import ModelBatchers
+from workers.shard_scoring import ShardKey, ShardScorer, open_shards
+from workers.streams import (
+    GROUP,
+    Job,
+    Reply,
+    dead_letter_stream,
+    job_stream,
+    live_key,
+    parse_job_stream,
+)
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+VERSIONS_KEPT = 2  # per model: the served version and the one before it (during a roll-out)
+OUTCOMES = ("done", "expired", "reclaimed", "dead_letter", "error")
+# Shared with the gateway's metrics (service/metrics.py): one set of buckets per name.
+BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How one worker process runs (``latentsieve worker`` options, CONTRACT §4)."""
+
+    store: str
+    redis_url: str
+    device: str = "cpu"  # resolved: cpu or cuda:I
+    models: tuple[str, ...] | None = None  # None: every model in the store
+    shards: tuple[int, ...] | None = None  # None: every shard
+    max_batch_size: int = 1024
+    max_wait_ms: float = 2.0
+    read_count: int = 64  # jobs read at once
+    claim_idle_ms: int = 10_000
+    max_deliveries: int = 3
+    heartbeat_ttl_s: float = 3.0
+    refresh_interval_s: float = 2.0  # how often the store is checked for new models/shards
+    queue_limit: int = 262_144
+
+
+class WorkerMetrics:
+    """The worker's own ``/metrics`` (CONTRACT §6, distributed mode)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.batch_size = Histogram(
+            "latentsieve_batch_size", "Latents per computed batch.", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "latentsieve_compute_seconds", "Seconds to compute one batch, by scoring device.",
+            ["model", "device"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.jobs = Counter(
+            "latentsieve_worker_jobs", "Jobs handled, by outcome.", ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.up = Gauge(
+            "latentsieve_worker_up", "1 while this worker serves the model shard.",
+            ["model", "shard", "device"], registry=self.registry,
+        )
+
+    def serving(self, model: str, shard: int, device: str) -> None:
+        """Initialise every series of a newly served model shard (dashboards see zeros)."""
+        self.up.labels(model=model, shard=str(shard), device=device).set(1)
+        self.batch_size.labels(model=model)
+        self.compute_seconds.labels(model=model, device=device)
+        for outcome in OUTCOMES:
+            self.jobs.labels(model=model, outcome=outcome)
+
+
+class StreamWorker:
+    """One worker process's loops; ``run`` until ``stop`` is set."""
+
+    def __init__(self, options: WorkerOptions, metrics: WorkerMetrics | None = None) -> None:
+        self.options = options
+        self.metrics = metrics or WorkerMetrics()
+        self.store = LatentStore(options.store)
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = redis.Redis.from_url(
+            options.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+        self.batchers = ModelBatchers(
+            options.max_batch_size, options.max_wait_ms, options.queue_limit,
+            options.queue_limit, on_batch=self._observe_batch,
+        )
+        self._versions: dict[str, OrderedDict[str, dict[int, ShardScorer]]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+        self._assigned: list[tuple[str, int]] = []
+        self._groups_ready = False
+        self._inflight = asyncio.Semaphore(options.read_count * 4)
+        self._handling: set[bytes] = set()  # entry ids this process is working on
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- what this worker serves ------------------------------------------------------
+
+    def assignments(self) -> list[tuple[str, int]]:
+        """(model, shard) pairs this worker serves: the newest version's shards of every
+        model (or those named) that pass the ``--shards`` filter."""
+        pairs: list[tuple[str, int]] = []
+        for model in self.store.models():
+            if self.options.models is not None and model not in self.options.models:
+                continue
+            version = self.store.newest(model)
+            if version is None:
+                continue
+            count = len(self.store.read_manifest(model, version).shard_layout())
+            for shard in range(count):
+                if self.options.shards is None or shard in self.options.shards:
+                    pairs.append((model, shard))
+        return pairs
+
+    async def _scorer(self, model: str, version: str, shard: int) -> ShardScorer:
+        """The scorer of one shard of a version, loaded on first use (immutable versions:
+        a job names its version, so a roll-out never mixes them)."""
+        kept = self._versions.setdefault(model, OrderedDict())
+        shards = kept.get(version)
+        if shards is not None and shard in shards:
+            kept.move_to_end(version)
+            return shards[shard]
+        lock = self._loading.setdefault((model, version), asyncio.Lock())
+        async with lock:
+            shards = kept.get(version)
+            if shards is None or shard not in shards:
+                served = {s for m, s in self._assigned if m == model} | {shard}
+                loaded = await asyncio.to_thread(
+                    self.store.load, model, version, True, sorted(served)
+                )
+                scorers = await asyncio.to_thread(open_shards, loaded, self.options.device)
+                shards = {scorer.number: scorer for scorer in scorers}
+                kept[version] = shards
+                while len(kept) > VERSIONS_KEPT:
+                    kept.popitem(last=False)
+                log.info("worker loaded version", extra={
+                    "model": model, "version": version, "shards": sorted(shards)})
+        kept.move_to_end(version)
+        return shards[shard]
+
+    def _observe_batch(self, key: ShardKey, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(model=key.model).observe(size)
+        self.metrics.compute_seconds.labels(model=key.model, device=self.options.device).observe(
+            seconds
+        )
+
+    # -- the loops ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; in-flight jobs finish or are reclaimed by others."""
+        self._assigned = await asyncio.to_thread(self.assignments)
+        for model, shard in self._assigned:
+            self.metrics.serving(model, shard, self.options.device)
+        loops = [
+            asyncio.create_task(self._guard(self._read_loop), name="read"),
+            asyncio.create_task(self._guard(self._claim_loop), name="claim"),
+            asyncio.create_task(self._guard(self._heartbeat_loop), name="heartbeat"),
+            asyncio.create_task(self._guard(self._refresh_loop), name="refresh"),
+        ]
+        log.info("worker started", extra={
+            "worker": self.name, "device": self.options.device,
+            "serving": [f"{m}:{s}" for m, s in self._assigned]})
+        try:
+            await stop.wait()
+        finally:
+            for task in loops:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._leave()
+            for task in list(self._tasks):
+                task.cancel()
+            await self.batchers.stop()
+            await self.redis.aclose()
+
+    async def _guard(self, body: Callable[[], Awaitable[None]]) -> None:
+        """Run one loop forever; a Redis error (restart, outage) backs off and retries."""
+        failures = 0
+        while True:
+            try:
+                await body()
+                failures = 0
+            except (RedisError, OSError) as exc:
+                self._groups_ready = False
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("redis error; backing off", extra={
+                    "error": str(exc) or type(exc).__name__, "retry_in_s": delay})
+                await asyncio.sleep(delay)
+
+    async def _ensure_groups(self) -> None:
+        if self._groups_ready:
+            return
+        for model, shard in self._assigned:
+            try:
+                await self.redis.xgroup_create(job_stream(model, shard), GROUP, id="0",
+                                               mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        self._groups_ready = True
+
+    async def _read_loop(self) -> None:
+        """One XREADGROUP for every assigned stream, then a task per job."""
+        await self._ensure_groups()
+        if not self._assigned:
+            await asyncio.sleep(1.0)
+            return
+        streams = {job_stream(model, shard): ">" for model, shard in self._assigned}
+        try:
+            answer: Any = await self.redis.xreadgroup(
+                GROUP, self.name, streams, count=self.options.read_count, block=1000  # type: ignore[arg-type]
+            )
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis restarted without our groups
+                self._groups_ready = False
+                return
+            raise
+        for stream, entries in answer or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                await self._inflight.acquire()
+                self._spawn(self._handle(name, entry_id, fields, reclaimed=False))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(
+        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], reclaimed: bool
+    ) -> None:
+        """Compute one job (unless it expired), reply, then acknowledge it."""
+        model, _ = parse_job_stream(stream)
+        self._handling.add(entry_id)
+        try:
+            try:
+                job = Job.from_fields(fields)
+            except (KeyError, ValueError) as exc:
+                log.error("malformed job dropped", extra={"stream": stream, "error": repr(exc)})
+                await self._ack(stream, entry_id)
+                self.metrics.jobs.labels(model=model, outcome="error").inc()
+                return
+            if reclaimed:
+                self.metrics.jobs.labels(model=model, outcome="reclaimed").inc()
+            if job.expired():
+                await self._ack(stream, entry_id)
+                self.metrics.jobs.labels(model=model, outcome="expired").inc()
+                return
+            try:
+                scorer = await self._scorer(job.model, job.version, job.shard)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + (job.deadline - time.time())
+                key = ShardKey(job.model, job.version, job.shard, job.sigma, job.descriptors,
+                               job.index_space, scorer)
+                scores = await self.batchers.submit(key, job.query, deadline)
+                reply = Reply(job.id, job.shard, "ok", scores)
+                outcome = "done"
+            except TimeoutError:  # expired while queued: the gateway has answered 504
+                await self._ack(stream, entry_id)
+                self.metrics.jobs.labels(model=model, outcome="expired").inc()
+                return
+            except (QueueFull, StoreError, ValueError, RuntimeError) as exc:
+                reply = Reply(job.id, job.shard, "error", detail=str(exc))
+                outcome = "error"
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(job.reply, reply.to_fields())  # type: ignore[arg-type]
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+            self.metrics.jobs.labels(model=model, outcome=outcome).inc()
+        except (RedisError, OSError) as exc:
+            # Unacknowledged: another worker (or this one) reclaims it after claim_idle_ms.
+            log.warning("could not reply; the job stays pending", extra={"error": str(exc)})
+        finally:
+            self._handling.discard(entry_id)
+            self._inflight.release()
+
+    async def _ack(self, stream: str, entry_id: bytes) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+
+    async def _claim_loop(self) -> None:
+        """Take over jobs idle past ``claim_idle_ms``; dead-letter the over-delivered."""
+        await asyncio.sleep(max(self.options.claim_idle_ms / 2000, 0.05))
+        await self._ensure_groups()
+        for model, shard in self._assigned:
+            stream = job_stream(model, shard)
+            try:
+                answer: Any = await self.redis.xautoclaim(
+                    stream, GROUP, self.name, self.options.claim_idle_ms, "0-0",
+                    count=self.options.read_count,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    self._groups_ready = False
+                    return
+                raise
+            claimed = [entry for entry in answer[1] if entry[1]]
+            for entry_id, fields in claimed:
+                if entry_id in self._handling:
+                    continue  # our own job, idle only because this process was paused
+                pending = await self.redis.xpending_range(
+                    stream, GROUP, min=entry_id, max=entry_id, count=1
+                )
+                deliveries = int(pending[0]["times_delivered"]) if pending else 1
+                if deliveries > self.options.max_deliveries:
+                    await self._dead_letter(model, shard, stream, entry_id, fields, deliveries)
+                    continue
+                await self._inflight.acquire()
+                self._spawn(self._handle(stream, entry_id, fields, reclaimed=True))
+
+    async def _dead_letter(
+        self, model: str, shard: int, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
+        deliveries: int,
+    ) -> None:
+        """Move a job to its dead-letter stream and tell its gateway at once."""
+        detail = (
+            f"delivered {deliveries} times (limit {self.options.max_deliveries}); "
+            f"see {dead_letter_stream(model, shard)}"
+        )
+        record: dict[Any, Any] = {
+            key: value for key, value in fields.items() if key != b"latents"
+        }
+        record.update({"stream_id": entry_id, "deliveries": str(deliveries), "worker": self.name})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(dead_letter_stream(model, shard), record, maxlen=10_000, approximate=True)
+        if b"reply" in fields and b"id" in fields:
+            reply = Reply(fields[b"id"].decode(), shard, "dead_letter", detail=detail)
+            pipe.xadd(fields[b"reply"].decode(), reply.to_fields())  # type: ignore[arg-type]
+        pipe.xack(stream, GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
+        self.metrics.jobs.labels(model=model, outcome="dead_letter").inc()
+        log.error("job dead-lettered", extra={"model": model, "shard": shard,
+                                              "deliveries": deliveries})
+
+    async def _heartbeat_loop(self) -> None:
+        ttl_ms = int(self.options.heartbeat_ttl_s * 1000)
+        seconds, micros = await self.redis.time()
+        expiry = seconds * 1000 + micros // 1000 + ttl_ms
+        pipe = self.redis.pipeline(transaction=False)
+        member = f"{self.name}|{self.options.device}"
+        for model, shard in self._assigned:
+            pipe.zadd(live_key(model, shard), {member: expiry})
+        await pipe.execute()
+        await asyncio.sleep(self.options.heartbeat_ttl_s / 3)
+
+    async def _leave(self) -> None:
+        """Remove this worker from the live sets at a clean shutdown."""
+        member = f"{self.name}|{self.options.device}"
+        with contextlib.suppress(RedisError, OSError):
+            pipe = self.redis.pipeline(transaction=False)
+            for model, shard in self._assigned:
+                pipe.zrem(live_key(model, shard), member)
+            await pipe.execute()
+
+    async def _refresh_loop(self) -> None:
+        """Pick up models and shards added to the store since the start."""
+        await asyncio.sleep(self.options.refresh_interval_s)
+        try:
+            assigned = await asyncio.to_thread(self.assignments)
+        except (OSError, StoreError) as exc:
+            log.warning("cannot list the store", extra={"error": str(exc)})
+            return
+        if assigned != self._assigned:
+            for model, shard in sorted(set(assigned) - set(self._assigned)):
+                self.metrics.serving(model, shard, self.options.device)
+            self._assigned = assigned
+            self._groups_ready = False
+
+
+def serve_metrics(metrics: WorkerMetrics, port: int | None, host: str = "0.0.0.0") -> None:
+    """The worker's ``/metrics`` on ``port`` (prometheus_client's own HTTP server)."""
+    if port is not None:
+        start_http_server(port, addr=host, registry=metrics.registry)
+
+
+async def run_worker(options: WorkerOptions, metrics_port: int | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+    """Run one worker until SIGINT/SIGTERM (or ``stop``)."""
+    import signal
+
+    metrics = WorkerMetrics()
+    serve_metrics(metrics, metrics_port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    await StreamWorker(options, metrics).run(stop)
+
+
+def parse_list(text: str | None, what: str) -> tuple[str, ...] | None:
+    """``"a,b"`` -> ("a", "b"); None or blank -> None (all)."""
+    if text is None or not text.strip():
+        return None
+    items = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not items:
+        raise ValueError(f"--{what} names nothing")
+    return items
+
+
+def parse_shards(text: str | None) -> tuple[int, ...] | None:
+    items = parse_list(text, "shards")
+    if items is None:
+        return None
+    if not all(item.isdigit() for item in items):
+        raise ValueError(f"--shards must be shard numbers like 0,1; got {text!r}")
+    return tuple(int(item) for item in items)
