@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import datetime
@@ -201,10 +202,15 @@ class Policy(_Frozen):
     nu: PercentileBounds | None = None
     delta: PercentileBounds | None = None
 
-    def descriptor_bounds(self) -> dict[str, PercentileBounds]:
-        """The descriptors this policy has rules for, with their bounds."""
+    @functools.cached_property
+    def _bounds(self) -> dict[str, PercentileBounds]:
         bounds = {name: getattr(self, name) for name in DESCRIPTOR_NAMES}
         return {name: bound for name, bound in bounds.items() if bound is not None}
+
+    def descriptor_bounds(self) -> dict[str, PercentileBounds]:
+        """The descriptors this policy has rules for, with their bounds (computed once per
+        policy: it is frozen, and every request asks)."""
+        return dict(self._bounds)
 
 
 class DescriptorSettings(_Frozen):

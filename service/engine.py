@@ -315,16 +315,19 @@ class ScoringEngine:
                 f"{len(misses)} uncached latents exceed the queue limit of {limit} "
                 "(LATENTSIEVE_QUEUE_LIMIT, LATENTSIEVE_MODEL_QUEUE_LIMIT per model)",
             )
-        log_density = np.full(len(hits), np.nan)
-        percentile = np.full(len(hits), np.nan)
-        values = {name: np.full(len(hits), np.nan) for name in descriptors}
-        ranks = {name: np.full(len(hits), np.nan) for name in descriptors}
-        for row, hit in enumerate(hits):
-            if hit is not None:
-                log_density[row], percentile[row] = hit["log_density"], hit["percentile"]
-                for name in descriptors:
-                    values[name][row] = hit["descriptors"][name]
-                    ranks[name][row] = hit["descriptors"][f"{name}_percentile"]
+        # Misses read as NaN here and are overwritten below: one pass over the hits per column.
+        log_density = np.array([np.nan if h is None else h["log_density"] for h in hits])
+        percentile = np.array([np.nan if h is None else h["percentile"] for h in hits])
+        values = {
+            name: np.array([np.nan if h is None else h["descriptors"][name] for h in hits])
+            for name in descriptors
+        }
+        ranks = {
+            name: np.array(
+                [np.nan if h is None else h["descriptors"][f"{name}_percentile"] for h in hits]
+            )
+            for name in descriptors
+        }
         if misses:
             await self.calibration(served, sigma, deadline)
             work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors,

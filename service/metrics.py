@@ -7,7 +7,6 @@ multiprocess mode) and ``/metrics``, whichever worker answers it, sums them all.
 
 from __future__ import annotations
 
-import collections
 import os
 import threading
 import time
@@ -333,7 +332,10 @@ class ServiceMetrics:
         self.percentile.observe_many((model,), percentile)
         # One count per latent: a rejection by several rules carries them all, comma-joined,
         # so sum by (decision) equals the number of latents decided.
-        verdicts = collections.Counter(",".join(why) for why in reasons)
+        verdicts: dict[str, int] = {}
+        for why in reasons:
+            reason = ",".join(why) if why else ""
+            verdicts[reason] = verdicts.get(reason, 0) + 1
         for reason, count in verdicts.items():
             series = self._decision_series.get((model, reason))
             if series is None:

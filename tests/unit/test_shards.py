@@ -1,0 +1,144 @@
+"""Sharded versions (``index build --shards K``), the exact merge of shard log-sums, the typed
+batches, and the Redis Streams wire format; expected values from float64 equation (1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from index.build import BuildOptions, build_version
+from index.errors import StoreError
+from index.store import LatentStore
+from workers.calibration import calibrate_build
+from workers.density import log_density_reference
+from workers.scoring import ModelScorer
+from workers.shard_scoring import NO_ROW, ShardQuery, ShardScores, merge_log_sums
+from workers.streams import Job, Reply
+
+DIM = 5
+
+
+def build(root: Path, latents: np.ndarray, shards: int, name: str = "m") -> Path:
+    source = root.parent / f"{name}.npy"
+    np.save(source, latents)
+    options = BuildOptions(model=name, latents_file=source, sigma="0.7", space="raw",
+                           calibration_count=60, shards=shards, progress=False)
+    return build_version(LatentStore(root), options, calibrate_build)
+
+
+@pytest.fixture(scope="module")
+def latents() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((101, DIM)).astype(np.float32)
+
+
+def test_a_sharded_version_scores_as_float64_equation_one(
+    tmp_path: Path, latents: np.ndarray
+) -> None:
+    folder = build(tmp_path / "store", latents, shards=3)
+    loaded = LatentStore(tmp_path / "store").load("m")
+    manifest = loaded.manifest
+    assert [s.count for s in manifest.shards] == [34, 33, 34]  # contiguous, near-equal
+    assert {s.file for s in manifest.shards} <= set(manifest.files)
+    assert not (folder / "index.faiss").exists()
+    queries = np.random.default_rng(1).standard_normal((7, DIM)).astype(np.float32)
+    scorer = ModelScorer(loaded)
+    for sigma in (0.7, 0.05, 40.0):  # every exp underflows at 0.05: still finite and exact
+        got = scorer.score(queries, sigma).log_density
+        np.testing.assert_allclose(got, log_density_reference(queries, latents, sigma),
+                                   atol=1e-4, rtol=0)
+    # Leave-one-out calibration at a new sigma, summed across shards, equals the brute force.
+    rows = loaded.calibration_indices
+    assert rows is not None
+    want = np.sort(log_density_reference(latents[rows], latents, 0.3, exclude=rows))
+    np.testing.assert_allclose(scorer.calibration(0.3), want, atol=1e-4, rtol=0)
+
+
+def test_a_worker_opens_only_its_shards(tmp_path: Path, latents: np.ndarray) -> None:
+    build(tmp_path / "store", latents, shards=2)
+    store = LatentStore(tmp_path / "store")
+    one = store.load("m", shards=[1])
+    assert [s.number for s in one.shards] == [1] and one.shards[0].start == 50
+    none = store.load("m", shards=())
+    assert none.shards == ()
+    with pytest.raises(StoreError, match="shards 0..1, not \\[2\\]"):
+        store.load("m", shards=[2])
+    with pytest.raises(StoreError, match="split into 2 shards"):
+        _ = none.latents
+
+
+def test_bad_shard_counts_are_refused_before_anything_is_written(
+    tmp_path: Path, latents: np.ndarray
+) -> None:
+    source = tmp_path / "l.npy"
+    np.save(source, latents)
+    store = LatentStore(tmp_path / "store")
+    for options, message in (
+        (BuildOptions(model="m", latents_file=source, shards=0), "--shards must be"),
+        (BuildOptions(model="m", latents_file=source, shards=2, kind="ivf"), "needs --kind flat"),
+        (BuildOptions(model="m", latents_file=source, shards=60, space="raw",
+                      progress=False), "at least 120 latents"),
+    ):
+        with pytest.raises(StoreError, match=message):
+            build_version(store, options, calibrate_build)
+    assert store.models() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 2**31 - 1),
+)
+def test_merged_log_sums_equal_the_whole_sum(shards: int, sigma: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    data = rng.standard_normal((12, 3)) * rng.uniform(0.1, 10)
+    query = rng.standard_normal((4, 3))
+    sq = ((query[:, None, :] - data[None, :, :]) ** 2).sum(-1)
+    logits = -sq / (2 * sigma * sigma)
+    bounds = np.linspace(0, 12, shards + 1).astype(int)
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        block = logits[:, start:stop]
+        top = block.max(axis=1)
+        parts.append(top + np.log(np.exp(block - top[:, None]).sum(axis=1)))
+    whole = log_density_reference(query, data, sigma)
+    np.testing.assert_allclose(merge_log_sums(parts, None, 12), whole, atol=1e-9, rtol=0)
+
+
+def test_typed_batches_concatenate_and_split() -> None:
+    a = ShardQuery(np.ones((2, 3), np.float32))
+    b = ShardQuery(np.zeros((1, 3), np.float32), np.array([7]))
+    both = ShardQuery.concat([a, b])
+    assert len(both) == 3 and both.exclude is not None
+    assert both.exclude.tolist() == [NO_ROW, NO_ROW, 7]
+    assert both.take(2, 3).exclude.tolist() == [7]  # type: ignore[union-attr]
+    scores = ShardScores.concat([ShardScores(np.array([1.0]), {"psi": np.array([2.0])}),
+                                 ShardScores(np.array([3.0]), {"psi": np.array([4.0])})])
+    assert scores.take(1, 2).log_sum.tolist() == [3.0]
+    assert scores.descriptors["psi"].tolist() == [2.0, 4.0]
+
+
+def test_jobs_and_replies_survive_the_wire() -> None:
+    query = ShardQuery(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([4, NO_ROW]))
+    job = Job("j1", "latentsieve:replies:g", 1e9, "m", "v1", 1, 0.5, ("nu", "psi"), True, query)
+    fields = {key.encode(): value if isinstance(value, bytes) else value.encode()
+              for key, value in job.to_fields().items()}
+    back = Job.from_fields(fields)
+    assert (back.id, back.shard, back.sigma, back.descriptors, back.index_space) == (
+        "j1", 1, 0.5, ("nu", "psi"), True)
+    np.testing.assert_array_equal(back.query.latents, query.latents)
+    assert back.query.exclude is not None and back.query.exclude.tolist() == [4, NO_ROW]
+    assert back.expired(now=1e9) and not back.expired(now=1e9 - 1)
+    reply = Reply("j1", 1, "ok", ShardScores(np.array([-1.5, 2.0]), {"psi": np.array([3.0])}))
+    raw = {key.encode(): value if isinstance(value, bytes) else value.encode()
+           for key, value in reply.to_fields().items()}
+    again = Reply.from_fields(raw)
+    assert again.scores is not None and again.scores.log_sum.tolist() == [-1.5, 2.0]
+    assert again.scores.descriptors["psi"].tolist() == [3.0]
+    del fields[b"shape"]
+    with pytest.raises(KeyError):
+        Job.from_fields(fields)
