@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from workers.batcher import QueueFull
 from workers.local_compute import Computed, Work, merge
 from workers.shard_scoring import ShardScorer, ShardScores
+from workers.stream_worker import stopping
 from workers.streams import (
     Job,
     JobFailed,
@@ -223,6 +224,7 @@ class StreamCompute:
         last = "0-0"
         failures = 0
         while True:
+            stopping()
             try:
                 answer: Any = await self._reader.xread(
                     {self.replies: last}, count=512, block=REPLY_BLOCK_MS
@@ -240,6 +242,7 @@ class StreamCompute:
                     if ids:
                         await self._redis.xdel(self.replies, *ids)
             except (RedisError, OSError) as exc:
+                stopping(exc)
                 self._fail_waiting(
                     WorkersUnavailable(f"lost the connection to Redis at {self.redis_url} "
                                        f"({exc}); retry")
@@ -260,6 +263,7 @@ class StreamCompute:
             pipe.expire(self.replies, REPLY_STREAM_TTL_S)
             answers = await pipe.execute()
         except (RedisError, OSError) as exc:
+            stopping(exc)
             self._redis_error = str(exc) or type(exc).__name__
             self._live = {}
             self._fail_waiting(
@@ -274,5 +278,6 @@ class StreamCompute:
 
     async def _watch_liveness(self) -> None:
         while True:
+            stopping()
             await asyncio.sleep(LIVENESS_INTERVAL_S)
             await self._read_liveness()

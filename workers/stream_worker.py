@@ -79,6 +79,15 @@ class WorkerOptions:
     queue_limit: int = 262_144
 
 
+def stopping(error: BaseException | None = None) -> None:
+    """Raise CancelledError when this task was asked to stop: a cancellation that reached a
+    Redis call can come back as a connection error, or not at all (seen with redis-py 8 in a
+    claim loop), and a loop that retries Redis must still stop when its task is cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from error
+
+
 class WorkerMetrics:
     """The worker's own ``/metrics`` (CONTRACT §6, distributed mode)."""
 
@@ -217,10 +226,12 @@ class StreamWorker:
         """Run one loop forever; a Redis error (restart, outage) backs off and retries."""
         failures = 0
         while True:
+            stopping()
             try:
                 await body()
                 failures = 0
             except (RedisError, OSError) as exc:
+                stopping(exc)
                 self._groups_ready = False
                 delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
                 failures += 1

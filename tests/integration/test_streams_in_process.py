@@ -1,0 +1,170 @@
+"""The Redis Streams transport with gateway and worker in this process (same event loop), over
+a real ``redis-server``: quick to run, and what a mutation run can see (the process tests in
+test_distributed.py run the installed code). Expected scores are float64 equation (1)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as redis
+
+from index.build import BuildOptions, build_version
+from index.store import LatentStore
+from service.settings import Settings
+from workers.calibration import calibrate_build
+from workers.density import log_density_reference
+from workers.stream_worker import StreamWorker, WorkerOptions
+from workers.streams import GROUP, dead_letter_stream, job_stream
+
+pytestmark = pytest.mark.anyio
+N, DIM, SIGMA = 600, 6, 1.2
+
+
+@pytest.fixture(scope="module")
+def training() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal((N, DIM)).astype(np.float32) * 2
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, training: np.ndarray) -> Path:
+    root = tmp_path_factory.mktemp("streams") / "store"
+    source = root.parent / "latents.npy"
+    np.save(source, training)
+    for name, shards in (("plain", 1), ("split", 3)):
+        build_version(LatentStore(root), BuildOptions(
+            model=name, latents_file=source, sigma=str(SIGMA), space="raw",
+            calibration_count=200, shards=shards, progress=False,
+        ), calibrate_build)
+    return root
+
+
+@contextlib.asynccontextmanager
+async def worker(store: Path, redis_url: str, **options: object) -> AsyncIterator[StreamWorker]:
+    """A StreamWorker running as a task of this loop until the block ends."""
+    running = StreamWorker(WorkerOptions(
+        store=str(store), redis_url=redis_url, heartbeat_ttl_s=2.0, claim_idle_ms=300,
+        max_wait_ms=5.0, **options,  # type: ignore[arg-type]
+    ))
+    stop = asyncio.Event()
+    task = asyncio.create_task(running.run(stop))
+    try:
+        client = redis.Redis.from_url(redis_url)
+        for _ in range(200):  # its first heartbeat
+            if await client.zcard("latentsieve:live:split:2"):
+                break
+            await asyncio.sleep(0.02)
+        await client.aclose()
+        yield running
+    finally:
+        stop.set()
+        await task
+
+
+def settings(store: Path, redis_url: str, **extra: object) -> Settings:
+    return Settings(store=store, redis_url=redis_url, compute="workers",  # type: ignore[arg-type]
+                    reload_interval_s=60.0, cache_bytes=0, **extra)
+
+
+async def test_sharded_and_plain_scores_match_float64_through_the_streams(
+    store: Path, redis_url: str, serve: object, training: np.ndarray
+) -> None:
+    queries = np.random.default_rng(4).standard_normal((9, DIM)).astype(np.float32)
+    async with (
+        worker(store, redis_url) as running,
+        serve(settings(store, redis_url)) as client,  # type: ignore[operator]
+    ):
+        for sigma in (SIGMA, 0.4):  # 0.4: the calibration is scored through the workers too
+            answers = await asyncio.gather(*(
+                client.post("/score", json={"model": model, "latents": queries.tolist(),
+                                            "sigma": sigma})
+                for model in ("plain", "split")
+            ))
+            expected = log_density_reference(queries, training, sigma)
+            percentiles = []
+            for answer in answers:
+                assert answer.status_code == 200, answer.text
+                got = np.array([r["log_density"] for r in answer.json()["results"]])
+                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+                percentiles.append([r["percentile"] for r in answer.json()["results"]])
+            assert percentiles[0] == percentiles[1]
+        models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
+        assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
+        assert (await client.get("/readyz")).status_code == 200
+        done = running.metrics.jobs.labels(model="split", outcome="done")._value.get()
+        assert done >= 3 * 2  # every request and calibration block, on each of 3 shards
+
+
+async def test_without_a_worker_requests_and_readyz_are_503(
+    store: Path, redis_url: str, serve: object
+) -> None:
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    await client_redis.aclose()
+    async with serve(settings(store, redis_url)) as client:  # type: ignore[operator]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "no live worker" in ready.json()["detail"]
+        refused = await client.post("/score", json={"model": "plain", "latents": [[0.0] * DIM]})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+
+async def ghost_heartbeats(redis_url: str) -> redis.Redis:
+    """A clean Redis with a live heartbeat (a minute) for every shard and the consumer groups,
+    as a worker that is about to read jobs and die would leave them."""
+    client = redis.Redis.from_url(redis_url)
+    await client.flushdb()
+    seconds, micros = await client.time()
+    expiry = seconds * 1000 + micros // 1000 + 60_000
+    for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2)):
+        await client.zadd(f"latentsieve:live:{model}:{shard}", {"ghost|cpu": expiry})
+        await client.xgroup_create(job_stream(model, shard), GROUP, id="0", mkstream=True)
+    return client
+
+
+async def test_a_job_delivered_too_often_is_dead_lettered(
+    store: Path, redis_url: str, serve: object
+) -> None:
+    client_redis = await ghost_heartbeats(redis_url)
+    body = {"model": "plain", "latents": [[0.5] * DIM]}
+    async with serve(settings(store, redis_url, request_timeout_s=20.0)) as client:  # type: ignore[operator]
+        request = asyncio.create_task(client.post("/score", json=body))
+        taken: list[object] = []
+        for _ in range(100):  # the ghost reads the job (delivery 1 of at most 1) and dies
+            taken = await client_redis.xreadgroup(GROUP, "ghost", {job_stream("plain", 0): ">"},
+                                                  count=1, block=50)
+            if taken:
+                break
+        assert taken
+        async with worker(store, redis_url, max_deliveries=1) as running:
+            response = await asyncio.wait_for(request, 15)
+            dead = running.metrics.jobs.labels(model="plain", outcome="dead_letter")
+            assert dead._value.get() == 1
+    assert response.status_code == 502 and "dead-letter" in response.json()["detail"]
+    assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 1
+    assert await client_redis.xlen(job_stream("plain", 0)) == 0  # acknowledged and deleted
+    await client_redis.aclose()
+
+
+async def test_a_job_past_its_deadline_is_dropped_not_computed(
+    store: Path, redis_url: str, serve: object
+) -> None:
+    client_redis = await ghost_heartbeats(redis_url)
+    body = {"model": "plain", "latents": [[0.25] * DIM]}
+    async with serve(settings(store, redis_url, request_timeout_s=0.3)) as client:  # type: ignore[operator]
+        response = await client.post("/score", json=body)
+        assert response.status_code == 504, response.text
+        assert await client_redis.xlen(job_stream("plain", 0)) == 1  # nobody took it
+        async with worker(store, redis_url) as running:
+            for _ in range(100):
+                if not await client_redis.xlen(job_stream("plain", 0)):
+                    break
+                await asyncio.sleep(0.02)
+            jobs = running.metrics.jobs
+            assert jobs.labels(model="plain", outcome="expired")._value.get() == 1
+            assert jobs.labels(model="plain", outcome="done")._value.get() == 0
+    assert await client_redis.xlen(job_stream("plain", 0)) == 0
+    await client_redis.aclose()
