@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= store
 
-.PHONY: install install-dev system-deps run test lint bench
+.PHONY: install install-dev system-deps run test lint bench mutation
 
 # The service needs the package; the tests also need the dev extra (test tools, diffusers).
 $(BIN)/.installed: pyproject.toml
@@ -41,3 +41,11 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_descriptors.py --threads 1
+
+# Mutation testing of the engine, cache and transports ([tool.mutmut] in pyproject.toml), in a
+# copy of the checkout where latentsieve/service, /workers and /index are real folders.
+MUTATION_DIR ?= build/mutation
+mutation: install-dev system-deps
+	$(BIN)/pip install -q 'mutmut>=3.3'
+	$(BIN)/python tests/mutation/layout.py $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && $(abspath $(BIN))/mutmut run; $(abspath $(BIN))/mutmut results

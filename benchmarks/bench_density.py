@@ -28,7 +28,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 from sklearn.neighbors import KernelDensity
 
-from workers.density import DensityEngine
+from latentsieve.workers.density import DensityEngine
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:

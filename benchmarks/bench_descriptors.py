@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 
-from workers.demo_models.digits_vae import decoder
-from workers.descriptors import DescriptorEngine, jacobian_singular_values
-from workers.generators import sd_autoencoder_kl
+from latentsieve.workers.demo_models.digits_vae import decoder
+from latentsieve.workers.descriptors import DescriptorEngine, jacobian_singular_values
+from latentsieve.workers.generators import sd_autoencoder_kl
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

@@ -24,8 +24,8 @@ import torch
 from bench_density import cdist_reference, clustered
 from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 
-from workers.density import DensityEngine
-from workers.devices import resolve_device
+from latentsieve.workers.density import DensityEngine
+from latentsieve.workers.devices import resolve_device
 
 
 def timed(fn: Callable[[], object], device: str, repeats: int) -> float:

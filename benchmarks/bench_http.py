@@ -52,7 +52,7 @@ import httpx
 import numpy as np
 from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 
-from service.client import encode_latents
+from latentsieve.service.client import encode_latents
 
 MODEL = "w1"
 HEADERS = {"content-type": "application/json"}

@@ -28,8 +28,8 @@ from asgi_lifespan import LifespanManager
 from bench_http import QueryStream, build_store, clustered, score_body
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.settings import Settings
+from latentsieve.service.app import create_app
+from latentsieve.service.settings import Settings
 
 ROUNDS, PER_ROUND = 5, 2_000
 

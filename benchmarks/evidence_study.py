@@ -30,34 +30,34 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from report import write_section  # noqa: E402
 
-from index.build import BuildOptions, DescriptorOptions, build_version  # noqa: E402
-from index.manifest import (  # noqa: E402
+from latentsieve.demo import DEMO_GENERATOR, LDM_GENERATOR, LDM_MAPPING  # noqa: E402
+from latentsieve.index.build import BuildOptions, DescriptorOptions, build_version  # noqa: E402
+from latentsieve.index.manifest import (  # noqa: E402
     PercentileBounds,
     Policy,
     SamplerRecipe,  # noqa: E402
 )
-from index.store import LatentStore  # noqa: E402
-from latentsieve.demo import DEMO_GENERATOR, LDM_GENERATOR, LDM_MAPPING  # noqa: E402
+from latentsieve.index.store import LatentStore  # noqa: E402
 from latentsieve.report import QualityProxy, demo_quality_proxy, make_report  # noqa: E402
-from workers.calibration import calibrate_build, draw_mapped_queries  # noqa: E402
-from workers.demo_models.digits_ldm import generator as ldm_pipeline  # noqa: E402
-from workers.demo_models.digits_ldm import inverted_training_latents  # noqa: E402
-from workers.demo_models.digits_vae import (  # noqa: E402
+from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries  # noqa: E402
+from latentsieve.workers.demo_models.digits_ldm import generator as ldm_pipeline  # noqa: E402
+from latentsieve.workers.demo_models.digits_ldm import inverted_training_latents  # noqa: E402
+from latentsieve.workers.demo_models.digits_vae import (  # noqa: E402
     LATENT_DIM,
     DigitsVAE,
     digits_pixels,
     posterior_samples,
     training_latents,
 )
-from workers.demo_models.train_digits_vae import train as train_digits_vae  # noqa: E402
-from workers.evidence import mask_gain  # noqa: E402
-from workers.policy import decide  # noqa: E402
-from workers.samplers import draw_latents  # noqa: E402
-from workers.scoring import ModelScorer  # noqa: E402
+from latentsieve.workers.demo_models.train_digits_vae import train as train_digits_vae  # noqa: E402
+from latentsieve.workers.evidence import mask_gain  # noqa: E402
+from latentsieve.workers.policy import decide  # noqa: E402
+from latentsieve.workers.samplers import draw_latents  # noqa: E402
+from latentsieve.workers.scoring import ModelScorer  # noqa: E402
 
 PAGE = ROOT / "docs" / "evidence.md"
 ORDER = ("study_vae", "study_heldout", "study_ldm", "policies")
-PREVIEW_MAPPING = "workers.demo_models.digits_ldm:preview_sampler"
+PREVIEW_MAPPING = "latentsieve.workers.demo_models.digits_ldm:preview_sampler"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from workers.density import (
+from latentsieve.workers.density import (
     ROUNDING_SAFETY,
     UNIT_ROUNDOFF_F32,
     DensityEngine,

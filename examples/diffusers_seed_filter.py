@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from service.client import LatentSieveClient, LatentSieveError, ModelInfo, ScoreResponse
+from latentsieve.service.client import LatentSieveClient, LatentSieveError, ModelInfo, ScoreResponse
 
 DEMO_MODEL = "digits-vae"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -7,8 +7,8 @@ import math
 import faiss
 import numpy as np
 
-from index.errors import StoreError
-from index.manifest import SIGMA_MAX, SIGMA_MIN, Bandwidth, check_sigma
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import SIGMA_MAX, SIGMA_MIN, Bandwidth, check_sigma
 
 # Chosen by docs/evidence.md: on both demo models k = 1 is within the best sigmas of the sweep
 # and the earlier default, k = 10, loses most of the correlation with quality.

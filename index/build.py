@@ -19,11 +19,11 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index.bandwidth import AUTO_K, choose_bandwidth, parse_sigma
-from index.checksums import sha256_file
-from index.errors import StoreError
-from index.latent_files import load_latents
-from index.manifest import (
+from latentsieve.index.bandwidth import AUTO_K, choose_bandwidth, parse_sigma
+from latentsieve.index.checksums import sha256_file
+from latentsieve.index.errors import StoreError
+from latentsieve.index.latent_files import load_latents
+from latentsieve.index.manifest import (
     DEFAULT_DELTA_DIRECTIONS,
     DEFAULT_PROJECTION_ROWS,
     KNOWN_KINDS,
@@ -41,9 +41,15 @@ from index.manifest import (
     SamplerRecipe,
     check_model_name,
 )
-from index.module_refs import copy_module_file, resolve_module_spec
-from index.projection import ACTIVE_THRESHOLD, coordinate_variances, fit_active, fit_pca, project
-from index.store import INDEX_FILE, LatentStore
+from latentsieve.index.module_refs import copy_module_file, resolve_module_spec
+from latentsieve.index.projection import (
+    ACTIVE_THRESHOLD,
+    coordinate_variances,
+    fit_active,
+    fit_pca,
+    project,
+)
+from latentsieve.index.store import INDEX_FILE, LatentStore
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.errors import StoreError
+from latentsieve.index.errors import StoreError
 
 SUPPORTED_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 

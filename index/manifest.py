@@ -10,7 +10,7 @@ from typing import Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from index.errors import StoreError
+from latentsieve.index.errors import StoreError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

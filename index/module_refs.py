@@ -7,9 +7,9 @@ import re
 import shutil
 from pathlib import Path
 
-from index.checksums import sha256_file
-from index.errors import StoreError
-from index.manifest import ModuleReference
+from latentsieve.index.checksums import sha256_file
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import ModuleReference
 
 IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

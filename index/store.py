@@ -25,10 +25,10 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
-from index.checksums import sha256_file
-from index.errors import StoreError
-from index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
-from index.projection import project
+from latentsieve.index.checksums import sha256_file
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
+from latentsieve.index.projection import project
 
 INDEX_FILE = "index.faiss"
 STAGING = ".staging"

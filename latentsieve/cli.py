@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from index.errors import StoreError
-from index.manifest import check_sigma
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import check_sigma
 
 if TYPE_CHECKING:
-    from index.build import DescriptorOptions
-    from index.manifest import Policy
+    from latentsieve.index.build import DescriptorOptions
+    from latentsieve.index.manifest import Policy
 
 log = logging.getLogger("latentsieve")
 
@@ -66,7 +66,7 @@ def parse_seed_range(text: str) -> range:
 
 def parse_descriptor_names(text: str | None, policy: Policy) -> set[str]:
     """``psi,nu`` -> the names asked for, plus those the policy has bounds on."""
-    from index.manifest import DESCRIPTOR_NAMES
+    from latentsieve.index.manifest import DESCRIPTOR_NAMES
 
     names = {name.strip() for name in (text or "").split(",") if name.strip()}
     unknown = names - set(DESCRIPTOR_NAMES)
@@ -188,17 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index.bandwidth import AUTO_K
-    from index.build import (
+    from latentsieve.index.bandwidth import AUTO_K
+    from latentsieve.index.build import (
         DEFAULT_CALIBRATION_COUNT,
         DEFAULT_NEIGHBOURS,
         BuildOptions,
         build_version,
     )
-    from index.manifest import Policy
-    from index.projection import ACTIVE_THRESHOLD
-    from index.store import LatentStore
-    from workers.calibration import calibrate_build, draw_mapped_queries
+    from latentsieve.index.manifest import Policy
+    from latentsieve.index.projection import ACTIVE_THRESHOLD
+    from latentsieve.index.store import LatentStore
+    from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries
 
     options = BuildOptions(
         model=args.model,
@@ -238,7 +238,7 @@ def _policy(text: str | None, min_percentile: float | None) -> Policy | None:
     """``--policy JSON`` as a Policy (None when not given); refused with --min-percentile."""
     from pydantic import ValidationError
 
-    from index.manifest import Policy
+    from latentsieve.index.manifest import Policy
 
     if text is None:
         return None
@@ -260,7 +260,7 @@ def _whole(value: str | int | None, default: int) -> int:
 
 def _descriptor_options(args: argparse.Namespace) -> DescriptorOptions:
     """The --descriptor-* and --projection-* options over the documented defaults."""
-    from index.build import DescriptorOptions
+    from latentsieve.index.build import DescriptorOptions
 
     base = DescriptorOptions()
     return DescriptorOptions(
@@ -273,7 +273,7 @@ def _descriptor_options(args: argparse.Namespace) -> DescriptorOptions:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from index.store import LatentStore
+    from latentsieve.index.store import LatentStore
 
     print(json.dumps(LatentStore(args.store).describe(), indent=2))
     return 0
@@ -283,11 +283,11 @@ def _score(args: argparse.Namespace) -> int:
     """Offline scoring through the service's own engine (embedded compute, no HTTP)."""
     import asyncio
 
-    from index.latent_files import load_latents
-    from index.store import LatentStore
-    from service.engine import ScoreJob
-    from service.errors import ServiceError
-    from service.offline import offline_engine
+    from latentsieve.index.latent_files import load_latents
+    from latentsieve.index.store import LatentStore
+    from latentsieve.service.engine import ScoreJob
+    from latentsieve.service.errors import ServiceError
+    from latentsieve.service.offline import offline_engine
 
     store = LatentStore(args.store)
     if args.model not in store.models():
@@ -360,7 +360,7 @@ def _write_report(
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.main import run_server
+    from latentsieve.service.main import run_server
 
     run_server(
         store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
@@ -373,8 +373,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from workers.devices import resolve_device
-    from workers.stream_worker import WorkerOptions, parse_list, parse_shards, run_worker
+    from latentsieve.workers.devices import resolve_device
+    from latentsieve.workers.stream_worker import (
+        WorkerOptions,
+        parse_list,
+        parse_shards,
+        run_worker,
+    )
 
     numbers = {
         "max-batch-size": int(args.max_batch_size), "read-count": int(args.read_count),
@@ -451,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _worker(args)
     except Exception as exc:
-        from workers.modules import ModuleLoadError  # imported late: it brings in torch
+        from latentsieve.workers.modules import ModuleLoadError  # imported late: it brings in torch
 
         if not isinstance(exc, CliError | StoreError | ValueError | OSError | ModuleLoadError):
             raise

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from index.build import BuildOptions, build_version
-from index.manifest import IndexManifest, PercentileBounds, Policy
-from index.module_refs import resolve_module_spec
-from index.store import LatentStore
-from workers.calibration import calibrate_build, draw_mapped_queries
-from workers.demo_models.digits_vae import LATENT_DIM, training_latents
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.manifest import IndexManifest, PercentileBounds, Policy
+from latentsieve.index.module_refs import resolve_module_spec
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries
+from latentsieve.workers.demo_models.digits_vae import LATENT_DIM, training_latents
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "digits-vae"
-DEMO_GENERATOR = "workers.demo_models.digits_vae:decoder"
+DEMO_GENERATOR = "latentsieve.workers.demo_models.digits_vae:decoder"
 LDM_MODEL = "digits-ldm"
-LDM_MAPPING = "workers.demo_models.digits_ldm:sampler"
-LDM_GENERATOR = "workers.demo_models.digits_ldm:generator"  # noise -> pixels, whole pipeline
+LDM_MAPPING = "latentsieve.workers.demo_models.digits_ldm:sampler"
+# noise -> pixels, the whole pipeline
+LDM_GENERATOR = "latentsieve.workers.demo_models.digits_ldm:generator"
 # Generators whose outputs are 8x8 digits: the report judges them with the digits classifier.
 DIGITS_GENERATORS = frozenset({DEMO_GENERATOR, LDM_GENERATOR})
 
@@ -60,9 +61,9 @@ def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
     none or if the demo's modules changed since it was built."""
     store = LatentStore(store_root)
     existing = store.newest(model)
-    if existing is not None and _current(store.read_manifest(model, existing)):
-        return existing
     recipe = DEMO_RECIPES[model]
+    if existing is not None and _current(store.read_manifest(model, existing), recipe):
+        return existing
     inputs = store_root / ".inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     latents_file = inputs / f"{model}-latents.npy"
@@ -82,9 +83,16 @@ def ensure_demo_index(store_root: Path, model: str = DEMO_MODEL) -> str:
     return build_version(store, options, calibrate_build, draw_mapped_queries).name
 
 
-def _current(manifest: IndexManifest) -> bool:
-    """Whether the demo modules a version recorded still have the source they had (a newer
-    release of the demo model needs a new version: the old one would refuse to load)."""
+def _current(manifest: IndexManifest, recipe: DemoRecipe) -> bool:
+    """Whether a version records the demo's module paths as this release names them and their
+    source is unchanged (otherwise the old version would refuse to load: build a new one)."""
+    recorded = (
+        manifest.generator.spec if manifest.generator else None,
+        manifest.mapping.spec if manifest.mapping else None,
+    )
+    if recorded != (DEMO_GENERATOR, recipe.mapping):
+        log.info("demo module paths changed; rebuilding", extra={"model": manifest.model})
+        return False
     for reference in (manifest.generator, manifest.mapping):
         if reference is not None and reference.source == "import":
             if resolve_module_spec(reference.spec, "module").sha256 != reference.sha256:

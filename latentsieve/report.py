@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from index.bandwidth import knn_median_sigma
-from index.store import LatentStore
-from workers.evidence import (
+from latentsieve.index.bandwidth import knn_median_sigma
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.evidence import (
     REJECT_FRACTIONS,
     mask_gain,
     mean_interval,
@@ -42,9 +42,9 @@ from workers.evidence import (
     rejection_table,
     spearman_interval,
 )
-from workers.policy import decide
-from workers.samplers import MAX_SEED, draw_latents
-from workers.scoring import ModelScorer
+from latentsieve.workers.policy import decide
+from latentsieve.workers.samplers import MAX_SEED, draw_latents
+from latentsieve.workers.scoring import ModelScorer
 
 MIN_SEEDS = 20
 GRID_SIZE = 16  # samples in each of the highest / lowest grids
@@ -415,7 +415,7 @@ def demo_quality_proxy(generator_spec: str | None) -> QualityProxy | None:
 
     if generator_spec not in DIGITS_GENERATORS:
         return None
-    from workers.demo_models.digits_quality import digits_quality
+    from latentsieve.workers.demo_models.digits_quality import digits_quality
 
     judge = digits_quality()
     return QualityProxy(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.evidence import REJECT_FRACTIONS
+from latentsieve.workers.evidence import REJECT_FRACTIONS
 
 if TYPE_CHECKING:
     from latentsieve.report import ReportData

@@ -22,26 +22,26 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from index.store import LatentStore
-from service.auth import OPEN_PATHS, ApiKeyMiddleware
-from service.cache import make_cache
-from service.direct_routes import install_direct_routes
-from service.engine import Compute, ScoringEngine
-from service.errors import install_error_handlers
-from service.metrics import (
+from latentsieve.index.store import LatentStore
+from latentsieve.service.auth import OPEN_PATHS, ApiKeyMiddleware
+from latentsieve.service.cache import make_cache
+from latentsieve.service.direct_routes import install_direct_routes
+from latentsieve.service.engine import Compute, ScoringEngine
+from latentsieve.service.errors import install_error_handlers
+from latentsieve.service.metrics import (
     FLUSH_INTERVAL_S,
     ServiceMetrics,
     log_density_buckets,
     multiprocess_dir,
 )
-from service.registry import ModelRegistry
-from service.routers import health, models, scoring
-from service.runtime import Runtime, get_runtime
-from service.schemas import ScoreRequest, SelectRequest
-from service.settings import Settings
-from service.stream_compute import StreamCompute
-from workers.devices import resolve_device
-from workers.local_compute import LocalCompute, ModelBatchers
+from latentsieve.service.registry import ModelRegistry
+from latentsieve.service.routers import health, models, scoring
+from latentsieve.service.runtime import Runtime, get_runtime
+from latentsieve.service.schemas import ScoreRequest, SelectRequest
+from latentsieve.service.settings import Settings
+from latentsieve.service.stream_compute import StreamCompute
+from latentsieve.workers.devices import resolve_device
+from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
 
 log = logging.getLogger(__name__)
 

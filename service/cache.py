@@ -56,7 +56,7 @@ class CachedScore(TypedDict):
 
 
 class CacheSettings(Protocol):
-    """The fields of ``service.settings.Settings`` that choose and size the cache."""
+    """The fields of ``latentsieve.service.settings.Settings`` that choose and size the cache."""
 
     @property
     def redis_url(self) -> str | None: ...

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import ServiceError, error_response
+from latentsieve.service.errors import ServiceError, error_response
 
 Endpoint = Callable[..., Awaitable[Response]]
 RuntimeGetter = Callable[[Request], Awaitable[object]]

@@ -17,17 +17,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from index.manifest import Policy
-from service.cache import CachedScore, ScoreCache, cache_keys
-from service.errors import ServiceError
-from service.registry import ModelRegistry, ServedModel
-from service.settings import Settings
-from workers.batcher import QueueFull
-from workers.local_compute import Computed, Work
-from workers.scoring import ModelView, ScoredBatch, score_report
-from workers.selection import pick_diverse
-from workers.shard_scoring import ShardQuery, ShardScorer
-from workers.streams import JobFailed, WorkersUnavailable
+from latentsieve.index.manifest import Policy
+from latentsieve.service.cache import CachedScore, ScoreCache, cache_keys
+from latentsieve.service.errors import ServiceError
+from latentsieve.service.registry import ModelRegistry, ServedModel
+from latentsieve.service.settings import Settings
+from latentsieve.workers.batcher import QueueFull
+from latentsieve.workers.local_compute import Computed, Work
+from latentsieve.workers.scoring import ModelView, ScoredBatch, score_report
+from latentsieve.workers.selection import pick_diverse
+from latentsieve.workers.shard_scoring import ShardQuery, ShardScorer
+from latentsieve.workers.streams import JobFailed, WorkersUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Compute(Protocol):
 
 
 class EngineHooks(Protocol):
-    """What the engine reports (``service.metrics.ServiceMetrics``)."""
+    """What the engine reports (``latentsieve.service.metrics.ServiceMetrics``)."""
 
     def count_cache(self, hits: int, misses: int) -> None: ...
 

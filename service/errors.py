@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.responses import FastJSONResponse
+from latentsieve.service.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ ERROR_MEANINGS = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these error statuses, all with the one error body."""
-    from service.schemas import ErrorResponse
+    from latentsieve.service.schemas import ErrorResponse
 
     return {
         status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}

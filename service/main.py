@@ -29,15 +29,15 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from index.errors import StoreError
-from index.store import LatentStore
-from service.app import create_app
-from service.metrics import MULTIPROC_ENV, log_density_buckets
-from service.settings import Settings
-from workers.devices import resolve_device
+from latentsieve.index.errors import StoreError
+from latentsieve.index.store import LatentStore
+from latentsieve.service.app import create_app
+from latentsieve.service.metrics import MULTIPROC_ENV, log_density_buckets
+from latentsieve.service.settings import Settings
+from latentsieve.workers.devices import resolve_device
 
 LOG_LEVEL_ENV = "LATENTSIEVE_LOG_LEVEL"
-WORKER_FACTORY = "service.main:worker_app"
+WORKER_FACTORY = "latentsieve.service.main:worker_app"
 
 
 def worker_app() -> FastAPI:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from workers.stream_worker import BATCH_BUCKETS, DURATION_BUCKETS
+from latentsieve.workers.stream_worker import BATCH_BUCKETS, DURATION_BUCKETS
 
 PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
 FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))

@@ -6,13 +6,13 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from index.store import LatentStore
-from service.cache import MemoryCache
-from service.engine import ScoringEngine
-from service.registry import ModelRegistry
-from service.settings import Settings
-from workers.devices import resolve_device
-from workers.local_compute import LocalCompute, ModelBatchers
+from latentsieve.index.store import LatentStore
+from latentsieve.service.cache import MemoryCache
+from latentsieve.service.engine import ScoringEngine
+from latentsieve.service.registry import ModelRegistry
+from latentsieve.service.settings import Settings
+from latentsieve.workers.devices import resolve_device
+from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
 
 
 @contextlib.asynccontextmanager

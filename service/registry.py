@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from index.errors import StoreError
-from index.store import LatentStore
-from workers.scoring import ModelView
-from workers.shard_scoring import ShardScorer, open_shards
+from latentsieve.index.errors import StoreError
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.scoring import ModelView
+from latentsieve.workers.shard_scoring import ShardScorer, open_shards
 
 log = logging.getLogger(__name__)
 

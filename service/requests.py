@@ -7,9 +7,9 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import ServiceError
-from service.schemas import parse_json
-from service.settings import Settings
+from latentsieve.service.errors import ServiceError
+from latentsieve.service.schemas import parse_json
+from latentsieve.service.settings import Settings
 
 # Large bodies are parsed in a worker thread so one upload does not stall every request.
 THREADED_PARSE_BYTES = 1 << 20

@@ -8,10 +8,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.engine import ScoringEngine
-from service.errors import ServiceError
-from service.metrics import ServiceMetrics
-from service.settings import Settings
+from latentsieve.service.engine import ScoringEngine
+from latentsieve.service.errors import ServiceError
+from latentsieve.service.metrics import ServiceMetrics
+from latentsieve.service.settings import Settings
 
 
 @dataclass

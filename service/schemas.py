@@ -30,9 +30,9 @@ from pydantic import (
     model_validator,
 )
 
-from index.manifest import SIGMA_MAX, SIGMA_MIN, Policy
-from service.errors import ServiceError, describe_validation_errors
-from workers.samplers import MAX_SEED
+from latentsieve.index.manifest import SIGMA_MAX, SIGMA_MIN, Policy
+from latentsieve.service.errors import ServiceError, describe_validation_errors
+from latentsieve.workers.samplers import MAX_SEED
 
 DESCRIPTOR_NAMES = ("psi", "nu", "delta")
 DTYPES: dict[str, np.dtype[Any]] = {

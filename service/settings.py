@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from workers.devices import DEVICE_PATTERN
+from latentsieve.workers.devices import DEVICE_PATTERN
 
 MIB = 1024 * 1024
 

@@ -22,11 +22,11 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from workers.batcher import QueueFull
-from workers.local_compute import Computed, Work, merge
-from workers.shard_scoring import ShardScorer, ShardScores
-from workers.stream_worker import stopping
-from workers.streams import (
+from latentsieve.workers.batcher import QueueFull
+from latentsieve.workers.local_compute import Computed, Work, merge
+from latentsieve.workers.shard_scoring import ShardScorer, ShardScores
+from latentsieve.workers.stream_worker import stopping
+from latentsieve.workers.streams import (
     Job,
     JobFailed,
     Reply,

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 
-from index.build import BuildOptions, build_version
-from index.store import LatentStore
 from latentsieve.demo import ensure_demo_index
-from service.app import create_app
-from service.settings import Settings
-from workers.calibration import calibrate_build
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.store import LatentStore
+from latentsieve.service.app import create_app
+from latentsieve.service.settings import Settings
+from latentsieve.workers.calibration import calibrate_build
 
 NOSAMPLER = "nosampler"
 NOSAMPLER_DIM = 6

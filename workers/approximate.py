@@ -18,16 +18,17 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.manifest import ApproximateSearch, MeasuredError, check_sigma
-from workers.density import DensityEngine, DensityScorer, DensityScores
-from workers.devices import faiss_has_gpu
+from latentsieve.index.manifest import ApproximateSearch, MeasuredError, check_sigma
+from latentsieve.workers.density import DensityEngine, DensityScorer, DensityScores
+from latentsieve.workers.devices import faiss_has_gpu
 
 QUERY_CHUNK = 64  # queries per gather of neighbours: Q x k x d float64 stays small
 
 
 class NeighbourDensity:
     """Eq. (1) over the ``k`` retrieved neighbours of each query; the same interface as
-    :class:`workers.density.DensityEngine` (``latents`` (N, d) is the index-space copy)."""
+    :class:`latentsieve.workers.density.DensityEngine` (``latents`` (N, d) is the index-space
+    copy)."""
 
     def __init__(
         self,

@@ -11,19 +11,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from index.build import (
+from latentsieve.index.build import (
     CalibrationRequest,
     CalibrationResult,
     DescriptorCalibration,
     DescriptorOptions,
 )
-from index.manifest import DESCRIPTOR_NAMES, ModuleReference, SamplerRecipe
-from index.projection import project
-from workers.approximate import measure_error, open_density
-from workers.density import DensityEngine, DensityScorer
-from workers.descriptors import DescriptorEngine
-from workers.modules import load_module, module_state_sha256
-from workers.seed_latents import SeedLatents
+from latentsieve.index.manifest import DESCRIPTOR_NAMES, ModuleReference, SamplerRecipe
+from latentsieve.index.projection import project
+from latentsieve.workers.approximate import measure_error, open_density
+from latentsieve.workers.density import DensityEngine, DensityScorer
+from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.modules import load_module, module_state_sha256
+from latentsieve.workers.seed_latents import SeedLatents
 
 BLOCK = 1024
 ERROR_SAMPLE = 500  # calibration latents whose approximate score is checked against exact

@@ -33,7 +33,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from index.manifest import check_sigma
+from latentsieve.index.manifest import check_sigma
 
 UNIT_ROUNDOFF_F32 = 2.0**-24
 UNIT_ROUNDOFF_F64 = 2.0**-53

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.func import jacrev, jvp, vmap
 
-from index.manifest import DEFAULT_DELTA_DIRECTIONS, DEFAULT_PROJECTION_ROWS
-from index.manifest import DESCRIPTOR_NAMES as MANIFEST_DESCRIPTOR_NAMES
+from latentsieve.index.manifest import DEFAULT_DELTA_DIRECTIONS, DEFAULT_PROJECTION_ROWS
+from latentsieve.index.manifest import DESCRIPTOR_NAMES as MANIFEST_DESCRIPTOR_NAMES
 
 JacobianMode = Literal["auto", "forward", "reverse"]
 DESCRIPTOR_NAMES = frozenset(MANIFEST_DESCRIPTOR_NAMES)

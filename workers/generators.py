@@ -1,8 +1,8 @@
 """Generator adapters: modules mapping a batch of index-space latents to a batch of outputs.
 
 Each factory here is usable as a ``--generator`` import path (CONTRACT §4), e.g.
-``workers.generators:toy_cpwl_generator``. ``diffusers`` is an optional dependency, imported only
-by the AutoencoderKL adapters.
+``latentsieve.workers.generators:toy_cpwl_generator``. ``diffusers`` is an optional
+dependency, imported only by the AutoencoderKL adapters.
 """
 
 from __future__ import annotations

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workers.batcher import DynamicBatcher, QueueFull
-from workers.shard_scoring import ShardKey, ShardQuery, ShardScorer, ShardScores, merge_log_sums
+from latentsieve.workers.batcher import DynamicBatcher, QueueFull
+from latentsieve.workers.shard_scoring import (
+    ShardKey,
+    ShardQuery,
+    ShardScorer,
+    ShardScores,
+    merge_log_sums,
+)
 
 OnBatch = Callable[[ShardKey, int, float], None]
 

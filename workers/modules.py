@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from index.checksums import sha256_file
-from index.manifest import ModuleReference
+from latentsieve.index.checksums import sha256_file
+from latentsieve.index.manifest import ModuleReference
 
 
 class ModuleLoadError(RuntimeError):

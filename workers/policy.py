@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from index.manifest import Policy
+from latentsieve.index.manifest import Policy
 
 PERCENTILE_BELOW_MIN = "percentile_below_min"
 

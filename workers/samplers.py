@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from index.manifest import SamplerRecipe
+from latentsieve.index.manifest import SamplerRecipe
 
 MAX_SEED = 2**64 - 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from index.manifest import IndexManifest, Policy, check_sigma
-from index.store import LatentStore, LoadedVersion
-from workers.density import DensityScorer
-from workers.descriptors import DescriptorEngine
-from workers.modules import load_module
-from workers.policy import decide
-from workers.seed_latents import SeedLatents
-from workers.shard_scoring import ShardKey, ShardQuery, merge_log_sums, open_shards
+from latentsieve.index.manifest import IndexManifest, Policy, check_sigma
+from latentsieve.index.store import LatentStore, LoadedVersion
+from latentsieve.workers.density import DensityScorer
+from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.modules import load_module
+from latentsieve.workers.policy import decide
+from latentsieve.workers.seed_latents import SeedLatents
+from latentsieve.workers.shard_scoring import ShardKey, ShardQuery, merge_log_sums, open_shards
 
 CALIBRATIONS_KEPT = 8
 BLOCK = 1024  # calibration latents per computed block

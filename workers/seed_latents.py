@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.manifest import SamplerRecipe
-from workers.samplers import draw_latents
+from latentsieve.index.manifest import SamplerRecipe
+from latentsieve.workers.samplers import draw_latents
 
 
 class SeedLatents:

@@ -19,12 +19,12 @@ from typing import Self
 
 import numpy as np
 
-from index.store import LoadedShard, LoadedVersion
-from workers.approximate import open_density
-from workers.calibration import score_descriptors
-from workers.density import DensityScorer
-from workers.descriptors import DescriptorEngine
-from workers.modules import load_module
+from latentsieve.index.store import LoadedShard, LoadedVersion
+from latentsieve.workers.approximate import open_density
+from latentsieve.workers.calibration import score_descriptors
+from latentsieve.workers.density import DensityScorer
+from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.modules import load_module
 
 NO_ROW = -1  # ShardQuery.exclude: this latent leaves no training row out
 

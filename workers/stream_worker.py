@@ -35,12 +35,12 @@ import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.exceptions import RedisError, ResponseError
 
-from index.errors import StoreError
-from index.store import LatentStore
-from workers.batcher import QueueFull
-from workers.local_compute import ModelBatchers
-from workers.shard_scoring import ShardKey, ShardScorer, open_shards
-from workers.streams import (
+from latentsieve.index.errors import StoreError
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.batcher import QueueFull
+from latentsieve.workers.local_compute import ModelBatchers
+from latentsieve.workers.shard_scoring import ShardKey, ShardScorer, open_shards
+from latentsieve.workers.streams import (
     GROUP,
     Job,
     Reply,

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from workers.shard_scoring import ShardQuery, ShardScores
+from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 
 GROUP = "latentsieve-workers"
 Fields = dict[bytes, bytes]

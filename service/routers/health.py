@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.errors import ServiceError, error_responses
-from service.responses import FastJSONResponse
-from service.runtime import RuntimeDep, current_runtime
-from service.stream_compute import StreamCompute
+from latentsieve.service.errors import ServiceError, error_responses
+from latentsieve.service.responses import FastJSONResponse
+from latentsieve.service.runtime import RuntimeDep, current_runtime
+from latentsieve.service.stream_compute import StreamCompute
 
 router = APIRouter(tags=["health"])
 

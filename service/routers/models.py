@@ -6,12 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.errors import error_responses
-from service.registry import ServedModel
-from service.responses import FastJSONResponse
-from service.runtime import Runtime, RuntimeDep
-from service.schemas import ModelsResponse
-from service.stream_compute import StreamCompute
+from latentsieve.service.errors import error_responses
+from latentsieve.service.registry import ServedModel
+from latentsieve.service.responses import FastJSONResponse
+from latentsieve.service.runtime import Runtime, RuntimeDep
+from latentsieve.service.schemas import ModelsResponse
+from latentsieve.service.stream_compute import StreamCompute
 
 router = APIRouter(tags=["models"])
 

@@ -1,5 +1,5 @@
 """``POST /score`` and ``POST /select``: read the body, validate it, call the engine, answer
-(CONTRACT §3). Everything between the body and the answer is ``service.engine``."""
+(CONTRACT §3). Everything between the body and the answer is ``latentsieve.service.engine``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.direct_routes import direct
-from service.engine import ScoreJob, SelectJob
-from service.errors import ServiceError, error_responses
-from service.requests import json_body, read_json
-from service.responses import FastJSONResponse
-from service.runtime import RuntimeDep
-from service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
+from latentsieve.service.direct_routes import direct
+from latentsieve.service.engine import ScoreJob, SelectJob
+from latentsieve.service.errors import ServiceError, error_responses
+from latentsieve.service.requests import json_body, read_json
+from latentsieve.service.responses import FastJSONResponse
+from latentsieve.service.runtime import RuntimeDep
+from latentsieve.service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
 
 router = APIRouter(tags=["scoring"])
 INLINE_VALIDATION_LATENTS = 256  # larger bodies are decoded in a worker thread

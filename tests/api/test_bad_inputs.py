@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.settings import Settings
+from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from index.store import LatentStore
 from latentsieve.cli import main
-from service.settings import Settings
-from workers.demo_models.digits_vae import decoder, training_latents
-from workers.scoring import ModelScorer
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.demo_models.digits_vae import decoder, training_latents
+from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 
-from service.app import create_app
-from service.direct_routes import direct_endpoints
-from service.routers import scoring
-from service.settings import Settings
-from workers.shard_scoring import ShardScorer
+from latentsieve.service.app import create_app
+from latentsieve.service.direct_routes import direct_endpoints
+from latentsieve.service.routers import scoring
+from latentsieve.service.settings import Settings
+from latentsieve.workers.shard_scoring import ShardScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"

@@ -12,8 +12,8 @@ from schemathesis import GenerationMode
 from schemathesis.openapi import from_asgi
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from service.app import create_app
-from service.settings import Settings
+from latentsieve.service.app import create_app
+from latentsieve.service.settings import Settings
 
 
 @pytest.fixture(scope="module")

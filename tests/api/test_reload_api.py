@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from index.store import LatentStore
 from latentsieve.cli import main
-from service.settings import Settings
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 NOSAMPLER = "nosampler"
@@ -124,7 +124,7 @@ async def test_a_request_in_flight_finishes_on_the_version_it_started_with(
 ) -> None:
     """Scores checked against float64 eq. (1) over each version's own latents (not against
     the engine): a request queued before a reload is scored on the old latents."""
-    from workers.density import log_density_reference
+    from latentsieve.workers.density import log_density_reference
 
     root = tmp_path / "store"
     shutil.copytree(store_root, root)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from index.store import LatentStore
-from service.settings import Settings
-from workers.demo_models.digits_vae import training_latents
-from workers.policy import PERCENTILE_BELOW_MIN, decide
-from workers.scoring import ModelScorer
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.demo_models.digits_vae import training_latents
+from latentsieve.workers.policy import PERCENTILE_BELOW_MIN, decide
+from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
@@ -234,7 +234,7 @@ async def test_percentiles_at_another_sigma_match_a_float64_reference(
     """Independent of the engine: equation (1) in float64 over the demo's kept coordinates,
     and the percentile as the share of the calibration draws (the recorded seeds, drawn here
     with torch's recipe) whose float64 score at the request's sigma is <= the score."""
-    from workers.density import log_density_reference
+    from latentsieve.workers.density import log_density_reference
 
     manifest = scorer.manifest
     sigma = 0.37  # not the build's sigma: percentiles need a calibration at this sigma

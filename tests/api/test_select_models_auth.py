@@ -10,11 +10,11 @@ import httpx
 import numpy as np
 import pytest
 
-from index.store import LatentStore
-from service.settings import Settings
-from workers.devices import resolve_device
-from workers.policy import decide
-from workers.scoring import ModelScorer
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.devices import resolve_device
+from latentsieve.workers.policy import decide
+from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from servers import latentsieve_command, running_server
 
-from service.client import (
+from latentsieve.service.client import (
     AsyncLatentSieveClient,
     LatentSieveClient,
     LatentSieveError,

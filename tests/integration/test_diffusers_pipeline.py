@@ -33,7 +33,7 @@ from sklearn.datasets import load_digits
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latentsieve.cli import main
-from service.settings import Settings
+from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

@@ -24,11 +24,11 @@ import pytest
 import redis
 from servers import Server, Worker, running_server, start_worker
 
-from index.build import BuildOptions, build_version
-from index.store import LatentStore
-from workers.calibration import calibrate_build
-from workers.density import log_density_reference
-from workers.streams import GROUP, dead_letter_stream, job_stream
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.streams import GROUP, dead_letter_stream, job_stream
 
 PLAIN, SPLIT = "plain", "split"
 N, DIM, SIGMA = 3000, 12, 1.5

@@ -14,8 +14,8 @@ import anyio
 import pytest
 import redis
 
-from service.cache import CachedScore, RedisCache, cache_key, make_cache
-from service.settings import Settings
+from latentsieve.service.cache import CachedScore, RedisCache, cache_key, make_cache
+from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -126,7 +126,7 @@ async def test_entries_expire_after_ttl(_redis_server: RedisProcess) -> None:
 async def test_redis_down_means_misses_then_recovers(
     _redis_server: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="service.cache")
+    caplog.set_level(logging.WARNING, logger="latentsieve.service.cache")
     cache = RedisCache(_redis_server.url, ttl_s=60, retry_interval_s=0.2)
     try:
         await cache.set_many([(key(30_000), score(7))])

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from index.manifest import MANIFEST_NAME
-from index.store import LatentStore
 from latentsieve.cli import main
-from service.settings import Settings
+from latentsieve.index.manifest import MANIFEST_NAME
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 LATENT_DIM, OUTPUT_DIM = 4, 6

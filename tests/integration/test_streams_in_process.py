@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import redis.asyncio as redis
 
-from index.build import BuildOptions, build_version
-from index.store import LatentStore
-from service.settings import Settings
-from workers.calibration import calibrate_build
-from workers.density import log_density_reference
-from workers.stream_worker import StreamWorker, WorkerOptions
-from workers.streams import GROUP, dead_letter_stream, job_stream
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
+from latentsieve.workers.streams import GROUP, dead_letter_stream, job_stream
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 600, 6, 1.2

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from servers import Server, running_server
 
-from index.build import BuildOptions, build_version
-from index.store import LatentStore
 from latentsieve.demo import ensure_demo_index
-from workers.calibration import calibrate_build
-from workers.demo_models.digits_vae import training_latents
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.demo_models.digits_vae import training_latents
 
 MODEL = "digits-vae"
 

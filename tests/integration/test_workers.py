@@ -19,10 +19,10 @@ from prometheus_client.utils import floatToGoString
 from servers import Server, running_server
 from test_uvicorn import build_small_version
 
-from index.store import LatentStore
 from latentsieve.demo import ensure_demo_index
-from service.main import store_log_density_buckets
-from workers.demo_models.digits_vae import training_latents
+from latentsieve.index.store import LatentStore
+from latentsieve.service.main import store_log_density_buckets
+from latentsieve.workers.demo_models.digits_vae import training_latents
 
 MODEL = "digits-vae"
 CLIENTS, REQUESTS_EACH, SEEDS_EACH = 8, 12, 3

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from index.projection import project
-from index.store import LatentStore
 from latentsieve.cli import main
-from workers.approximate import NeighbourDensity
-from workers.density import DensityEngine, log_density_reference
-from workers.scoring import ModelScorer
+from latentsieve.index.projection import project
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.approximate import NeighbourDensity
+from latentsieve.workers.density import DensityEngine, log_density_reference
+from latentsieve.workers.scoring import ModelScorer
 
 
 @pytest.fixture(scope="module")

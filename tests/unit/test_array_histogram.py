@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import DESCRIPTOR_BUCKETS, ArrayHistogram
+from latentsieve.service.metrics import DESCRIPTOR_BUCKETS, ArrayHistogram
 
 BOUNDS = (-10.0, -2.5, -1.0, 0.0, 0.5, 1.0, 3.0)
 CREATED = re.compile(rb"^.*_created.*$\n", re.MULTILINE)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers.batcher import DynamicBatcher, QueueFull
+from latentsieve.workers.batcher import DynamicBatcher, QueueFull
 
 pytestmark = pytest.mark.anyio
 

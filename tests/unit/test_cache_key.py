@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.cache import cache_key
+from latentsieve.service.cache import cache_key
 
 DESCRIPTORS = ("psi", "nu", "delta")
 LATENT = np.arange(8, dtype="<f4").tobytes()

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.density import DensityEngine, log_density_reference
-from workers.scoring import percentile_of
+from latentsieve.workers.density import DensityEngine, log_density_reference
+from latentsieve.workers.scoring import percentile_of
 
 CONTRACT_TOLERANCE = 1e-4  # nats, CONTRACT §1
 

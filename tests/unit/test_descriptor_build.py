@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from index.manifest import PercentileBounds, Policy
-from index.store import LatentStore
 from latentsieve.cli import main
-from workers.demo_models.digits_vae import decoder, training_latents
-from workers.modules import ModuleLoadError
-from workers.policy import PERCENTILE_BELOW_MIN, decide
-from workers.scoring import ModelScorer
+from latentsieve.index.manifest import PercentileBounds, Policy
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.demo_models.digits_vae import decoder, training_latents
+from latentsieve.workers.modules import ModuleLoadError
+from latentsieve.workers.policy import PERCENTILE_BELOW_MIN, decide
+from latentsieve.workers.scoring import ModelScorer
 
-GENERATOR = "workers.demo_models.digits_vae:decoder"
+GENERATOR = "latentsieve.workers.demo_models.digits_vae:decoder"
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,8 @@ def test_changed_weights_behind_an_import_path_are_refused(
         "    return torch.nn.Sequential(layer, torch.nn.ReLU())\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    # A module of that name imported by an earlier run in this process points at other weights.
+    monkeypatch.delitem(sys.modules, "file_weights_generator", raising=False)
     assert build(tmp_path / "s", source, "--generator", "file_weights_generator:factory",
                  "--descriptor-calibration-count", "20") == 0
     loaded = LatentStore(tmp_path / "s").load("m")

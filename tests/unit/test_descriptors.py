@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from workers.demo_models.digits_vae import decoder
-from workers.descriptors import (
+from latentsieve.workers.demo_models.digits_vae import decoder
+from latentsieve.workers.descriptors import (
     DescriptorEngine,
     counted_activations,
     jacobian_singular_values,
@@ -239,7 +239,7 @@ def test_unknown_descriptor_and_wrong_shape_are_rejected() -> None:
 
 def test_tiny_autoencoder_kl_adapter() -> None:
     # diffusers is in the dev extra: a missing install fails here rather than skipping.
-    from workers.generators import tiny_autoencoder_kl
+    from latentsieve.workers.generators import tiny_autoencoder_kl
 
     generator = tiny_autoencoder_kl()
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -259,7 +259,7 @@ def test_tiny_autoencoder_kl_adapter() -> None:
 
 
 def test_toy_cpwl_generator_is_fixed_and_piecewise_linear() -> None:
-    from workers.generators import toy_cpwl_generator
+    from latentsieve.workers.generators import toy_cpwl_generator
 
     first, second = toy_cpwl_generator(), toy_cpwl_generator()
     for a, b in zip(first.parameters(), second.parameters(), strict=True):

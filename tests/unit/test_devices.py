@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import serve_app
 
-from index.store import LatentStore
 from latentsieve.cli import main
-from service.settings import Settings
-from workers.density import DensityEngine
-from workers.devices import faiss_has_gpu, resolve_device
-from workers.scoring import ModelScorer
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.density import DensityEngine
+from latentsieve.workers.devices import faiss_has_gpu, resolve_device
+from latentsieve.workers.scoring import ModelScorer
 
 MODEL = "digits-vae"
 

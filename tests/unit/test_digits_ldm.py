@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from index.store import LatentStore
 from latentsieve.demo import LDM_MAPPING, LDM_MODEL, ensure_demo_index
-from workers.demo_models.digits_ldm import (
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.demo_models.digits_ldm import (
     WEIGHTS_PATH,
     alphas_cumprod,
     ddim_invert,
@@ -21,8 +21,8 @@ from workers.demo_models.digits_ldm import (
     load_denoiser,
     sampler,
 )
-from workers.demo_models.digits_vae import training_latents
-from workers.demo_models.train_digits_ldm import train
+from latentsieve.workers.demo_models.digits_vae import training_latents
+from latentsieve.workers.demo_models.train_digits_ldm import train
 
 
 def noise(count: int, seed: int = 0) -> torch.Tensor:
@@ -98,8 +98,8 @@ def test_demo_index_scores_the_sampled_latent(tmp_path: Path) -> None:
 def test_a_changed_demo_module_rebuilds_and_a_stale_index_is_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from index.manifest import IndexManifest
     from latentsieve.cli import main
+    from latentsieve.index.manifest import IndexManifest
 
     first = ensure_demo_index(tmp_path, LDM_MODEL)
     path = tmp_path / LDM_MODEL / first / "manifest.json"

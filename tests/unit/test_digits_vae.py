@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.demo_models.digits_vae import (
+from latentsieve.workers.demo_models.digits_vae import (
     LATENT_DIM,
     OUTPUT_DIM,
     WEIGHTS_PATH,
@@ -15,7 +15,7 @@ from workers.demo_models.digits_vae import (
     load_vae,
     training_latents,
 )
-from workers.demo_models.train_digits_vae import train
+from latentsieve.workers.demo_models.train_digits_vae import train
 
 
 def test_shipped_weights_load_and_decoder_shapes() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from workers.evidence import (
+from latentsieve.workers.evidence import (
     kept_rows,
     manifold_radii,
     mask_gain,
@@ -126,7 +126,7 @@ def test_a_constant_quality_gives_no_correlation_and_no_gain() -> None:
 
 
 def test_blocked_computations_equal_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    import workers.evidence as evidence
+    import latentsieve.workers.evidence as evidence
 
     rng = np.random.default_rng(7)
     real, generated = rng.standard_normal((300, 5)), rng.standard_normal((200, 5))

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.manifest import IndexManifest
-from index.store import LatentStore
 from latentsieve.cli import main
-from workers.density import log_density_reference
-from workers.scoring import ModelScorer
+from latentsieve.index.manifest import IndexManifest
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.scoring import ModelScorer
 
 ACTIVE = [0, 2, 5]
 
@@ -138,7 +138,7 @@ def test_bandwidth_neighbours_is_recorded(tmp_path: Path, vae_like: Path) -> Non
 
 @pytest.fixture(scope="module")
 def digits_means(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.demo_models.digits_vae import training_latents
+    from latentsieve.workers.demo_models.digits_vae import training_latents
 
     path = tmp_path_factory.mktemp("digits") / "means.npy"
     np.save(path, training_latents())
@@ -148,7 +148,7 @@ def digits_means(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build_digits(store: Path, source: Path, *extra: str) -> int:
     return main(["index", "build", "--store", str(store), "--model", "d", "--latents",
                  str(source), "--sampler", "torch-cpu", "--calibration-count", "200",
-                 "--generator", "workers.demo_models.digits_vae:decoder",
+                 "--generator", "latentsieve.workers.demo_models.digits_vae:decoder",
                  "--descriptor-calibration-count", "100", "--no-progress", *extra])
 
 

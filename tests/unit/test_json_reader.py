@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.errors import ServiceError
-from service.schemas import json_depth, opening_brackets, parse_json
+from latentsieve.service.errors import ServiceError
+from latentsieve.service.schemas import json_depth, opening_brackets, parse_json
 
 
 @given(st.binary(max_size=2000))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
-from service.cache import CachedScore, MemoryCache, RedisCache, make_cache
+from latentsieve.service.cache import CachedScore, MemoryCache, RedisCache, make_cache
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import MULTIPROC_ENV, ServiceMetrics, multiprocess_dir
-from service.settings import Settings
+from latentsieve.service.metrics import MULTIPROC_ENV, ServiceMetrics, multiprocess_dir
+from latentsieve.service.settings import Settings
 
 BOUNDS = (-40.0, -30.0, -20.0, -10.0)
 BATCHES = {

@@ -13,12 +13,12 @@ import torch
 from conftest import NOSAMPLER, store_listing
 from scipy.stats import spearmanr
 
-from index.store import LatentStore
 from latentsieve.cli import main
-from workers.demo_models.digits_quality import digits_quality
-from workers.demo_models.digits_vae import decoder
-from workers.policy import decide
-from workers.scoring import ModelScorer
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.demo_models.digits_quality import digits_quality
+from latentsieve.workers.demo_models.digits_vae import decoder
+from latentsieve.workers.policy import decide
+from latentsieve.workers.scoring import ModelScorer
 
 MODEL = "digits-vae"
 SEEDS = range(0, 300)

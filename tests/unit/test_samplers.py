@@ -7,9 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from index.errors import StoreError
-from index.manifest import SamplerRecipe
-from workers.samplers import draw_latents
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import SamplerRecipe
+from latentsieve.workers.samplers import draw_latents
 
 # sha256 of the raw bytes of the stacked draws, recorded with torch 2.13.0 on CPU.
 PINNED = [

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.build import BuildOptions, build_version
-from index.errors import StoreError
-from index.store import LatentStore
-from workers.calibration import calibrate_build
-from workers.density import log_density_reference
-from workers.scoring import ModelScorer
-from workers.shard_scoring import NO_ROW, ShardQuery, ShardScores, merge_log_sums
-from workers.streams import Job, Reply
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.errors import StoreError
+from latentsieve.index.store import LatentStore
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.scoring import ModelScorer
+from latentsieve.workers.shard_scoring import NO_ROW, ShardQuery, ShardScores, merge_log_sums
+from latentsieve.workers.streams import Job, Reply
 
 DIM = 5
 

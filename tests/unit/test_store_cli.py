@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from index.bandwidth import AUTO_K
-from index.build import BuildOptions, CalibrationRequest, build_version
-from index.errors import StoreError
-from index.store import INDEX_FILE, LatentStore
 from latentsieve.cli import main
-from workers.calibration import calibrate_build
-from workers.density import log_density_reference
-from workers.scoring import ModelScorer
+from latentsieve.index.bandwidth import AUTO_K
+from latentsieve.index.build import BuildOptions, CalibrationRequest, build_version
+from latentsieve.index.errors import StoreError
+from latentsieve.index.store import INDEX_FILE, LatentStore
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.scoring import ModelScorer
 
 
 def snapshot(root: Path) -> list[tuple[str, int, int]]:

@@ -1,14 +1,15 @@
 """``digits-ldm``: a latent diffusion model in miniature over the ``digits-vae`` latent space.
 
 The analogue of a text-to-image pipeline, small enough to train on a CPU in a minute: a denoiser
-``eps(x_t, t)`` (an MLP) learns the encoder means of the 1797 ``load_digits`` images in the 8-dim
-latent space of :mod:`workers.demo_models.digits_vae`; a deterministic DDIM sampler (Song et al.,
-2021, eq. 12 with ``eta = 0``) maps seeded N(0, I) starting noise to a latent, and the VAE decoder
-renders it. As with Stable Diffusion, what a seed fixes is the starting noise, and that is what
-LatentSieve scores.
+``eps(x_t, t)`` (an MLP) learns the encoder means of the 1797 ``load_digits`` images in the
+8-dim latent space of :mod:`latentsieve.workers.demo_models.digits_vae`; a deterministic DDIM
+sampler (Song et al., 2021, eq. 12 with ``eta = 0``) maps seeded N(0, I) starting noise to a
+latent, and the VAE decoder renders it. As with Stable Diffusion, what a seed fixes is the
+starting noise, and that is what LatentSieve scores.
 
-Weights are produced deterministically by ``python -m workers.demo_models.train_digits_ldm`` and
-shipped as ``digits_ldm.safetensors`` next to this module.
+Weights are produced deterministically by ``python -m
+latentsieve.workers.demo_models.train_digits_ldm`` and shipped as ``digits_ldm.safetensors``
+next to this module.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from workers.demo_models.digits_vae import LATENT_DIM, load_vae, training_latents
+from latentsieve.workers.demo_models.digits_vae import LATENT_DIM, load_vae, training_latents
 
 WEIGHTS_PATH = Path(__file__).with_name("digits_ldm.safetensors")
 TRAIN_STEPS = 1000  # T of the noise schedule
@@ -151,19 +152,20 @@ def load_denoiser(path: Path | str = WEIGHTS_PATH) -> Denoiser:
 
 
 def sampler() -> nn.Module:
-    """Import-path factory (``workers.demo_models.digits_ldm:sampler``): noise -> latent, with
-    the same DDIM steps as the renders."""
+    """Import-path factory (``latentsieve.workers.demo_models.digits_ldm:sampler``): noise ->
+    latent, with the same DDIM steps as the renders."""
     return NoiseToLatent(load_denoiser()).eval()
 
 
 def preview_sampler() -> nn.Module:
-    """Import-path factory (``workers.demo_models.digits_ldm:preview_sampler``): noise -> latent
-    in ``PREVIEW_STEPS`` DDIM steps, a cheaper look at where a seed lands."""
+    """Import-path factory (``latentsieve.workers.demo_models.digits_ldm:preview_sampler``):
+    noise -> latent in ``PREVIEW_STEPS`` DDIM steps, a cheaper look at where a seed lands."""
     return NoiseToLatent(load_denoiser(), PREVIEW_STEPS).eval()
 
 
 def generator() -> nn.Module:
-    """Import-path factory (``workers.demo_models.digits_ldm:generator``): noise -> pixels."""
+    """Import-path factory (``latentsieve.workers.demo_models.digits_ldm:generator``): noise ->
+    pixels."""
     return NoiseToImage(load_denoiser(), load_vae().decoder).eval()
 
 

@@ -6,7 +6,7 @@ generated image:
 
 - ``confidence``: the top-class probability (a crisp digit scores near 1, a blend of two near 0.5);
 - ``realism``: Kynkaanniemi et al.'s realism score of the image's hidden-layer features among
-  those of the real digits (see :func:`workers.evidence.realism`).
+  those of the real digits (see :func:`latentsieve.workers.evidence.realism`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.neural_network import MLPClassifier
 
-from workers.demo_models.digits_vae import digits_pixels
-from workers.evidence import realism
+from latentsieve.workers.demo_models.digits_vae import digits_pixels
+from latentsieve.workers.evidence import realism
 
 HIDDEN_UNITS = 64
 

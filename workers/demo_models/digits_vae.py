@@ -3,8 +3,8 @@
 The model is a bundled demo for LatentSieve: its decoder maps 8-dim latents to 64 pixel
 intensities in ``[0, 1]`` and its encoder means over the 1797 training digits serve as the
 training-latent set. Weights are produced deterministically by
-``python -m workers.demo_models.train_digits_vae`` and shipped as ``digits_vae.safetensors``
-next to this module.
+``python -m latentsieve.workers.demo_models.train_digits_vae`` and shipped as
+``digits_vae.safetensors`` next to this module.
 
 Activations are separate ``nn.Module`` instances (never functional calls) so that forward hooks
 on activation modules can observe them.

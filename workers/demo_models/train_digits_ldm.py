@@ -2,10 +2,11 @@
 
 Usage::
 
-    python -m workers.demo_models.train_digits_ldm [--steps N] [--out PATH]
+    python -m latentsieve.workers.demo_models.train_digits_ldm [--steps N] [--out PATH]
 
-Trains :class:`~workers.demo_models.digits_ldm.Denoiser` on the ``digits-vae`` encoder means of
-all 1797 ``load_digits`` images with the DDPM noise-prediction loss (Ho et al., 2020, eq. 14):
+Trains :class:`~latentsieve.workers.demo_models.digits_ldm.Denoiser` on the ``digits-vae``
+encoder means of all 1797 ``load_digits`` images with the DDPM noise-prediction loss (Ho et
+al., 2020, eq. 14):
 ``|| eps - eps_theta(sqrt(a_t) z + sqrt(1 - a_t) eps, t) ||^2`` with ``t`` uniform, Adam with a
 cosine learning-rate decay. Seeds, one thread and deterministic algorithms make two runs write
 byte-identical safetensors files.
@@ -21,8 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from workers.demo_models.digits_ldm import TRAIN_STEPS, WEIGHTS_PATH, Denoiser, alphas_cumprod
-from workers.demo_models.digits_vae import training_latents
+from latentsieve.workers.demo_models.digits_ldm import (
+    TRAIN_STEPS,
+    WEIGHTS_PATH,
+    Denoiser,
+    alphas_cumprod,
+)
+from latentsieve.workers.demo_models.digits_vae import training_latents
 
 SEED = 0
 BATCH_SIZE = 256

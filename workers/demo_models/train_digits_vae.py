@@ -2,14 +2,15 @@
 
 Usage::
 
-    python -m workers.demo_models.train_digits_vae [--epochs N] [--out PATH]
+    python -m latentsieve.workers.demo_models.train_digits_vae [--epochs N] [--out PATH]
 
-Trains :class:`~workers.demo_models.digits_vae.DigitsVAE` on all 1797 ``load_digits`` images with
-a Bernoulli (binary cross-entropy) reconstruction term plus the Gaussian KL, Adam, and fixed-order
-minibatches. The KL weight is annealed linearly from ~0 to 1 over the first ``KL_WARMUP_EPOCHS``
-epochs and is exactly 1 (the plain negative ELBO) afterwards; the warm-up keeps more latent
-dimensions active (without it only ~4 of 8 escape posterior collapse). Seeds, single-threaded
-execution and deterministic algorithms make two runs produce byte-identical safetensors files.
+Trains :class:`~latentsieve.workers.demo_models.digits_vae.DigitsVAE` on all 1797
+``load_digits`` images with a Bernoulli (binary cross-entropy) reconstruction term plus the
+Gaussian KL, Adam, and fixed-order minibatches. The KL weight is annealed linearly from ~0 to 1
+over the first ``KL_WARMUP_EPOCHS`` epochs and is exactly 1 (the plain negative ELBO)
+afterwards; the warm-up keeps more latent dimensions active (without it only ~4 of 8 escape
+posterior collapse). Seeds, single-threaded execution and deterministic algorithms make two runs
+produce byte-identical safetensors files.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from workers.demo_models.digits_vae import WEIGHTS_PATH, DigitsVAE, digits_pixels
+from latentsieve.workers.demo_models.digits_vae import WEIGHTS_PATH, DigitsVAE, digits_pixels
 
 SEED = 0
 BATCH_SIZE = 128
