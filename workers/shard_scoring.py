@@ -82,8 +82,8 @@ class ShardScores:
 
     @classmethod
     def concat(cls, parts: Sequence[ShardScores]) -> Self:
-        if len(parts) == 1:
-            return cls(parts[0].log_sum, parts[0].descriptors)
+        """One result of all ``parts``, in order (the batcher splits results; it never joins
+        them, so this is the protocol's other half, kept for symmetry and tested)."""
         names = parts[0].descriptors
         return cls(
             np.concatenate([part.log_sum for part in parts]),

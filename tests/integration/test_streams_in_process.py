@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from latentsieve.index.store import LatentStore
 from latentsieve.service.settings import Settings
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.shard_scoring import ShardQuery
 from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
-from latentsieve.workers.streams import GROUP, dead_letter_stream, job_stream
+from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, job_stream
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 600, 6, 1.2
@@ -167,4 +169,47 @@ async def test_a_job_past_its_deadline_is_dropped_not_computed(
             assert jobs.labels(model="plain", outcome="expired")._value.get() == 1
             assert jobs.labels(model="plain", outcome="done")._value.get() == 0
     assert await client_redis.xlen(job_stream("plain", 0)) == 0
+    await client_redis.aclose()
+
+
+async def test_a_worker_scores_the_version_a_job_names(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """During a roll-out a gateway may still send the previous version: the worker loads and
+    scores that one, not the newest (float64 reference over each version's own latents)."""
+    store = tmp_path / "store"
+    rng = np.random.default_rng(5)
+    versions = []
+    for count in (300, 400):
+        source = tmp_path / f"v{count}.npy"
+        np.save(source, rng.standard_normal((count, DIM)).astype(np.float32))
+        built = build_version(LatentStore(store), BuildOptions(
+            model="rolling", latents_file=source, sigma="1.0", space="raw",
+            calibration_count=50, progress=False,
+        ), calibrate_build)
+        versions.append((built.name, np.load(source)))
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    query = rng.standard_normal((3, DIM)).astype(np.float32)
+    async with worker(store, redis_url, models=("rolling",)):
+        for number, (version, _) in enumerate(versions):
+            job = Job(f"job-{number}", "latentsieve:replies:test", time.time() + 30, "rolling",
+                      version, 0, 1.0, (), False, ShardQuery(query))
+            await client_redis.xadd(job_stream("rolling", 0), job.to_fields())  # type: ignore[arg-type]
+        replies: dict[str, Reply] = {}
+        last = "0-0"
+        for _ in range(200):
+            answer = await client_redis.xread({"latentsieve:replies:test": last}, block=50)
+            for _, entries in answer:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    reply = Reply.from_fields(fields)
+                    replies[reply.id] = reply
+            if len(replies) == 2:
+                break
+    for number, (_, latents) in enumerate(versions):
+        reply = replies[f"job-{number}"]
+        assert reply.status == "ok" and reply.scores is not None, reply.detail
+        expected = log_density_reference(query, latents, 1.0) + np.log(len(latents))
+        np.testing.assert_allclose(reply.scores.log_sum, expected, atol=1e-4, rtol=0)
     await client_redis.aclose()
