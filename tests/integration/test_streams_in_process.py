@@ -76,6 +76,9 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
     store: Path, redis_url: str, serve: object, training: np.ndarray
 ) -> None:
     queries = np.random.default_rng(4).standard_normal((9, DIM)).astype(np.float32)
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()  # no heartbeat left by an earlier test's worker
+    await client_redis.aclose()
     async with (
         worker(store, redis_url) as running,
         serve(settings(store, redis_url)) as client,  # type: ignore[operator]
