@@ -25,6 +25,7 @@ from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, j
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 600, 6, 1.2
+PCA_DIM = 3
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, training: np.ndarray) -> Pat
             model=name, latents_file=source, sigma=str(SIGMA), space="raw",
             calibration_count=200, shards=shards, progress=False,
         ), calibrate_build)
+    build_version(LatentStore(root), BuildOptions(  # scored in a 3-dim PCA space
+        model="projected", latents_file=source, sigma=str(SIGMA), pca=PCA_DIM,
+        calibration_count=200, progress=False,
+    ), calibrate_build)
     return root
 
 
@@ -97,6 +102,17 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
                 np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
                 percentiles.append([r["percentile"] for r in answer.json()["results"]])
             assert percentiles[0] == percentiles[1]
+        # Latents go to the workers as sent; the shard projects them (a PCA model).
+        projected = await client.post("/score", json={"model": "projected",
+                                                      "latents": queries.tolist()})
+        assert projected.status_code == 200, projected.text
+        loaded = LatentStore(store).load("projected")
+        assert loaded.projection is not None
+        mean, components = loaded.projection
+        want = log_density_reference((queries - mean) @ components.T,
+                                     (training - mean) @ components.T, SIGMA)
+        got = np.array([r["log_density"] for r in projected.json()["results"]])
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
         assert (await client.get("/readyz")).status_code == 200
@@ -124,7 +140,7 @@ async def ghost_heartbeats(redis_url: str) -> redis.Redis:
     await client.flushdb()
     seconds, micros = await client.time()
     expiry = seconds * 1000 + micros // 1000 + 60_000
-    for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2)):
+    for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2), ("projected", 0)):
         await client.zadd(f"latentsieve:live:{model}:{shard}", {"ghost|cpu": expiry})
         await client.xgroup_create(job_stream(model, shard), GROUP, id="0", mkstream=True)
     return client

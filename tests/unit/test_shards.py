@@ -139,6 +139,16 @@ def test_jobs_and_replies_survive_the_wire() -> None:
     again = Reply.from_fields(raw)
     assert again.scores is not None and again.scores.log_sum.tolist() == [-1.5, 2.0]
     assert again.scores.descriptors["psi"].tolist() == [3.0]
+    for status in ("error", "dead_letter"):
+        failed = Reply("j2", 0, status, detail="worker said why")  # type: ignore[arg-type]
+        raw = {key.encode(): value if isinstance(value, bytes) else value.encode()
+               for key, value in failed.to_fields().items()}
+        back_reply = Reply.from_fields(raw)
+        assert (back_reply.status, back_reply.detail, back_reply.scores) == (
+            status, "worker said why", None)
+    raw[b"status"] = b"maybe"
+    with pytest.raises(ValueError, match="unknown reply status 'maybe'"):
+        Reply.from_fields(raw)
     del fields[b"shape"]
     with pytest.raises(KeyError):
         Job.from_fields(fields)
