@@ -116,6 +116,8 @@ def test_typed_batches_concatenate_and_split() -> None:
     assert len(both) == 3 and both.exclude is not None
     assert both.exclude.tolist() == [NO_ROW, NO_ROW, 7]
     assert both.take(2, 3).exclude.tolist() == [7]  # type: ignore[union-attr]
+    assert both.take(0, 2).latents.tolist() == [[1.0] * 3] * 2
+    assert a.take(0, 1).exclude is None and len(a.take(0, 1)) == 1
     scores = ShardScores.concat([ShardScores(np.array([1.0]), {"psi": np.array([2.0])}),
                                  ShardScores(np.array([3.0]), {"psi": np.array([4.0])})])
     assert scores.take(1, 2).log_sum.tolist() == [3.0]
