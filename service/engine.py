@@ -24,7 +24,7 @@ from latentsieve.service.registry import ModelRegistry, ServedModel
 from latentsieve.service.settings import Settings
 from latentsieve.workers.batcher import QueueFull
 from latentsieve.workers.local_compute import Computed, Work
-from latentsieve.workers.scoring import ModelView, ScoredBatch, score_report
+from latentsieve.workers.scoring import BLOCK, ModelView, ScoredBatch, score_report
 from latentsieve.workers.selection import pick_diverse
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScorer
 from latentsieve.workers.streams import JobFailed, WorkersUnavailable
@@ -270,19 +270,16 @@ class ScoringEngine:
         async with lock:
             if view.cached_calibration(sigma) is not None:
                 return
-            blocks = await asyncio.to_thread(lambda: list(view.calibration_blocks()))
-            parts = await asyncio.gather(
-                *(
-                    self._compute(
-                        served,
-                        Work(manifest.model, manifest.version, manifest.n, sigma,
-                             NO_DESCRIPTORS, block.query, block.index_space),
-                        deadline,
-                    )
-                    for block in blocks
-                )
-            )
-            view.keep_calibration(sigma, np.concatenate([part.log_density for part in parts]))
+            # One block at a time, each within the queue limits: calibrating a new sigma must
+            # neither fill the queue for other requests nor be refused by it.
+            size = min(BLOCK, self.settings.queue_limit,
+                       self.settings.model_queue_limit)
+            blocks = await asyncio.to_thread(lambda: list(view.calibration_blocks(size)))
+            scores = []
+            for block in blocks:
+                work = _work(served, sigma, NO_DESCRIPTORS, block.query, block.index_space)
+                scores.append((await self._compute(served, work, deadline)).log_density)
+            view.keep_calibration(sigma, np.concatenate(scores))
         self._calibrating.pop((manifest.model, manifest.version, sigma), None)
 
     async def _score_latents(
@@ -330,8 +327,8 @@ class ScoringEngine:
         }
         if misses:
             await self.calibration(served, sigma, deadline)
-            work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors,
-                        ShardQuery(np.ascontiguousarray(latents[misses], dtype=np.float32)))
+            query = ShardQuery(np.ascontiguousarray(latents[misses], dtype=np.float32))
+            work = _work(served, sigma, descriptors, query)
             computed = await self._compute(served, work, deadline)
             fresh = served.view.scored(computed.log_density, sigma, computed.descriptors)
             log_density[misses] = fresh.log_density
@@ -374,6 +371,16 @@ class ScoringEngine:
     async def stop(self) -> None:
         await self.compute.stop()
         await self.cache.close()
+
+
+def _work(
+    served: ServedModel, sigma: float, descriptors: tuple[str, ...], query: ShardQuery,
+    index_space: bool = False,
+) -> Work:
+    """What the transport computes for ``query`` on every shard of the served version."""
+    manifest = served.view.manifest
+    return Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
+                index_space, len(manifest.shard_layout()))
 
 
 def _cached(batch: ScoredBatch, row: int) -> CachedScore:

@@ -127,10 +127,14 @@ class StreamCompute:
             return [f"Redis at {self.redis_url} ({self._redis_error})"]
         counts = self.shard_counts()
         names = counts if models is None else models
+        return [what for model in names for what in self._missing_shards(model, counts[model])]
+
+    def _missing_shards(self, model: str, shards: int) -> list[str]:
+        """Redis unreachable, or the shards of ``model`` (0 .. shards - 1) without a worker."""
+        if self._redis_error is not None:
+            return [f"Redis at {self.redis_url} ({self._redis_error})"]
         return [
-            f"{model} shard {shard}"
-            for model in names
-            for shard in range(counts.get(model, 0))
+            f"{model} shard {shard}" for shard in range(shards)
             if not self._live.get((model, shard))
         ]
 
@@ -140,7 +144,7 @@ class StreamCompute:
         """Send ``work`` to every shard's stream and wait (until ``deadline``, loop time) for
         all replies; 503 (WorkersUnavailable) at once when a shard has no live worker."""
         del shards  # the workers hold them
-        missing = self.missing([work.model])
+        missing = self._missing_shards(work.model, work.shards)
         if missing:
             raise WorkersUnavailable(
                 f"no live worker for {', '.join(missing)}; start 'latentsieve worker' for "
@@ -160,7 +164,7 @@ class StreamCompute:
             )
         loop = asyncio.get_running_loop()
         job_id = uuid.uuid4().hex
-        count = self.shard_counts().get(work.model, 0) or 1
+        count = work.shards
         waiting = _Waiting(work.model, rows, count, loop.create_future())
         self._waiting[job_id] = waiting
         self._queued[work.model] = queued + rows

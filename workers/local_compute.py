@@ -37,6 +37,7 @@ class Work:
     descriptors: tuple[str, ...]
     query: ShardQuery
     index_space: bool = False
+    shards: int = 1  # of this version (a request in flight keeps its version's layout)
 
 
 @dataclass(frozen=True)

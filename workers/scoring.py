@@ -121,12 +121,12 @@ class ModelView:
                 self._calibrations.popitem(last=False)
         return ordered
 
-    def calibration_blocks(self) -> Iterator[CalibrationBlock]:
-        """The calibration set (CONTRACT §1) in blocks of ``BLOCK``: sampler draws as sent, or
-        the leave-one-out training rows in the index's space, each leaving itself out."""
+    def calibration_blocks(self, block: int = BLOCK) -> Iterator[CalibrationBlock]:
+        """The calibration set (CONTRACT §1) in blocks of ``block`` latents: sampler draws as
+        sent, or the leave-one-out training rows in the index's space, each leaving itself out."""
         spec = self.manifest.calibration
-        for start in range(0, spec.count, BLOCK):
-            stop = min(start + BLOCK, spec.count)
+        for start in range(0, spec.count, block):
+            stop = min(start + block, spec.count)
             if spec.source == "sampler":
                 assert spec.seed_start is not None
                 seeds = range(spec.seed_start + start, spec.seed_start + stop)

@@ -311,3 +311,17 @@ async def test_a_declared_length_over_the_limit_is_413_before_any_body_is_read(
     assert response.request.headers["content-length"] == "1000000"  # precondition
     assert response.status_code == 413, response.text
     assert "1000" in response.json()["detail"]
+
+
+async def test_a_new_sigma_is_calibrated_within_a_small_model_queue(
+    settings: Settings, serve: Callable[..., Any]
+) -> None:
+    """Calibrating another sigma goes through the queue in blocks that fit its limits, so a
+    tight LATENTSIEVE_MODEL_QUEUE_LIMIT never refuses it (and it never floods the queue)."""
+    tight = settings.model_copy(update={"model_queue_limit": 4, "cache_bytes": 0})
+    async with serve(tight) as client:
+        response = await client.post(
+            "/score", json={"model": MODEL, "latents": [[0.2] * 8] * 2, "sigma": 0.731}
+        )
+    assert response.status_code == 200, response.text
+    assert all(0.0 <= row["percentile"] <= 1.0 for row in response.json()["results"])
