@@ -250,3 +250,34 @@ async def test_api_keys_non_ascii_and_several_headers(
         assert both.status_code == 200
         wrong = await client.get("/models", headers=[(b"x-api-key", b"nope")])
         assert wrong.status_code == 401 and wrong.json()["detail"] == "wrong API key"
+
+
+async def test_select_without_descriptor_rules_honours_sigma_and_the_cache(
+    settings: Settings, serve: Callable[..., Any], store_root: Path
+) -> None:
+    """A policy without descriptor bounds takes the density-only path: the kept seeds' scores at
+    the request's sigma equal float64 equation (1), and a repeat is served from the cache."""
+    from latentsieve.workers.density import log_density_reference
+
+    body = {"model": MODEL, "start": 100, "count": 40, "keep": 4, "sigma": 0.9,
+            "policy": {"psi": None}}
+    async with serve(settings.model_copy(update={"select_max_count": 40})) as client:
+        first = (await client.post("/select", json=body)).json()
+        second = (await client.post("/select", json=body)).json()
+        over = await client.post("/select", json={**body, "count": 41})
+    assert over.status_code == 413  # 40 is the limit itself, and allowed above
+    assert first["sigma"] == 0.9 and second["sigma"] == 0.9
+    rows = first["results"]
+    assert [r["cached"] for r in rows] == [False] * 4
+    assert [r["cached"] for r in second["results"]] == [True] * 4
+    assert all("descriptors" not in r for r in rows)
+    loaded = LatentStore(store_root).load(MODEL)
+    scorer = ModelScorer(loaded)
+    seeds = [r["seed"] for r in rows]
+    queries = loaded.to_index_space(scorer.draw(seeds))
+    expected = log_density_reference(queries, np.asarray(loaded.latents), 0.9)
+    np.testing.assert_allclose([r["log_density"] for r in rows], expected, atol=1e-4, rtol=0)
+    everything = log_density_reference(
+        loaded.to_index_space(scorer.draw(range(100, 140))), np.asarray(loaded.latents), 0.9
+    )
+    assert sorted(expected, reverse=True) == pytest.approx(sorted(everything)[-4:][::-1])
