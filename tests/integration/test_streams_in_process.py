@@ -103,16 +103,17 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
                 percentiles.append([r["percentile"] for r in answer.json()["results"]])
             assert percentiles[0] == percentiles[1]
         # Latents go to the workers as sent; the shard projects them (a PCA model).
-        projected = await client.post("/score", json={"model": "projected",
-                                                      "latents": queries.tolist()})
-        assert projected.status_code == 200, projected.text
         loaded = LatentStore(store).load("projected")
         assert loaded.projection is not None
         mean, components = loaded.projection
-        want = log_density_reference((queries - mean) @ components.T,
-                                     (training - mean) @ components.T, SIGMA)
-        got = np.array([r["log_density"] for r in projected.json()["results"]])
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        for sigma in (SIGMA, 0.5):  # 0.5: leave-one-out rows, already projected, recalibrated
+            projected = await client.post("/score", json={
+                "model": "projected", "latents": queries.tolist(), "sigma": sigma})
+            assert projected.status_code == 200, projected.text
+            want = log_density_reference((queries - mean) @ components.T,
+                                         (training - mean) @ components.T, sigma)
+            got = np.array([r["log_density"] for r in projected.json()["results"]])
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
         models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
         assert (await client.get("/readyz")).status_code == 200
@@ -131,6 +132,7 @@ async def test_without_a_worker_requests_and_readyz_are_503(
         assert ready.status_code == 503 and "no live worker" in ready.json()["detail"]
         refused = await client.post("/score", json={"model": "plain", "latents": [[0.0] * DIM]})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "no live worker for plain shard 0" in refused.json()["detail"]
 
 
 async def ghost_heartbeats(redis_url: str) -> redis.Redis:
