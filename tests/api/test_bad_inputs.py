@@ -320,8 +320,11 @@ async def test_a_new_sigma_is_calibrated_within_a_small_model_queue(
     tight LATENTSIEVE_MODEL_QUEUE_LIMIT never refuses it (and it never floods the queue)."""
     tight = settings.model_copy(update={"model_queue_limit": 4, "cache_bytes": 0})
     async with serve(tight) as client:
+        # Four uncached latents: exactly the limit, so they fit.
         response = await client.post(
-            "/score", json={"model": MODEL, "latents": [[0.2] * 8] * 2, "sigma": 0.731}
+            "/score",
+            json={"model": MODEL, "latents": [[0.1 * row] * 8 for row in range(4)],
+                  "sigma": 0.731},
         )
     assert response.status_code == 200, response.text
     assert all(0.0 <= row["percentile"] <= 1.0 for row in response.json()["results"])
