@@ -12,15 +12,16 @@ import numpy as np
 
 from latentsieve.index.manifest import IndexManifest, Policy, check_sigma
 from latentsieve.index.store import LatentStore, LoadedVersion
+from latentsieve.workers.calibration import BLOCK
 from latentsieve.workers.density import DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.local_compute import Work, merge, shard_key
 from latentsieve.workers.modules import load_module
 from latentsieve.workers.policy import decide
 from latentsieve.workers.seed_latents import SeedLatents
-from latentsieve.workers.shard_scoring import ShardKey, ShardQuery, merge_log_sums, open_shards
+from latentsieve.workers.shard_scoring import ShardQuery, open_shards
 
 CALIBRATIONS_KEPT = 8
-BLOCK = 1024  # calibration latents per computed block
 
 
 @dataclass(frozen=True)
@@ -221,17 +222,13 @@ class ModelScorer:
     def _log_sums(
         self, query: ShardQuery, sigma: float, descriptors: tuple[str, ...], index_space: bool
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Every shard in this thread, merged as the transports merge them."""
         manifest = self.manifest
-        parts = [
-            shard.score(
-                ShardKey(manifest.model, manifest.version, shard.number, sigma, descriptors,
-                         index_space, shard),
-                query,
-            )
-            for shard in self.shards
-        ]
-        merged = merge_log_sums([part.log_sum for part in parts], query.exclude, manifest.n)
-        return merged, parts[0].descriptors
+        work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
+                    index_space, len(self.shards))
+        parts = [shard.score(shard_key(work, shard), query) for shard in self.shards]
+        computed = merge(work, parts)
+        return computed.log_density, computed.descriptors
 
     def calibration(self, sigma: float) -> np.ndarray:
         """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
