@@ -4,18 +4,27 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= store
 
-.PHONY: install install-dev system-deps run test lint bench mutation
+.PHONY: install install-dev constraints system-deps run test lint bench mutation
 
-# The service needs the package; the tests also need the dev extra (test tools, diffusers).
-$(BIN)/.installed: pyproject.toml
+# Every install takes its versions from constraints.txt (torch==2.13.0 among them): the service
+# needs the cpu server extra and the demo extra; the tests also need the dev extra.
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(PIP_INSTALL) -e '.[cpu,demo]'
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $@
+
+# After changing a dependency: reinstall from scratch, then pin what was installed.
+constraints: install-dev
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable --exclude latentsieve \
+	  | grep -v -e '^mutmut=' -e '^libcst=' -e '^textual=' -e '^setproctitle=' \
+	     -e '^linkify-it-py=' -e '^mdit-py-plugins=' | sed 's/+cpu$$//'; } > constraints.new
+	mv constraints.new constraints.txt
 
 install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("latentsieve")
 
 _ENV_NAMES = {"redis": "LATENTSIEVE_REDIS_URL"}
+# Imported by the server commands and not by the client install (pyproject's cpu/gpu/demo extras).
+SERVER_MODULES = frozenset({
+    "torch", "faiss", "fastapi", "starlette", "uvicorn", "redis", "prometheus_client", "orjson",
+    "pybase64", "safetensors", "tqdm", "pydantic_settings", "sklearn",
+})
+# Distributions that each install the module ``faiss``: one at a time.
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
 MAX_CLI_SEEDS = 10_000_000
 
 
@@ -36,18 +43,83 @@ class CliError(Exception):
     """A user error reported as one line."""
 
 
+def _env_name(option: str) -> str:
+    return _ENV_NAMES.get(option, "LATENTSIEVE_" + option.upper().replace("-", "_"))
+
+
 def _env(option: str) -> str | None:
-    name = _ENV_NAMES.get(option, "LATENTSIEVE_" + option.upper().replace("-", "_"))
-    return os.environ.get(name)
+    return os.environ.get(_env_name(option))
 
 
-def _add(parser: argparse.ArgumentParser, option: str, **kwargs: object) -> None:
-    """An option whose default comes from its LATENTSIEVE_* variable."""
+def _flag_from_env(option: str) -> bool:
+    return (_env(option) or "").lower() in ("1", "true", "yes")
+
+
+def _add(
+    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup,
+    option: str,
+    help: str = "",
+    *,
+    shown: str | None = None,
+    listed: Sequence[str] = (),
+    **kwargs: object,
+) -> None:
+    """An option whose default comes from its LATENTSIEVE_* variable; its help says its
+    default (``shown`` when the real one is decided later, e.g. by the build), its
+    environment variable and its choices (argparse's ``choices``, or ``listed`` for values the
+    command checks itself, so that a wrong one gets the command's own one-line error)."""
     env = _env(option)
-    if env is not None:
+    required = bool(kwargs.get("required"))
+    if kwargs.get("action") == "store_true":
+        kwargs["default"] = _flag_from_env(option)
+    elif env is not None:
         kwargs["default"] = env
         kwargs.pop("required", None)
-    parser.add_argument(f"--{option}", **kwargs)  # type: ignore[arg-type]
+    notes = []
+    choices = listed or kwargs.get("choices") or ()
+    if choices:
+        notes.append("choices: " + ", ".join(map(str, choices)))  # type: ignore[call-overload]
+    if required:
+        notes.append("required")
+    elif kwargs.get("action") == "store_true":
+        notes.append("default: off")
+    else:
+        default = shown if shown is not None else kwargs.get("default")
+        notes.append(f"default: {'none' if default is None else default}")
+    notes.append(f"env: {_env_name(option)}")
+    text = f"{help} [{'; '.join(notes)}]" if help else f"[{'; '.join(notes)}]"
+    parser.add_argument(f"--{option}", help=text, **kwargs)  # type: ignore[arg-type]
+
+
+def faiss_conflict(installed: Iterable[str]) -> str | None:
+    """A one-line refusal when several FAISS builds are installed (they overwrite each other's
+    ``faiss`` module, so which one loads is an accident); None when at most one is."""
+    names = {name.lower().replace("_", "-") for name in installed}
+    builds = sorted(names & set(FAISS_DISTRIBUTIONS))
+    if len(builds) < 2:
+        return None
+    return (f"several FAISS builds are installed ({', '.join(builds)}); they share the module "
+            "'faiss'. Keep one: pip uninstall the others, then reinstall it "
+            "(latentsieve[cpu] or latentsieve[gpu], never both)")
+
+
+def check_faiss_install() -> None:
+    from importlib.metadata import distributions
+
+    problem = faiss_conflict(dist.metadata["Name"] or "" for dist in distributions())
+    if problem:
+        raise CliError(problem)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("latentsieve")
+    except PackageNotFoundError:  # a checkout on sys.path without an install
+        from latentsieve import __version__
+
+        return __version__
 
 
 def parse_seed_range(text: str) -> range:
@@ -77,84 +149,96 @@ def parse_descriptor_names(text: str | None, policy: Policy) -> set[str]:
     return names | set(policy.descriptor_bounds())
 
 
+DEVICES = "auto (CUDA when PyTorch sees it, else the CPU), cpu, cuda or cuda:I"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentsieve", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=_env("log-level") or "warning")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add(parser, "log-level", default="warning",
+         choices=("debug", "info", "warning", "error", "critical"),
+         help="JSON log lines on stderr at this level and above")
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="build and list index versions")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser("build", help="build a new immutable index version")
-    _add(build, "store", required=True)
-    _add(build, "model", required=True)
+    _add(build, "store", required=True, help="the store folder")
+    _add(build, "model", required=True, help="the model's name")
     _add(build, "latents", required=True, help=".npy, .pt/.pth or .safetensors, shape (N, ...)")
     _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
-    _add(build, "kind", default="flat", help="flat (exact), ivf or hnsw (approximate)")
+    _add(build, "kind", default="flat", listed=("flat", "ivf", "hnsw"),
+         help="flat is exact; ivf and hnsw are approximate")
     _add(build, "pca", type=int, default=None, help="project onto the top DIM principal axes")
-    _add(build, "space", default=None,
-         help="raw, active (default: drop coordinates the training latents barely vary in) or "
-              "standardized (active, each scaled to unit sd); see docs/evidence.md")
-    _add(build, "active-threshold", type=float, default=None,
-         help="a coordinate is active when its variance is >= this x the reference (0.1)")
+    _add(build, "space", default=None, listed=("raw", "active", "standardized"),
+         shown="active",
+         help="active drops coordinates the training latents barely vary in; standardized "
+              "also scales each to unit sd; see docs/evidence.md")
+    _add(build, "active-threshold", type=float, default=None, shown="0.1",
+         help="a coordinate is active when its variance is >= this x the reference")
     _add(build, "latent-set", default=None,
          help="what the latents are (e.g. encoder-means, ddim-inversions), recorded")
-    _add(build, "bandwidth-neighbours", type=int, default=None,
+    _add(build, "bandwidth-neighbours", type=int, default=None, shown="1",
          help="k of --sigma auto: median distance to the k-th nearest training latent")
-    _add(build, "neighbours", type=int, default=None, help="k scored by ivf/hnsw (default 256)")
+    _add(build, "neighbours", type=int, default=None, shown="256", help="k scored by ivf/hnsw")
     _add(build, "shards", type=int, default=1,
          help="split a flat index into K row-disjoint shards (workers serve them apart)")
-    _add(build, "sampler", default=None, help="torch-cpu[:DTYPE][:SHAPE]")
+    _add(build, "sampler", default=None,
+         help="torch-cpu[:DTYPE][:SHAPE]: lets the model take seeds")
     _add(build, "generator", default=None, help="TorchScript file or package.module:factory")
-    _add(build, "mapping", default=None, help="TorchScript file or package.module:factory")
-    _add(build, "calibration-count", type=int, default=None)
-    _add(build, "min-percentile", type=float, default=None, help="default policy")
+    _add(build, "mapping", default=None, shown="identity",
+         help="seed latent -> index space: TorchScript file or package.module:factory")
+    _add(build, "calibration-count", type=int, default=None, shown="10000",
+         help="sampler draws that calibrate percentiles")
+    _add(build, "min-percentile", type=float, default=None, shown="0.05",
+         help="the default policy's lowest accepted percentile")
     _add(build, "policy", default=None,
          help='the whole default policy as JSON, e.g. \'{"min_percentile": 0.05, '
               '"psi": {"max_percentile": 0.9}}\'')
-    _add(build, "descriptor-calibration-count", type=int, default=None,
-         help="latents whose psi/nu/delta calibrate descriptor percentiles (default 1000)")
-    _add(build, "projection-rows", type=int, default=None, help="m of P (default 120)")
-    _add(build, "projection-seed", type=int, default=None, help="seed of P and directions")
-    _add(build, "delta-directions", type=int, default=None, help="P of delta (default 8)")
-    _add(build, "delta-radius", type=float, default=None, help="r (default 0.1 sqrt(E))")
-    build.add_argument(
-        "--no-progress", action="store_true",
-        default=(_env("no-progress") or "").lower() in ("1", "true", "yes"),
-    )
+    _add(build, "descriptor-calibration-count", type=int, default=None, shown="1000",
+         help="latents whose psi/nu/delta calibrate descriptor percentiles")
+    _add(build, "projection-rows", type=int, default=None, shown="120", help="m of P")
+    _add(build, "projection-seed", type=int, default=None, shown="0",
+         help="seed of P and of the delta directions")
+    _add(build, "delta-directions", type=int, default=None, shown="8", help="P of delta")
+    _add(build, "delta-radius", type=float, default=None, shown="0.1 sqrt(E)", help="r of delta")
+    _add(build, "no-progress", action="store_true", help="no progress bar")
 
     listing = index_commands.add_parser("list", help="list models and versions")
-    _add(listing, "store", required=True)
+    _add(listing, "store", required=True, help="the store folder")
 
     score = commands.add_parser("score", help="offline batch scoring, same results as /score")
-    _add(score, "store", required=True)
-    _add(score, "model", required=True)
+    _add(score, "store", required=True, help="the store folder")
+    _add(score, "model", required=True, help="the model's name")
     from_env = _env("latents") is not None or _env("seeds") is not None
     source = score.add_mutually_exclusive_group(required=not from_env)
-    source.add_argument("--latents", default=_env("latents"))
-    source.add_argument("--seeds", default=_env("seeds"), help="A-B, inclusive")
-    _add(score, "sigma", type=float, default=None)
-    _add(score, "out", default=None, help="FILE.json or FILE.npy (default: JSON on stdout)")
+    _add(source, "latents", default=None, help="FILE (.npy, .pt/.pth, .safetensors); or --seeds")
+    _add(source, "seeds", default=None, help="A-B, inclusive; or --latents")
+    _add(score, "sigma", type=float, default=None, shown="the index's",
+         help="bandwidth (percentiles are recalibrated at it)")
+    _add(score, "out", default=None, shown="JSON on stdout", help="FILE.json or FILE.npy")
     _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")
-    _add(score, "device", default="auto", help="auto (CUDA when PyTorch sees it), cpu, cuda[:I]")
+    _add(score, "device", default="auto", help=DEVICES)
 
     serve = commands.add_parser("serve", help="run the HTTP gateway")
-    _add(serve, "store", required=True)
-    _add(serve, "host", default="127.0.0.1")
-    _add(serve, "port", type=int, default=8000)
-    _add(serve, "redis", default=None)
-    _add(serve, "device", default=None, help="auto (default), cpu, cuda[:I]: where scores run")
-    _add(serve, "workers", type=int, default=None,
-         help="processes sharing the port (default 1; see docs/service.md, 'Workers')")
+    _add(serve, "store", required=True, help="the store folder")
+    _add(serve, "host", default="127.0.0.1", help="address to listen on")
+    _add(serve, "port", type=int, default=8000, help="port to listen on")
+    _add(serve, "redis", default=None, help="redis://... : the shared score cache (and workers)")
+    _add(serve, "device", default=None, shown="auto", help=DEVICES)
+    _add(serve, "workers", type=int, default=None, shown="1",
+         help="processes sharing the port (see docs/service.md, 'Workers')")
     _add(serve, "compute", default="embedded", choices=("embedded", "workers"),
          help="embedded: score in this process; workers: over Redis Streams (needs --redis)")
 
     worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
-    _add(worker, "store", required=True)
-    _add(worker, "redis", required=True)
-    _add(worker, "models", default=None, help="comma-separated model names (default: all)")
-    _add(worker, "shards", default=None, help="comma-separated shard numbers (default: all)")
-    _add(worker, "device", default="auto", help="auto (CUDA when PyTorch sees it), cpu, cuda[:I]")
-    _add(worker, "metrics-port", type=int, default=None, help="serve /metrics on this port")
+    _add(worker, "store", required=True, help="the store folder (read only)")
+    _add(worker, "redis", required=True, help="redis://... shared with the gateways")
+    _add(worker, "models", default=None, shown="all", help="comma-separated model names")
+    _add(worker, "shards", default=None, shown="all", help="comma-separated shard numbers")
+    _add(worker, "device", default="auto", help=DEVICES)
+    _add(worker, "metrics-port", type=int, default=None,
+         help="serve Prometheus /metrics on this port")
     _add(worker, "max-batch-size", type=int, default=1024, help="latents per computed batch")
     _add(worker, "max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
     _add(worker, "read-count", type=int, default=64, help="jobs read from Redis at once")
@@ -168,22 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="evidence page: does rejecting low scores keep better samples?"
     )
-    _add(report, "store", required=True)
-    _add(report, "model", required=True)
+    _add(report, "store", required=True, help="the store folder")
+    _add(report, "model", required=True, help="the model's name")
     _add(report, "out", required=True, help="folder for index.html and report.json")
-    report.add_argument("--seeds", default=None, help="A-B, inclusive (default 0-1999)")
+    _add(report, "seeds", default=None, shown="0-1999", help="A-B, inclusive")
     _add(report, "quality", default=None, help="CSV 'seed,quality': your own per-seed quality")
-    _add(report, "bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    report.add_argument(
-        "--no-progress", action="store_true",
-        default=(_env("no-progress") or "").lower() in ("1", "true", "yes"),
-    )
+    _add(report, "bootstrap", type=int, default=1000, help="bootstrap resamples")
+    _add(report, "no-progress", action="store_true", help="no progress bar")
 
     demo = commands.add_parser(
         "demo", help="build the bundled demo indexes (digits-vae, digits-ldm) if missing"
     )
-    _add(demo, "store", default="store")
-    demo.add_argument("--seeds", default="0-7", help="seeds to score once it is built")
+    _add(demo, "store", default="store", help="the store folder")
+    _add(demo, "seeds", default="0-7", help="seeds to score once it is built")
     return parser
 
 
@@ -444,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
+        check_faiss_install()
         if args.command == "index":
             return _build(args) if args.index_command == "build" else _list(args)
         if args.command == "score":
@@ -455,6 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return _worker(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
+            raise
+        extra = "demo" if exc.name == "sklearn" else "cpu"
+        print(f"latentsieve: error: '{args.command}' needs {exc.name}, which this install "
+              f"lacks: pip install 'latentsieve[{extra}]'"
+              + (" (or [gpu] on a CUDA host)" if extra == "cpu" else ""), file=sys.stderr)
+        return 2
     except Exception as exc:
         from latentsieve.workers.modules import ModuleLoadError  # imported late: it brings in torch
 

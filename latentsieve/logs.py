@@ -32,3 +32,25 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings as JSON lines too (logger py.warnings)
+
+
+def uvicorn_log_config() -> dict[str, object]:
+    """uvicorn's ``log_config``: its own loggers (``uvicorn``, ``uvicorn.error``) in the same
+    JSON lines as ours; its access log stays off (``service/access.py`` writes one with the
+    request id). uvicorn applies it in every worker process too."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "latentsieve.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr",
+            },
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        },
+    }

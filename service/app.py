@@ -13,16 +13,15 @@ import inspect
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client.multiprocess import mark_process_dead
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from latentsieve.index.store import LatentStore
+from latentsieve.service.access import RequestObserver
 from latentsieve.service.auth import OPEN_PATHS, ApiKeyMiddleware
 from latentsieve.service.cache import make_cache
 from latentsieve.service.direct_routes import install_direct_routes
@@ -44,38 +43,6 @@ from latentsieve.workers.devices import resolve_device
 from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
 
 log = logging.getLogger(__name__)
-
-ROUTES = frozenset({"/score", "/select", "/models", "/healthz", "/readyz", "/metrics"})
-
-
-class RequestMetricsMiddleware:
-    """``latentsieve_request_duration_seconds{route, status}`` for every HTTP request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
-            if isinstance(runtime, Runtime):
-                # Unknown paths share one label so scanners cannot blow up the series count.
-                route = scope["path"] if scope["path"] in ROUTES else "other"
-                runtime.metrics.observe_request(route, status, time.perf_counter() - started)
-
 
 def _document_limits(components: dict[str, Any], settings: Settings) -> None:
     """This deployment's limits in the request schemas (past them the answer is 413)."""
@@ -199,6 +166,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         cache = make_cache(settings, on_error=metrics.cache_errors.inc)
         engine = ScoringEngine(settings, registry, cache, compute, metrics)
         metrics.watch_queue_depth(engine.queue_depth_by_model)
+        metrics.watch_queue_limit(lambda: registry.snapshot().keys(), settings.model_queue_limit)
         metrics.watch_index_latents(
             lambda: {
                 (name, s.version): s.view.manifest.n for name, s in registry.snapshot().items()
@@ -263,5 +231,5 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
     # Innermost, so that auth and the request metrics wrap the direct routes too.
     install_direct_routes(app, scoring.router, get_runtime)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestObserver, log_requests=settings.access_log)
     return app

@@ -18,6 +18,7 @@ holds its own copy of every served index, or none in front of Redis workers).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from pydantic import ValidationError
 
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
+from latentsieve.logs import uvicorn_log_config
 from latentsieve.service.app import create_app
 from latentsieve.service.metrics import MULTIPROC_ENV, log_density_buckets
 from latentsieve.service.settings import Settings
@@ -38,6 +40,11 @@ from latentsieve.workers.devices import resolve_device
 
 LOG_LEVEL_ENV = "LATENTSIEVE_LOG_LEVEL"
 WORKER_FACTORY = "latentsieve.service.main:worker_app"
+RESOURCE_TRACKER_NOTICE = "ignore:resource_tracker:UserWarning"
+# How long uvicorn waits for a restarted worker (SIGHUP) to be ready before it keeps the old one
+# and aborts the reload. uvicorn's 5 s default is less than a worker needs on a busy host to
+# import torch and load its indexes: the reload was silently abandoned.
+WORKER_READY_TIMEOUT_S = 120
 
 
 def worker_app() -> FastAPI:
@@ -96,11 +103,25 @@ def serve_workers(settings: Settings, log_level: str = "warning") -> None:
         os.environ.update(settings.environment())
         os.environ[LOG_LEVEL_ENV] = log_level
         os.environ[MULTIPROC_ENV] = folder  # before the workers import prometheus_client
+        # multiprocessing's resource tracker (its own process, without our logging) reports
+        # the semaphores of workers stopped by a signal, which it then removes itself, as a
+        # plain-text warning at exit: silenced so that every line on stderr is JSON.
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            filter(None, [os.environ.get("PYTHONWARNINGS"), RESOURCE_TRACKER_NOTICE])
+        )
         uvicorn.run(
             WORKER_FACTORY, factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=10,
+            workers=settings.workers, log_level=log_level, access_log=False,
+            log_config=uvicorn_log_config(), timeout_graceful_shutdown=10,
+            **_worker_ready_timeout(),
         )
+
+
+def _worker_ready_timeout() -> dict[str, Any]:
+    """``timeout_worker_healthcheck`` where this uvicorn has it (newer than our lower bound)."""
+    if "timeout_worker_healthcheck" in inspect.signature(uvicorn.run).parameters:
+        return {"timeout_worker_healthcheck": WORKER_READY_TIMEOUT_S}
+    return {}
 
 
 def run_server(
@@ -137,7 +158,7 @@ def run_server(
     with folder:
         app = create_app(settings, reload_on_sighup=True)
         config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-            timeout_graceful_shutdown=10,
+            app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
+            log_config=uvicorn_log_config(), timeout_graceful_shutdown=10,
         )
         uvicorn.Server(config).run()

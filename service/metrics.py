@@ -285,6 +285,16 @@ class ServiceMetrics:
         else:
             self.queue_changed()
 
+    def watch_queue_limit(self, models: Callable[[], Iterable[str]], limit: int) -> None:
+        """``latentsieve_queue_limit{model}``: latents one model may have queued in one process
+        (``model_queue_limit``); past it, 429. Alerts compare the queue depth with it."""
+        self._add_scrape_time(
+            _GaugeCallback(
+                "latentsieve_queue_limit", "Latents one model may queue before 429.", ["model"],
+                lambda: {(model,): float(limit) for model in models()},
+            )
+        )
+
     def queue_changed(self) -> None:
         """Publish this process's queue depth (multiprocess mode only; a no-op otherwise)."""
         if self._queue_depth is None or self._queue_depth_read is None:

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # auto | cpu | cuda | cuda:I (workers/devices.py); resolved once at start-up.
     device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     opentelemetry: bool = False
+    # One JSON line per request on the latentsieve.access logger (service/access.py).
+    access_log: bool = True
     # Bounds (nats) of latentsieve_score_log_density; None derives them from the store at
     # start-up. ``serve --workers`` fixes them in the parent so that every worker, replacements
     # included, writes the same buckets.

@@ -14,8 +14,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 
 def latentsieve_command() -> list[str]:
@@ -139,3 +141,45 @@ def start_worker(
             worker.stop()
             raise RuntimeError(f"worker not up in {ready_s} s: {log.read_text()}")
         time.sleep(0.1)
+
+
+def tool(name: str) -> str:
+    """The path of a Debian-packaged tool the suite needs (prometheus, promtool)."""
+    found = shutil.which(name)
+    if found is None:  # a failure, not a skip: `make system-deps` installs it
+        pytest.fail(f"{name} is not installed (make system-deps installs Debian's prometheus)")
+    return found
+
+
+@contextlib.contextmanager
+def running_prometheus(config: Path, folder: Path) -> Iterator[str]:
+    """A real ``prometheus`` with ``config`` on a free loopback port, ready: its URL."""
+    port = _free_port()
+    log_path = folder / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={folder / 'db'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def prometheus_query(url: str, expression: str) -> list[dict[str, Any]]:
+    """The instant-query result of ``expression`` (an error answer fails the test)."""
+    answer = httpx.get(f"{url}/api/v1/query", params={"query": expression}, timeout=10)
+    assert answer.status_code == 200, (expression, answer.text)
+    return list(answer.json()["data"]["result"])

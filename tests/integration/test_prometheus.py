@@ -3,15 +3,14 @@ series arrives with its labels, and ``promtool`` accepts the exposition."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
-from servers import Server, running_server
+from servers import Server, prometheus_query, running_prometheus, running_server, tool
 
 from latentsieve.demo import ensure_demo_index
 
@@ -28,19 +27,6 @@ GATEWAY_SERIES = {
     "latentsieve_queue_depth": {"model"},
     "latentsieve_index_latents": {"model", "version"},
 }
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:  # a failure, not a skip: `make system-deps` installs it
-        pytest.fail(f"{name} is not installed (make system-deps installs Debian's prometheus)")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -68,36 +54,12 @@ def prometheus(gateway: Server, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "scrape_configs:\n  - job_name: latentsieve\n    metrics_path: /metrics\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    port = _free_port()
-    log = (folder / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [_tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={folder / 'db'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {(folder / 'prometheus.log')}")
-            time.sleep(0.2)
+    with running_prometheus(config, folder) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
-def query(prometheus: str, expression: str) -> list[dict[str, object]]:
-    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": expression}, timeout=5)
-    assert answer.status_code == 200, answer.text
-    return list(answer.json()["data"]["result"])
+def query(prometheus: str, expression: str) -> list[dict[str, Any]]:
+    return prometheus_query(prometheus, expression)
 
 
 def test_prometheus_scrapes_every_contract_series(prometheus: str) -> None:
@@ -113,18 +75,18 @@ def test_prometheus_scrapes_every_contract_series(prometheus: str) -> None:
             assert isinstance(metric, dict)
             assert labels <= set(metric), (name, metric)
     rejected = query(prometheus, 'latentsieve_decisions_total{decision="reject"}')
-    assert rejected and all("reason" in item["metric"] for item in rejected)  # type: ignore[operator]
+    assert rejected and all("reason" in item["metric"] for item in rejected)
     assert any(
-        "percentile_below_min" in str(item["metric"]["reason"])  # type: ignore[index]
+        "percentile_below_min" in str(item["metric"]["reason"])
         for item in rejected
     )
     hits = query(prometheus, 'latentsieve_cache_requests_total{result="hit"}')
-    assert float(hits[0]["value"][1]) >= 2  # type: ignore[index]
+    assert float(hits[0]["value"][1]) >= 2
 
 
 def test_promtool_accepts_the_exposition(gateway: Server) -> None:
     text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     checked = subprocess.run(
-        [_tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
+        [tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -18,7 +18,6 @@ from typing import cast
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from sklearn.datasets import load_digits
 from torch import nn
 
 LATENT_DIM = 8
@@ -67,6 +66,8 @@ class DigitsVAE(nn.Module):
 
 def digits_pixels() -> np.ndarray:
     """All ``load_digits`` images as float32 ``(1797, 64)`` scaled from ``0..16`` to ``[0, 1]``."""
+    from sklearn.datasets import load_digits  # the demo extra: only building the demo needs it
+
     data = cast(np.ndarray, load_digits().data)
     return (data / 16.0).astype(np.float32)
 
