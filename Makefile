@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STORE ?= store
 
-.PHONY: install install-dev constraints system-deps run test lint bench mutation
+.PHONY: install install-dev constraints check-lowest system-deps run test lint bench mutation
 
 # Every install takes its versions from constraints.txt (torch==2.13.0 among them): the service
 # needs the cpu server extra and the demo extra; the tests also need the dev extra.
@@ -28,6 +28,20 @@ constraints: install-dev
 
 install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev
+
+# The lower bounds of pyproject.toml, tested: unit and in-process API tests on the lowest
+# allowed releases (constraints-lowest.txt). Not part of `make test` (a second environment).
+LOWEST ?= .venv-lowest
+check-lowest:
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt -e '.[cpu,demo]' \
+	  pytest pytest-timeout hypothesis asgi-lifespan pyyaml packaging pillow
+	# Not here: schemathesis (its own FastAPI floor) and the diffusers adapter (the diffusers
+	# extra); the packaging tests read this checkout's pins, not this environment.
+	$(LOWEST)/bin/pytest -q -p no:cacheprovider tests/unit tests/api \
+	  --ignore tests/api/test_openapi_fuzz.py --ignore tests/unit/test_packaging.py \
+	  --deselect tests/unit/test_descriptors.py::test_tiny_autoencoder_kl_adapter
 
 # Tests start their own redis-server and prometheus: Debian packages, installed when missing.
 system-deps:

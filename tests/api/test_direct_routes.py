@@ -4,6 +4,7 @@ bug still a logged 500, auth and request metrics still wrapping them."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +13,9 @@ import httpx
 import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
-from latentsieve.service.app import create_app
+from latentsieve.service.app import _telemetry_options, create_app
 from latentsieve.service.direct_routes import direct_endpoints
 from latentsieve.service.routers import scoring
 from latentsieve.service.settings import Settings
@@ -32,6 +34,12 @@ def test_the_marked_endpoints_are_the_scoring_routes() -> None:
 
 def test_fastapi_telemetry_is_opt_in(tmp_path: Any) -> None:
     """FastAPI's per-request OpenTelemetry provider check is off unless asked for."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        # A FastAPI before native OpenTelemetry (our lower bound is older): nothing to turn off,
+        # so nothing is passed to it either way.
+        assert _telemetry_options(False) == _telemetry_options(True) == {}
+        create_app(Settings(store=tmp_path, opentelemetry=True))
+        return
     quiet = create_app(Settings(store=tmp_path))
     assert quiet._native_telemetry.enabled() is False
     assert not any(quiet._telemetry[signal] for signal in ("tracing", "metrics", "logs"))

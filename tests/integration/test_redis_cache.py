@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import socket
@@ -178,3 +179,33 @@ async def test_unresponsive_redis_costs_one_short_timeout() -> None:
             assert cache.errors == 2
         finally:
             await cache.close()
+
+
+async def test_a_failing_redis_is_tried_once_then_left_alone() -> None:
+    """A peer that accepts and hangs up at once: one connection per failed call (redis-py's
+    retries are off), none while the cache backs off, and every miss counted."""
+    connections = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backing_off = RedisCache(f"redis://127.0.0.1:{port}/0", retry_interval_s=60)
+    every_time = RedisCache(f"redis://127.0.0.1:{port}/0", retry_interval_s=0)
+    try:
+        assert await backing_off.get_many([key(1), key(2), key(3)]) == [None] * 3
+        assert (connections, backing_off.errors, backing_off.misses) == (1, 1, 3)
+        assert await backing_off.get_many([key(4), key(5)]) == [None] * 2
+        await backing_off.set_many([(key(6), score(6))])
+        assert (connections, backing_off.errors, backing_off.misses) == (1, 3, 5)
+
+        for _ in range(2):
+            assert await every_time.get_many([key(7), key(8)]) == [None] * 2
+        assert (connections, every_time.errors, every_time.misses) == (3, 2, 4)
+    finally:
+        server.close()
+        await backing_off.close()
+        await every_time.close()

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import anyio
 import pytest
 
-from latentsieve.service.cache import CachedScore, MemoryCache, RedisCache, make_cache
+from latentsieve.service.cache import (
+    DESCRIPTOR_VALUE_BYTES,
+    CachedScore,
+    MemoryCache,
+    RedisCache,
+    make_cache,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -123,3 +129,39 @@ async def test_make_cache_picks_the_backend() -> None:
     assert isinstance(redis, RedisCache) and redis.ttl_ms is None
     await redis.close()
     await memory.close()
+
+
+def described(i: int) -> CachedScore:
+    """A score with its three descriptors, as a descriptor request caches it."""
+    found = score(i)
+    found["descriptors"] = {"psi": 0.5 + i, "nu": 3.0, "delta": 0.25}
+    return found
+
+
+async def test_descriptor_values_are_counted_and_freed() -> None:
+    cost = MemoryCache.entry_bytes(key(0), described(0))
+    assert cost == ENTRY + 3 * DESCRIPTOR_VALUE_BYTES
+    cache = MemoryCache(100 * ENTRY)
+    await cache.set_many([(key(i), described(i)) for i in range(4)])
+    assert cache.size_bytes == 4 * cost
+    await cache.set_many([(key(0), score(0))])  # replaced by a plain entry: its values freed
+    assert cache.size_bytes == 3 * cost + ENTRY
+    tight = MemoryCache(2 * cost)
+    await tight.set_many([(key(i), described(i)) for i in range(5)])
+    assert len(tight) == 2 and tight.size_bytes == 2 * cost  # evictions free what they cost
+
+
+async def test_an_oversized_entry_is_skipped_and_the_rest_are_cached() -> None:
+    cache = MemoryCache(ENTRY)  # room for exactly one plain entry, not a described one
+    await cache.set_many([(key(1), described(1)), (key(2), score(2))])
+    assert await cache.get_many([key(1), key(2)]) == [None, score(2)]
+    assert cache.size_bytes == ENTRY
+
+
+async def test_returned_descriptors_are_copies() -> None:
+    cache = MemoryCache(10 * ENTRY)
+    await cache.set_many([(key(1), described(1))])
+    (first,) = await cache.get_many([key(1)])
+    assert first is not None
+    first["descriptors"]["psi"] = -1.0
+    assert await cache.get_many([key(1)]) == [described(1)]

@@ -88,3 +88,25 @@ def test_pip_resolves_the_client_install_without_torch_or_faiss(tmp_path: Path) 
     assert "latentsieve" in names and "numpy" in names
     assert not names & HEAVY, names & HEAVY
     assert not any(name.startswith(("nvidia", "faiss")) for name in names)
+
+
+def test_the_lowest_constraints_are_the_declared_lower_bounds() -> None:
+    """constraints-lowest.txt (``make check-lowest``) pins each direct dependency at the lower
+    bound pyproject.toml declares, so that check tests the bounds users are promised."""
+    lowest = {}
+    for line in (ROOT / "constraints-lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, pinned = line.partition("==")
+            lowest[name.lower()] = Version(pinned)
+    declared = [*requirements(), *requirements("server"), *requirements("cpu"),
+                *requirements("demo")]
+    for req in declared:
+        if req.name == "latentsieve":
+            continue
+        floors = [Version(spec.version) for spec in req.specifier if spec.operator == ">="]
+        assert floors, f"{req} has no lower bound"
+        if req.name == "torch":  # older CPU builds are not on the index: the pin is tested
+            assert lowest["torch"] == pins()["torch"]
+            continue
+        assert lowest[req.name.lower()] == floors[0], (req, lowest.get(req.name.lower()))
