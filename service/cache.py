@@ -406,7 +406,7 @@ def _redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
         return url
-    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}"
+    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 def make_cache(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import socket
@@ -15,7 +16,7 @@ import anyio
 import pytest
 import redis
 
-from latentsieve.service.cache import CachedScore, RedisCache, cache_key, make_cache
+from latentsieve.service.cache import CachedScore, RedisCache, _Throttled, cache_key, make_cache
 from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +210,45 @@ async def test_a_failing_redis_is_tried_once_then_left_alone() -> None:
         server.close()
         await backing_off.close()
         await every_time.close()
+
+
+async def test_a_redis_that_never_accepts_costs_the_connect_timeout() -> None:
+    """A full accept queue drops new connections (a firewalled or overloaded host): the
+    connect itself must give up after the socket timeout, not redis-py's 5 s default (the
+    outer deadline of 4 timeouts is only a safety net)."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(3):  # fill the queue; further SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        cache = RedisCache(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.25)
+        try:
+            started = time.monotonic()
+            assert await cache.get_many([key(1)]) == [None]
+            assert time.monotonic() - started < 0.75
+        finally:
+            await cache.close()
+            for filler in fillers:
+                filler.close()
+
+
+def test_warnings_are_throttled_and_count_what_they_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="latentsieve.service.cache")
+    throttled = _Throttled(0.3)
+    for attempt in range(3):
+        throttled.warning("redis down", attempt=attempt)
+    time.sleep(0.35)
+    throttled.warning("redis down", attempt=3)
+    throttled.warning("redis down", attempt=4)
+    time.sleep(0.35)
+    throttled.warning("redis down", attempt=5)
+    records = [(r.getMessage(), r.attempt, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
+    assert records == [("redis down", 0, 0), ("redis down", 3, 2), ("redis down", 5, 1)]

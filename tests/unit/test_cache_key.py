@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentsieve.service.cache import cache_key
+from latentsieve.service.cache import _redacted, cache_key, cache_keys
 
 DESCRIPTORS = ("psi", "nu", "delta")
 LATENT = np.arange(8, dtype="<f4").tobytes()
@@ -79,3 +79,23 @@ def test_distinct_inputs_give_distinct_keys(
 
     same_input = canonical(first) == canonical(second)
     assert (cache_key(*first) == cache_key(*second)) == same_input
+
+
+def test_array_rows_hash_like_their_bytes() -> None:
+    """The (n, d) fast path slices each row exactly: its key is the key of that row's bytes,
+    whatever its neighbours hold, and an empty batch has no keys."""
+    rows = np.arange(24, dtype=np.float32).reshape(3, 8)
+    changed = rows.copy()
+    changed[1, 0] = -1.0  # only the next row's first value differs
+    by_array = cache_keys("m", "v", 1.0, (), rows)
+    assert by_array == cache_keys("m", "v", 1.0, (), [row.tobytes() for row in rows])
+    assert cache_keys("m", "v", 1.0, (), changed)[0] == by_array[0]
+    assert cache_keys("m", "v", 1.0, (), changed)[1] != by_array[1]
+    assert cache_keys("m", "v", 1.0, (), rows[2:])[0] == by_array[2]
+    assert cache_keys("m", "v", 1.0, (), np.empty((0, 8), np.float32)) == []
+
+
+def test_logged_redis_urls_hide_the_password() -> None:
+    assert _redacted("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert _redacted("redis://:secret@cache:6379/0") == "redis://***@cache:6379/0"
+    assert _redacted("rediss://user:p@ss://word@cache:6380/1") == "rediss://***@cache:6380/1"
