@@ -140,7 +140,7 @@ def _make_compute(
         ),
         on_queue_change=metrics.queue_changed,
     )
-    return LocalCompute(batchers, device)
+    return LocalCompute(batchers)
 
 
 def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI:

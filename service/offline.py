@@ -31,7 +31,7 @@ async def offline_engine(store: Path, device: str, max_latents: int) -> AsyncIte
     batchers = ModelBatchers(
         settings.max_batch_size, 0.0, settings.queue_limit, settings.model_queue_limit
     )
-    engine = ScoringEngine(settings, registry, MemoryCache(0), LocalCompute(batchers, resolved))
+    engine = ScoringEngine(settings, registry, MemoryCache(0), LocalCompute(batchers))
     try:
         yield engine
     finally:

@@ -127,9 +127,8 @@ class LocalCompute:
 
     mode = "embedded"
 
-    def __init__(self, batchers: ModelBatchers, device: str) -> None:
+    def __init__(self, batchers: ModelBatchers) -> None:
         self.batchers = batchers
-        self.device = device
 
     async def compute(
         self, shards: Sequence[ShardScorer], work: Work, deadline: float

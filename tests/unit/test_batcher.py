@@ -257,3 +257,20 @@ async def test_a_group_gets_its_room_back_once_computed() -> None:
         assert batcher.queued == 0
     finally:
         await batcher.stop()
+
+
+async def test_every_model_batcher_reports_queue_changes() -> None:
+    """``ModelBatchers`` hands its callbacks to each model's batcher: with ``serve --workers N``
+    the shared queue-depth gauge is written from ``on_queue_change``."""
+    from latentsieve.workers.local_compute import ModelBatchers
+
+    changed: list[int] = []
+    batchers = ModelBatchers(8, 1.0, 100, 50, on_queue_change=lambda: changed.append(1))
+    try:
+        for model in ("a", "b"):
+            batcher = batchers.of(model)
+            assert batcher.on_queue_change is batchers.on_queue_change
+            assert batcher.queue_limit == 50
+        assert set(batchers.queued_by_model()) == {"a", "b"}
+    finally:
+        await batchers.stop()
