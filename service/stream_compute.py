@@ -25,7 +25,6 @@ from redis.exceptions import RedisError
 from latentsieve.workers.batcher import QueueFull
 from latentsieve.workers.local_compute import Computed, Work, merge
 from latentsieve.workers.shard_scoring import ShardScorer, ShardScores
-from latentsieve.workers.stream_worker import stopping
 from latentsieve.workers.streams import (
     Job,
     JobFailed,
@@ -34,6 +33,7 @@ from latentsieve.workers.streams import (
     job_stream,
     live_key,
     reply_stream,
+    stopping,
 )
 
 log = logging.getLogger(__name__)

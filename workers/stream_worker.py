@@ -48,6 +48,7 @@ from latentsieve.workers.streams import (
     job_stream,
     live_key,
     parse_job_stream,
+    stopping,
 )
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,6 @@ class WorkerOptions:
     heartbeat_ttl_s: float = 3.0
     refresh_interval_s: float = 2.0  # how often the store is checked for new models/shards
     queue_limit: int = 262_144
-
-
-def stopping(error: BaseException | None = None) -> None:
-    """Raise CancelledError when this task was asked to stop: a cancellation that reached a
-    Redis call can come back as a connection error, or not at all (seen with redis-py 8 in a
-    claim loop), and a loop that retries Redis must still stop when its task is cancelled."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError() from error
 
 
 class WorkerMetrics:

@@ -15,6 +15,7 @@ Arrays travel as raw little-endian bytes next to their shape.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -165,3 +166,12 @@ class Reply:
             scores=scores,
             detail=_text(fields, "detail"),
         )
+
+
+def stopping(error: BaseException | None = None) -> None:
+    """Raise CancelledError when this task was asked to stop: a cancellation that reached a
+    Redis call can come back as a connection error, or not at all (seen with redis-py 8 in a
+    claim loop), and a loop that retries Redis must still stop when its task is cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from error
