@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +18,10 @@ import redis.asyncio as redis
 from latentsieve.index.build import BuildOptions, build_version
 from latentsieve.index.store import LatentStore
 from latentsieve.service.settings import Settings
+from latentsieve.service.stream_compute import StreamCompute
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
-from latentsieve.workers.shard_scoring import ShardQuery
+from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
 from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, job_stream
 
@@ -240,3 +242,75 @@ async def test_a_worker_scores_the_version_a_job_names(
         expected = log_density_reference(query, latents, 1.0) + np.log(len(latents))
         np.testing.assert_allclose(reply.scores.log_sum, expected, atol=1e-4, rtol=0)
     await client_redis.aclose()
+
+
+def queue_depths(metrics_text: str) -> dict[str, float]:
+    """``latentsieve_queue_depth{model}`` from a /metrics page."""
+    found = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("latentsieve_queue_depth{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('model="')[1].split('"')[0]] = float(value)
+    return found
+
+
+async def test_the_gateway_keeps_its_books_and_ignores_stray_replies(
+    store: Path, redis_url: str, serve: object, training: np.ndarray
+) -> None:
+    """After answered, timed-out and concurrent requests the gateway's queue is empty again (a
+    leak would end in spurious 429s), a reply for a job nobody waits for (a late duplicate
+    after a reclaim) leaves the reply reader working, and each gateway reads its own stream."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    queries = np.random.default_rng(8).standard_normal((5, DIM)).astype(np.float32)
+    try:
+        async with worker(store, redis_url), serve(settings(  # type: ignore[operator]
+            store, redis_url, model_queue_limit=len(queries) * 3)) as client:
+            answers = await asyncio.gather(*(
+                client.post("/score", json={"model": model, "latents": (queries + i).tolist()})
+                for i in range(3) for model in ("plain", "split")
+            ))
+            assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+            (replies,) = [key async for key in client_redis.scan_iter("latentsieve:replies:*")]
+            stray = Reply("no-such-job", 0, "ok", ShardScores(np.zeros(1), {}))
+            await client_redis.xadd(replies, stray.to_fields())  # type: ignore[arg-type]
+            await client_redis.xadd(replies, Reply("gone", 0, "error", None, "x").to_fields())  # type: ignore[arg-type]
+            later = await client.post("/score", json={"model": "plain",
+                                                      "latents": (queries - 7).tolist()})
+            assert later.status_code == 200, later.text
+            np.testing.assert_allclose(
+                [r["log_density"] for r in later.json()["results"]],
+                log_density_reference(queries - 7, training, SIGMA), atol=1e-4, rtol=0)
+            depths = queue_depths((await client.get("/metrics")).text)
+            assert depths == {"plain": 0.0, "split": 0.0, "projected": 0.0}
+            # The whole model queue at once still fits: nothing was left counted.
+            full = await client.post("/score", json={
+                "model": "split", "latents": np.tile(queries + 20, (3, 1)).tolist()})
+            assert full.status_code == 200, full.text
+    finally:
+        await client_redis.aclose()
+
+
+async def test_two_gateways_read_their_own_reply_streams(redis_url: str) -> None:
+    counts = dict
+    first = StreamCompute(redis_url, counts, queue_limit=10, model_queue_limit=10)
+    second = StreamCompute(redis_url, counts, queue_limit=10, model_queue_limit=10)
+    assert first.replies != second.replies
+    assert first.replies.startswith("latentsieve:replies:") and first.gateway in first.replies
+
+
+async def test_a_silent_redis_is_reported_not_waited_for() -> None:
+    """A Redis that accepts connections and never answers: the gateway transport starts within
+    its socket timeouts, says Redis is what is missing, and stops."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        compute = StreamCompute(url, lambda: {"plain": 1}, queue_limit=10, model_queue_limit=10,
+                                socket_timeout_s=0.3)
+        await asyncio.wait_for(compute.start(), timeout=5)
+        try:
+            (missing,) = compute.missing(["plain"])
+            assert missing.startswith(f"Redis at {url}")
+        finally:
+            await asyncio.wait_for(compute.stop(), timeout=10)
