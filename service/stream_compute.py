@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,14 +120,13 @@ class StreamCompute:
         """(model, shard) -> the devices of its live workers, as of the last heartbeat read."""
         return dict(self._live)
 
-    def missing(self, models: Iterable[str] | None = None) -> list[str]:
-        """What keeps ``models`` (default: all served) from being scored: Redis unreachable,
-        or ``model/shard`` without a live worker."""
+    def missing(self) -> list[str]:
+        """What keeps the served models from being scored: Redis unreachable, or
+        ``model/shard`` without a live worker."""
         if self._redis_error is not None:
             return [f"Redis at {self.redis_url} ({self._redis_error})"]
         counts = self.shard_counts()
-        names = counts if models is None else models
-        return [what for model in names for what in self._missing_shards(model, counts[model])]
+        return [what for model in counts for what in self._missing_shards(model, counts[model])]
 
     def _missing_shards(self, model: str, shards: int) -> list[str]:
         """Redis unreachable, or the shards of ``model`` (0 .. shards - 1) without a worker."""

@@ -310,7 +310,37 @@ async def test_a_silent_redis_is_reported_not_waited_for() -> None:
                                 socket_timeout_s=0.3)
         await asyncio.wait_for(compute.start(), timeout=5)
         try:
-            (missing,) = compute.missing(["plain"])
+            (missing,) = compute.missing()
             assert missing.startswith(f"Redis at {url}")
         finally:
             await asyncio.wait_for(compute.stop(), timeout=10)
+
+
+async def test_readiness_is_per_model_and_expired_heartbeats_do_not_count(
+    store: Path, redis_url: str, serve: object
+) -> None:
+    """A worker serving only ``plain`` makes ``plain`` answerable while ``split`` (no worker)
+    gets 503 and so does /readyz; a heartbeat whose expiry (Redis server time) has passed is no
+    worker at all."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    seconds, micros = await client_redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    await client_redis.zadd("latentsieve:live:projected:0", {"stale|cpu": now_ms - 1500})
+    body = {"latents": [[0.25] * DIM]}
+    try:
+        async with serve(settings(store, redis_url, request_timeout_s=3.0)) as client:  # type: ignore[operator]
+            stale = await client.post("/score", json={"model": "projected", **body})
+            assert stale.status_code == 503, stale.text
+            async with worker(store, redis_url, models=("plain",)):
+                for _ in range(50):  # the gateway reads heartbeats every 0.5 s
+                    plain = await client.post("/score", json={"model": "plain", **body})
+                    if plain.status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert plain.status_code == 200, plain.text
+                split = await client.post("/score", json={"model": "split", **body})
+                assert split.status_code == 503 and "split shard 0" in split.json()["detail"]
+                assert (await client.get("/readyz")).status_code == 503
+    finally:
+        await client_redis.aclose()
