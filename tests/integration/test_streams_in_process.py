@@ -177,6 +177,13 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
             assert jobs_count(running, "plain", "dead_letter") == 1
     assert response.status_code == 502 and "dead-letter" in response.json()["detail"]
     assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 1
+    # What an operator finds there: the job without its latents, where it came from, how often
+    # it was delivered and which worker gave up; the caller's 502 names the stream.
+    ((_, record),) = await client_redis.xrange(dead_letter_stream("plain", 0))
+    assert b"latents" not in record and record[b"model"] == b"plain"
+    assert record[b"stream_id"] == taken[0][1][0][0]  # type: ignore[index]
+    assert int(record[b"deliveries"]) >= 2 and record[b"worker"]
+    assert dead_letter_stream("plain", 0) in response.json()["detail"]
     assert await client_redis.xlen(job_stream("plain", 0)) == 0  # acknowledged and deleted
     await client_redis.aclose()
 
