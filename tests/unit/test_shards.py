@@ -118,6 +118,12 @@ def test_typed_batches_concatenate_and_split() -> None:
     assert both.take(2, 3).exclude.tolist() == [7]  # type: ignore[union-attr]
     assert both.take(0, 2).latents.tolist() == [[1.0] * 3] * 2
     assert a.take(0, 1).exclude is None and len(a.take(0, 1)) == 1
+    # One part keeps its leave-one-out rows; parts without any stay without.
+    alone = ShardQuery.concat([b])
+    assert alone.exclude is not None and alone.exclude.tolist() == [7]
+    plain = ShardQuery.concat([a, a])
+    assert plain.exclude is None and plain.latents.shape == (4, 3)
+    assert ShardQuery.concat([b, b]).exclude.tolist() == [7, 7]  # type: ignore[union-attr]
     scores = ShardScores.concat([ShardScores(np.array([1.0]), {"psi": np.array([2.0])}),
                                  ShardScores(np.array([3.0]), {"psi": np.array([4.0])})])
     assert scores.take(1, 2).log_sum.tolist() == [3.0]
