@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -43,6 +43,12 @@ class CliError(Exception):
     """A user error reported as one line."""
 
 
+class Options(Protocol):
+    """Where an option goes: a parser or one of its mutually exclusive groups."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action: ...
+
+
 def _env_name(option: str) -> str:
     return _ENV_NAMES.get(option, "LATENTSIEVE_" + option.upper().replace("-", "_"))
 
@@ -56,7 +62,7 @@ def _flag_from_env(option: str) -> bool:
 
 
 def _add(
-    parser: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup,
+    parser: Options,
     option: str,
     help: str = "",
     *,
@@ -88,7 +94,7 @@ def _add(
         notes.append(f"default: {'none' if default is None else default}")
     notes.append(f"env: {_env_name(option)}")
     text = f"{help} [{'; '.join(notes)}]" if help else f"[{'; '.join(notes)}]"
-    parser.add_argument(f"--{option}", help=text, **kwargs)  # type: ignore[arg-type]
+    parser.add_argument(f"--{option}", help=text, **kwargs)
 
 
 def faiss_conflict(installed: Iterable[str]) -> str | None:

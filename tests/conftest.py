@@ -4,12 +4,15 @@ in-process (its lifespan entered) and a throwaway Redis server."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -150,3 +153,17 @@ def private_redis() -> Callable[[Path], contextlib.AbstractContextManager[
     """``with private_redis(tmp_path) as (url, process)``: a Redis a test may kill."""
     return running_redis
 
+
+def load_observability() -> ModuleType:
+    """``docker/observability.py`` (the dashboard and alert-rule generator; not a package)."""
+    name = "docker_observability"
+    path = Path(__file__).resolve().parents[1] / "docker" / "observability.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module

@@ -9,22 +9,19 @@ data, and so does every alert expression with its threshold comparison removed (
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from conftest import running_redis
+from conftest import load_observability, running_redis
 from servers import (
     Server,
     Worker,
@@ -42,20 +39,6 @@ MODEL = "digits-vae"
 KEY = "live-stack-key"
 # Grafana's variables as Grafana would fill them for "All" models at a 1 s scrape interval.
 GRAFANA = {"$model": ".*", "$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s"}
-
-
-def observability() -> ModuleType:
-    """``docker/observability.py``, the generator of the dashboard and the rules."""
-    name = "docker_observability_live"
-    spec = importlib.util.spec_from_file_location(name, DOCKER / "observability.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[name]
-    return module
 
 
 def filled(expr: str) -> str:
@@ -213,7 +196,7 @@ def test_panels_show_the_traffic_that_flowed(stack: Stack) -> None:
 
 
 def test_every_alert_expression_without_its_threshold_returns_data(stack: Stack) -> None:
-    alerts = observability().alerts()
+    alerts = load_observability().alerts()
     rules = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
     committed = {rule["alert"]: rule["expr"] for rule in rules["groups"][0]["rules"]}
     assert set(committed) == {alert.name for alert in alerts}
@@ -235,7 +218,8 @@ def test_every_alert_expression_without_its_threshold_returns_data(stack: Stack)
 def test_prometheus_loaded_every_rule_and_each_evaluates(stack: Stack) -> None:
     answer = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=10).json()
     rules = [rule for group in answer["data"]["groups"] for rule in group["rules"]]
-    assert {rule["name"] for rule in rules} == {alert.name for alert in observability().alerts()}
+    names = {alert.name for alert in load_observability().alerts()}
+    assert {rule["name"] for rule in rules} == names
     unhealthy = [(rule["name"], rule.get("lastError")) for rule in rules
                  if rule["health"] != "ok"]
     assert not unhealthy, unhealthy

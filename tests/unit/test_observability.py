@@ -3,19 +3,18 @@ what the generator writes, and they only use the provisioned datasource and real
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from conftest import load_observability
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -54,16 +53,7 @@ REQUIRED_ALERTS = {
 
 @pytest.fixture(scope="module")
 def obs() -> ModuleType:
-    name = "docker_observability"
-    spec = importlib.util.spec_from_file_location(name, DOCKER / "observability.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[name]
-    return module
+    return load_observability()
 
 
 @pytest.fixture(scope="module")
