@@ -150,8 +150,9 @@ def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
     before = LatentStore(server.store).newest(MODEL)
     new = build_small_version(server.store, tmp_path)
     assert new != before
+    pids = worker_pids(server)  # before the signal: uvicorn starts each replacement at once
+    assert len(pids) == 2
     server.process.send_signal(signal.SIGHUP)
-    pids = worker_pids(server)
     # One by one, each new worker imports torch and loads the store before the next restarts:
     # seconds each when idle, tens of seconds on a busy 2-core machine.
     deadline = time.monotonic() + 90
@@ -161,12 +162,15 @@ def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     assert seen == {new}
-    # uvicorn restarted the workers one by one (its SIGHUP); each came back on the new version
-    # (an old one may still be finishing its shutdown for a moment).
+    # uvicorn replaced the workers one by one (its SIGHUP: the new one ready, then the old one
+    # stopped); an old one may still be finishing its shutdown for a moment.
     deadline = time.monotonic() + 30
-    while len(worker_pids(server)) != 2 and time.monotonic() < deadline:
+    while True:
+        now = worker_pids(server)
+        if (len(now) == 2 and now.isdisjoint(pids)) or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    assert len(worker_pids(server)) == len(pids) == 2
+    assert len(now) == 2 and now.isdisjoint(pids), (pids, now)
 
 
 def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
@@ -193,7 +197,10 @@ def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.2)
-        assert len(now) == 2 and survivor in now and victim not in now  # uvicorn replaced it
+        # uvicorn replaced it
+        assert len(now) == 2 and survivor in now and victim not in now, (
+            pids, now, server.log.read_text()[-3000:]
+        )
     assert server.process.returncode == 0
     for pid in now:
         assert not Path(f"/proc/{pid}").exists()
