@@ -32,7 +32,9 @@ interval are widened by REL_SLACK |value| + ABS_SLACK (+ (N + L) u for the log-s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,7 +44,11 @@ UNIT_ROUNDOFF = float(np.finfo(np.float64).eps)  # 2^-52, generous for round-to-
 REL_SLACK = 1e-12  # relative outward widening of every log bound (nats)
 ABS_SLACK = 1e-12  # absolute outward widening of every log bound (nats)
 BOUND_BLOCK = 1 << 18  # (query, list) cells per block of the bound computation
+REFINE_SHARE = 1e-6  # lists under this share of a query's lower bound skip the shape stage
+PROBE_HEAD = 64  # lists per query ordered up front; the rest only if a query probes past them
 GATHER_BLOCK = 1 << 21  # float64 elements of one gathered (members, d) block when probing
+EXACT_SHARE = 0.05  # of max_error allowed for the rounding of exactly summed lists
+EXACT_FLOOR = 1e-10  # nats: that allowance when max_error is 0
 
 
 # --- Pure formulas (NumPy arrays in, arrays out; all broadcast) ---------------------------------
@@ -101,6 +107,29 @@ def log_chord_upper(
     return np.asarray(log_count + chord, dtype=np.float64)
 
 
+def log_two_point_upper(
+    log_count: np.ndarray, a: np.ndarray, e: np.ndarray, v: np.ndarray, two_s2: float
+) -> np.ndarray:
+    """Variance bound: log S_l <= log(n [p f(a) + (1-p) f(E + V/(E-a))]), p = V / (V + (E-a)^2).
+
+    The largest mean of a convex f with f''' < 0 over distributions on [a, b] with mean E and
+    variance V (V <= (E-a)(b-E)) is the two-point one on {a, E + V/(E-a)}; it grows with V, so
+    an upper bound of V gives an upper bound of S_l. n f(E) when E = a (then V = 0).
+    """
+    a, e, v = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (a, e, v)))
+    gap = np.maximum(e - a, 0.0)
+    v = np.maximum(v, 0.0)
+    spread_out = gap > 0.0
+    safe_gap = np.where(spread_out, gap, 1.0)
+    denominator = v + safe_gap * safe_gap  # 0 only when V = 0 and (E - a)^2 underflows
+    share = np.where(spread_out & (denominator > 0.0), v / np.where(denominator > 0.0,
+                                                                    denominator, 1.0), 0.0)
+    tail = np.where(spread_out, e + v / safe_gap, e)
+    with np.errstate(divide="ignore"):
+        mixed = np.logaddexp(np.log(share) - a / two_s2, np.log1p(-share) - tail / two_s2)
+    return np.asarray(log_count + mixed, dtype=np.float64)
+
+
 def logsumexp_rows(x: np.ndarray) -> np.ndarray:
     """log sum_j exp(x_ij) for each row i, shifted by the row maximum; -inf for an all -inf row."""
     top = x.max(axis=1)
@@ -114,17 +143,40 @@ def logsumexp_rows(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ListStats:
-    """Per-list statistics of a partition, float64, one entry per list (``means`` is (L, d)).
+    """Per-list statistics of a partition, float64, one entry per list (L lists, d dims).
 
-    ``means`` are the exact member means (not k-means centroids), ``radii`` the largest member
-    distance from the mean, ``spreads`` the mean squared member distance from it. Empty lists
-    have count 0 and zeros elsewhere.
+    With x a member's offset from its list's exact member mean ``means[l]``:
+    ``radii`` max |x|, ``spreads`` mean |x|^2, ``sq_vars`` the variance of |x|^2, ``skews``
+    (L, d) the mean of (|x|^2 - spread) x, ``axes`` (L, K, d) the K leading principal directions
+    of the members' covariance, ``axis_vars`` (L, K) their variances, ``rest_vars`` (L,) the
+    largest variance left in the other directions (0 when K = d); ``extents`` (L, K) max |v_k.x|
+    along each axis, ``rest_radii`` max |x| outside the axes' span, ``min_sqs`` min |x|^2 (they
+    bound q_c.x for any query far better than the radius when a list is flat). Empty lists are
+    all zeros.
     """
 
     counts: np.ndarray
     means: np.ndarray
     radii: np.ndarray
     spreads: np.ndarray
+    sq_vars: np.ndarray
+    skews: np.ndarray
+    axes: np.ndarray
+    axis_vars: np.ndarray
+    rest_vars: np.ndarray
+    extents: np.ndarray
+    rest_radii: np.ndarray
+    min_sqs: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        """K, the number of principal directions kept per list."""
+        return int(self.axes.shape[1])
+
+
+def default_rank(dim: int) -> int:
+    """Principal directions kept per list: all of them up to d = 8, then 8 + d / 32."""
+    return dim if dim <= 8 else min(dim, 8 + dim // 32)
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -132,25 +184,42 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def _grouped_stats(grouped: np.ndarray, counts: np.ndarray) -> ListStats:
-    """ListStats of latents already grouped by list (list l is rows offsets[l]:offsets[l+1])."""
-    x = np.asarray(grouped, dtype=np.float64)
-    nlist, dim = counts.shape[0], x.shape[1]
-    full = np.flatnonzero(counts)
-    starts = _offsets(counts)[full]
-    sizes = counts[full].astype(np.float64)[:, None]
-    rows_list = np.repeat(np.arange(nlist), counts)
-    means = np.zeros((nlist, dim))
-    means[full] = np.add.reduceat(x, starts, axis=0) / sizes
-    # One correction pass: the mean of the residuals pulls the mean to within rounding of exact.
-    means[full] += np.add.reduceat(x - means[rows_list], starts, axis=0) / sizes
-    residual = x - means[rows_list]
-    sq = np.einsum("ij,ij->i", residual, residual)
-    radii = np.zeros(nlist)
-    spreads = np.zeros(nlist)
-    radii[full] = np.sqrt(np.maximum.reduceat(sq, starts))
-    spreads[full] = np.add.reduceat(sq, starts) / sizes[:, 0]
-    return ListStats(counts.astype(np.int64), means, radii, spreads)
+def _member_stats(members: np.ndarray, rank: int) -> tuple[Any, ...]:
+    """(mean, radius, spread, sq_var, skew, axes, axis_vars, rest_var, extents, rest_radius,
+    min_sq) of one list's (n, d) float64 members; the mean gets one correction pass."""
+    mean = members.mean(axis=0)
+    mean += (members - mean).mean(axis=0)
+    x = members - mean
+    sq = np.einsum("ij,ij->i", x, x)
+    spread = sq.mean()
+    dev = sq - spread
+    values, vectors = np.linalg.eigh(x.T @ x / x.shape[0])
+    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
+    rest = values[rank] if rank < values.shape[0] else 0.0
+    axes = vectors[:, :rank].T
+    coords = x @ axes.T
+    outside = np.maximum(sq - np.einsum("ik,ik->i", coords, coords), 0.0)
+    return (mean, math.sqrt(sq.max()), spread, float((dev * dev).mean()), dev @ x / x.shape[0],
+            axes, values[:rank], rest, np.abs(coords).max(axis=0), math.sqrt(outside.max()),
+            sq.min())
+
+
+def _stats_of_lists(
+    member_lists: Iterable[np.ndarray], counts: np.ndarray, dim: int, rank: int
+) -> ListStats:
+    """ListStats from each list's float64 members, in list order (empty lists give zeros)."""
+    nlist = counts.shape[0]
+    means, skews = np.zeros((nlist, dim)), np.zeros((nlist, dim))
+    radii, spreads, sq_vars, rest_vars, rest_radii, min_sqs = (np.zeros(nlist) for _ in range(6))
+    axes, axis_vars = np.zeros((nlist, rank, dim)), np.zeros((nlist, rank))
+    extents = np.zeros((nlist, rank))
+    for label, members in enumerate(member_lists):
+        if members.shape[0]:
+            (means[label], radii[label], spreads[label], sq_vars[label], skews[label],
+             axes[label], axis_vars[label], rest_vars[label], extents[label], rest_radii[label],
+             min_sqs[label]) = _member_stats(members, rank)
+    return ListStats(counts.astype(np.int64), means, radii, spreads, sq_vars, skews, axes,
+                     axis_vars, rest_vars, extents, rest_radii, min_sqs)
 
 
 def _check_partition(latents: np.ndarray, labels: np.ndarray, nlist: int) -> np.ndarray:
@@ -170,24 +239,36 @@ def _check_partition(latents: np.ndarray, labels: np.ndarray, nlist: int) -> np.
     return lab
 
 
-def list_stats(latents: np.ndarray, labels: np.ndarray, nlist: int) -> ListStats:
-    """Count, exact mean, radius and mean squared spread of each of ``nlist`` lists.
-
-    ``latents`` (N, d), ``labels`` (N,) ints in [0, nlist); lists may be empty.
-    """
+def list_stats(
+    latents: np.ndarray, labels: np.ndarray, nlist: int, rank: int | None = None
+) -> ListStats:
+    """ListStats of ``nlist`` lists: ``latents`` (N, d), ``labels`` (N,) ints in [0, nlist);
+    lists may be empty; ``rank`` principal directions per list (default_rank(d))."""
     x = np.asarray(latents)
     lab = _check_partition(x, labels, nlist)
+    dim = x.shape[1]
+    rank = default_rank(dim) if rank is None else min(max(rank, 0), dim)
     order = np.argsort(lab, kind="stable")
-    return _grouped_stats(x[order], np.bincount(lab, minlength=nlist))
+    counts = np.bincount(lab, minlength=nlist)
+    offsets = _offsets(counts)
+    members = (np.asarray(x[order[offsets[i] : offsets[i + 1]]], dtype=np.float64)
+               for i in range(nlist))
+    return _stats_of_lists(members, counts, dim, rank)
 
 
 # --- Per-list bounds ----------------------------------------------------------------------------
 
 
 def _bounds_block(
-    q: np.ndarray, stats: ListStats, centre: np.ndarray, two_s2: float
+    q: np.ndarray, stats: ListStats, centre: np.ndarray, two_s2: float, refine_share: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """log_list_bounds for one block of float64 queries (see there)."""
+    """log_list_bounds for one block of float64 queries (see there).
+
+    Two stages: the radius bounds (ball, chord, Jensen) for every list, then the shape bounds
+    (axes, variance) for the lists whose radius upper bound could still matter to a query,
+    more than ``refine_share`` of its lower bound spread over all lists. Both stages are
+    certified; the second only makes bounds tighter, so skipping it is always safe.
+    """
     dim = q.shape[1]
     counts = stats.counts
     with np.errstate(divide="ignore"):
@@ -198,7 +279,8 @@ def _bounds_block(
     mu_norm = np.sqrt(np.einsum("ij,ij->i", mu_c, mu_c))[None, :]
     sq = np.maximum(q_norm**2 + mu_norm**2 - 2.0 * (q_c @ mu_c.T), 0.0)
     # Conservative inputs: rounding of the GEMM (and the centring), of the stored mean, of r, m.
-    sq_tol = (dim + 8) * UNIT_ROUNDOFF * (q_norm + mu_norm) ** 2 + REL_SLACK * sq
+    gemm_tol = (dim + 8) * UNIT_ROUNDOFF
+    sq_tol = gemm_tol * (q_norm + mu_norm) ** 2 + REL_SLACK * sq
     sq_low, sq_high = np.maximum(sq - sq_tol, 0.0), sq + sq_tol
     d_low, d_high = np.sqrt(sq_low), np.sqrt(sq_high)
     rel = (dim + counts + 8) * UNIT_ROUNDOFF + REL_SLACK
@@ -215,17 +297,104 @@ def _bounds_block(
         log_chord_upper(log_count, a, b, e_low, two_s2), log_ball_upper(log_count, a, two_s2)
     )
     empty = counts == 0
+    lower = np.where(empty, -np.inf, lower)
+    upper = np.where(empty, -np.inf, upper)
+    floor = logsumexp_rows(lower) + math.log(refine_share / max(int(np.count_nonzero(counts)), 1))
+    pair_q, pair_l = np.nonzero((~empty) & (upper > floor[:, None]))
+    if pair_q.size:
+        # Dense projections (one GEMM) are cheaper than gathering each pair's axes.
+        rank = stats.rank
+        proj = (q_c @ stats.axes.reshape(-1, dim).T).reshape(q.shape[0], counts.shape[0], rank)
+        proj -= np.einsum("lkd,ld->lk", stats.axes, mu_c)[None]
+        skew_dot = q_c @ stats.skews.T - np.einsum("ld,ld->l", mu_c, stats.skews)[None, :]
+        skew_norm = np.sqrt(np.einsum("ij,ij->i", stats.skews, stats.skews))
+        cells = (pair_q, pair_l)
+        upper[cells] = np.minimum(upper[cells], _shape_upper(
+            proj[cells], skew_dot[cells], _ShapeStats(*(
+                value[pair_l] for value in (stats.axis_vars, stats.rest_vars, stats.extents,
+                                            stats.rest_radii, stats.min_sqs, stats.sq_vars,
+                                            skew_norm)
+            )), log_count[pair_l], two_s2, gemm_tol,
+            (sq_low[cells], sq_high[cells], d_high[cells], a[cells], b[cells], e_low[cells],
+             e_high[cells]),
+            (gemm_tol * (q_norm[pair_q, 0] + mu_norm[0, pair_l]), rel[pair_l], radius[pair_l],
+             mean_error[pair_l]),
+        ))
     lower = np.where(empty, -np.inf, widen_down(lower))
     upper = np.where(empty, -np.inf, widen_up(upper))
     return lower, upper
 
 
+class _ShapeStats(NamedTuple):
+    """The shape statistics of one list per (query, list) pair (see ListStats)."""
+
+    axis_vars: np.ndarray
+    rest_vars: np.ndarray
+    extents: np.ndarray
+    rest_radii: np.ndarray
+    min_sqs: np.ndarray
+    sq_vars: np.ndarray
+    skew_norms: np.ndarray
+
+
+def _shape_upper(
+    proj: np.ndarray,
+    skew_dot: np.ndarray,
+    stats: _ShapeStats,
+    log_count: np.ndarray,
+    two_s2: float,
+    gemm_tol: float,
+    ranges: tuple[np.ndarray, ...],
+    norms: tuple[np.ndarray, ...],
+) -> np.ndarray:
+    """Upper bounds of log S_l from the lists' shape for P (query, list) pairs: ``proj`` (P, K)
+    holds v_k.(q - mean), ``skew_dot`` (P,) skew.(q - mean), the rest (P,) arrays; ``gemm_tol``
+    the relative rounding of a length-d dot product, ``norms[0]`` each v_k.(q - mean)'s error.
+
+    The range of q_c.x along the axes tightens [a, b]; the variance of the squared distances
+    gives the two-point bound (see _bounds_block for the conservative inputs).
+    """
+    sq_low, sq_high, d_high, a, b, e_low, e_high = ranges
+    proj_tol, rel, radius, mean_error = norms
+    rank = proj.shape[1]
+    # Members' squared distances |q_c - x|^2 = D^2 + |x|^2 - 2 q_c.x (q_c = q - the list's mean).
+    # Range of q_c.x from the axes: sum_k |v_k.q_c| ext_k + |q_c outside| r_out; the squared
+    # distances then lie in [D^2 - 2h + min|x|^2, D^2 + 2h + r^2].
+    inside = np.einsum("pk,pk->p", proj, proj)
+    outside = np.sqrt(np.maximum(sq_high - inside, 0.0) + 2.0 * proj_tol * np.sqrt(sq_high) * rank
+                      + rank * proj_tol**2)
+    reach = (np.einsum("pk,pk->p", np.abs(proj) + proj_tol[:, None], stats.extents)
+             + outside * stats.rest_radii) * (1.0 + rel + gemm_tol) + 2.0 * d_high * mean_error
+    a = np.maximum(a, (sq_low - 2.0 * reach + stats.min_sqs * (1.0 - rel)) * (1.0 - REL_SLACK))
+    b = np.maximum(np.minimum(b, (sq_high + 2.0 * reach + radius**2) * (1.0 + REL_SLACK)), a)
+    upper = np.minimum(
+        log_chord_upper(log_count, a, b, e_low, two_s2), log_ball_upper(log_count, a, two_s2)
+    )
+    # Their variance: Var|x|^2 - 4 q_c.skew + 4 q_c' C q_c, the quadratic form bounded above by
+    # the K axes plus the largest remaining variance on the rest of q_c.
+    excess = np.maximum(stats.axis_vars - stats.rest_vars[:, None], 0.0)
+    quad = np.einsum("pk,pk->p", proj * proj, excess) + stats.rest_vars * sq_high
+    top_var = np.maximum(stats.axis_vars.max(axis=1, initial=0.0), stats.rest_vars)
+    var_tol = (rel + gemm_tol) * 8.0 * (stats.sq_vars + 4.0 * d_high * stats.skew_norms
+                                        + 4.0 * top_var * sq_high) + 4.0 * rank * top_var * (
+        2.0 * d_high * proj_tol + proj_tol**2)
+    var_high = (stats.sq_vars - 4.0 * skew_dot + 4.0 * quad) * (1.0 + rel) + var_tol
+    # E is known to within rounding: the two-point bound at both ends of its interval.
+    two_point = []
+    for e in (np.clip(e_low, a, b), np.clip(e_high, a, b)):
+        feasible = np.minimum(var_high, (e - a) * (b - e))  # no distribution on [a, b] has more
+        two_point.append(log_two_point_upper(log_count, a, e, feasible, two_s2))
+    return np.asarray(np.minimum(upper, np.maximum(*two_point)))
+
+
 def log_list_bounds(
-    queries: np.ndarray, stats: ListStats, sigma: float
+    queries: np.ndarray, stats: ListStats, sigma: float, refine_share: float = REFINE_SHARE
 ) -> tuple[np.ndarray, np.ndarray]:
     """Certified (log lower, log upper) of S_l(q) for every query and list: two (Q, L) arrays.
 
     Empty lists get -inf in both. Queries are (Q, d), float32 or float64; computed in float64.
+    Lists whose radius bound is under ``refine_share`` of a query's total (spread over the
+    lists) keep it; the others get the shape bounds too.
     """
     q = np.asarray(queries, dtype=np.float64)
     if q.ndim != 2 or q.shape[1] != stats.means.shape[1]:
@@ -242,7 +411,9 @@ def log_list_bounds(
     block = max(1, BOUND_BLOCK // max(nlist, 1))
     for start in range(0, q.shape[0], block):
         stop = start + block
-        lower[start:stop], upper[start:stop] = _bounds_block(q[start:stop], stats, centre, two_s2)
+        lower[start:stop], upper[start:stop] = _bounds_block(
+            q[start:stop], stats, centre, two_s2, refine_share
+        )
     return lower, upper
 
 
@@ -264,28 +435,112 @@ class CertifiedScores:
     lists_probed: np.ndarray
 
 
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class _ProbeOrder:
+    """Each query's lists by decreasing upper bound: the first ``PROBE_HEAD`` found by a
+    partition, the full order only for queries that probe past them (it keeps the head)."""
+
+    def __init__(self, upper: np.ndarray, limit: int) -> None:
+        self.upper = upper.copy()  # the bounds the order was made from (probing changes them)
+        head = min(max(limit, 1), PROBE_HEAD, upper.shape[1])
+        keys = -self.upper
+        part = np.argpartition(keys, head - 1, axis=1)[:, :head] if head < upper.shape[1] \
+            else np.broadcast_to(np.arange(upper.shape[1]), upper.shape)
+        ranked = np.argsort(np.take_along_axis(keys, part, axis=1), axis=1, kind="stable")
+        self.order = np.take_along_axis(part, ranked, axis=1)  # (Q, head), then (Q, L)
+
+    def lists(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """The lists at ``columns`` (R, C) of the order of queries ``rows`` (R,)."""
+        if self.order.shape[1] < self.upper.shape[1] and (columns >= self.order.shape[1]).any():
+            self._complete()
+        return self.order[rows[:, None], np.minimum(columns, self.order.shape[1] - 1)]
+
+    def _complete(self) -> None:
+        """Extend every query's order to all lists, its head first and unchanged."""
+        head = self.order.shape[1]
+        keys = -self.upper
+        np.put_along_axis(keys, self.order, np.inf, axis=1)
+        rest = np.argsort(keys, axis=1, kind="stable")[:, : keys.shape[1] - head]
+        self.order = np.concatenate([self.order, rest], axis=1)
+
+
+
 class CertifiedIVF:
-    """Training latents grouped by IVF list, scored by eq. (1) with a certified interval."""
+    """Training latents grouped by IVF list, scored by eq. (1) with a certified interval.
 
-    def __init__(self, latents: np.ndarray, labels: np.ndarray, nlist: int) -> None:
-        """Group (N, d) ``latents`` by ``labels`` (N,) ints in [0, nlist) and keep list stats.
+    Each list l keeps an origin o_l (its members' float64 mean) and its members' offsets from
+    it in ``storage`` precision (float32 or float16); the stored latent is o_l + offset, and
+    eq. (1) is certified over the stored latents (:meth:`reconstruct`).
+    """
 
-        The grouped copy keeps float32 rows as float32 (every computation is float64).
-        """
+    def __init__(
+        self,
+        latents: np.ndarray,
+        labels: np.ndarray,
+        nlist: int,
+        storage: str = "float32",
+        rank: int | None = None,
+    ) -> None:
+        """Group (N, d) ``latents`` by ``labels`` (N,) ints in [0, nlist); keep list stats."""
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
         x = np.asarray(latents)
         lab = _check_partition(x, labels, nlist)
-        if x.dtype not in (np.float32, np.float64):
-            x = x.astype(np.float64)
+        self.n, self.dim, self.nlist = int(x.shape[0]), int(x.shape[1]), int(nlist)
+        self.storage = storage
         self.order = np.argsort(lab, kind="stable")  # grouped row k is latents[order[k]]
-        self.grouped = np.ascontiguousarray(x[self.order])
         counts = np.bincount(lab, minlength=nlist)
         self.offsets = _offsets(counts)
-        self.stats = _grouped_stats(self.grouped, counts)
-        self.n, self.dim, self.nlist = int(x.shape[0]), int(x.shape[1]), int(nlist)
+        self.origins = np.zeros((nlist, self.dim))
+        self.residuals = np.empty((self.n, self.dim), dtype=STORAGE_DTYPES[storage])
+        for label in np.flatnonzero(counts):
+            rows = slice(self.offsets[label], self.offsets[label + 1])
+            members = np.asarray(x[self.order[rows]], dtype=np.float64)
+            self.origins[label] = members.mean(axis=0)
+            self.residuals[rows] = members - self.origins[label]
+        self.row_sq = np.empty(self.n)
+        for start in range(0, self.n, GATHER_BLOCK // self.dim + 1):
+            chunk = self.residuals[start : start + GATHER_BLOCK // self.dim + 1].astype(np.float64)
+            self.row_sq[start : start + chunk.shape[0]] = np.einsum("ij,ij->i", chunk, chunk)
+        self.row_radius = np.zeros(nlist)  # max |offset| per list, for the GEMM rounding bound
+        full = np.flatnonzero(counts)
+        self.row_radius[full] = np.sqrt(np.maximum.reduceat(self.row_sq, self.offsets[full]))
+        self._bias: tuple[float, np.ndarray] | None = None
+        rank = default_rank(self.dim) if rank is None else min(max(rank, 0), self.dim)
+        self.stats = _stats_of_lists(
+            (self._members(label) for label in range(nlist)), counts, self.dim, rank
+        )
+
+    def _members(self, label: int) -> np.ndarray:
+        """The stored latents of list ``label``, float64 (n_l, d)."""
+        rows = slice(self.offsets[label], self.offsets[label + 1])
+        return self.origins[label] + self.residuals[rows].astype(np.float64)
+
+    def reconstruct(self) -> np.ndarray:
+        """The stored latents, float64 (N, d), in the order they were given."""
+        out = np.empty((self.n, self.dim))
+        for label in range(self.nlist):
+            out[self.order[self.offsets[label] : self.offsets[label + 1]]] = self._members(label)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: stored offsets, row norms, row order, origins and list statistics."""
+        arrays = [self.residuals, self.row_sq, self.order, self.offsets, self.origins,
+                  self.row_radius, *vars(self.stats).values()]
+        return int(sum(np.asarray(a).nbytes for a in arrays))
 
     @classmethod
     def build(
-        cls, latents: np.ndarray, nlist: int, seed: int = 0, train_size: int | None = None
+        cls,
+        latents: np.ndarray,
+        nlist: int,
+        seed: int = 0,
+        train_size: int | None = None,
+        storage: str = "float32",
+        rank: int | None = None,
     ) -> CertifiedIVF:
         """k-means (faiss.Kmeans) on a sample of ``train_size`` rows (default min(N, 256 L)),
         then every row goes to its nearest centroid."""
@@ -306,31 +561,91 @@ class CertifiedIVF:
         )
         kmeans.train(sample)
         _, labels = kmeans.index.search(x32, 1)
-        return cls(x, labels[:, 0].astype(np.int64), nlist)
+        return cls(x, labels[:, 0].astype(np.int64), nlist, storage=storage, rank=rank)
 
     def _exact_log_sums(
-        self, q: np.ndarray, pair_q: np.ndarray, pair_l: np.ndarray, sigma: float
-    ) -> np.ndarray:
-        """log S_l(q) summed exactly (float64 differences) for each (query, list) pair (P,)."""
-        counts = self.stats.counts[pair_l]
-        ends = np.cumsum(counts)
-        budget = max(1, GATHER_BLOCK // self.dim)
-        out = np.empty(pair_q.shape[0])
-        start = 0
-        while start < pair_q.shape[0]:
-            base = ends[start - 1] if start else 0
-            stop = max(start + 1, int(np.searchsorted(ends, base + budget, side="right")))
-            sizes = counts[start:stop]
-            seg = _offsets(sizes)[:-1]
-            rows = np.repeat(self.offsets[pair_l[start:stop]] - seg, sizes)
-            rows += np.arange(rows.shape[0])
-            diff = q[np.repeat(pair_q[start:stop], sizes)] - self.grouped[rows]
-            logits = -np.einsum("ij,ij->i", diff, diff) / (2.0 * sigma * sigma)
-            top = np.maximum.reduceat(logits, seg)
-            total = np.add.reduceat(np.exp(logits - np.repeat(top, sizes)), seg)
-            out[start:stop] = top + np.log(total)
-            start = stop
-        return out
+        self, q: np.ndarray, pair_q: np.ndarray, pair_l: np.ndarray, two_s2: float,
+        tolerance: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Certified (low, high) of log S_l(q) for each (query, list) pair (P,): one GEMM per
+        list, over all the queries that probe it.
+
+        Per list, the cheapest of three evaluations whose a-priori rounding bound (nats) meets
+        ``tolerance`` for all its pairs: float32 logits and exps, a float64 GEMM, or float64
+        differences.
+        """
+        by_list = np.argsort(pair_l, kind="stable")
+        pq, pl = pair_q[by_list], pair_l[by_list]
+        labels, starts = np.unique(pl, return_index=True)
+        ends = np.append(starts[1:], pl.shape[0])
+        inv = 1.0 / two_s2
+        q_c = q[pq] - self.origins[pl]
+        q_sq = np.einsum("ij,ij->i", q_c, q_c)
+        q_norm = np.sqrt(q_sq)
+        radius = self.row_radius[pl] * (1.0 + 1e-6)
+        count = self.stats.counts[pl]
+        # float32: logits c (2 q_c.x - |x|^2) from one GEMM of 2c q_c by the offsets, less c|x|^2:
+        # each within u (d + 4) 2c |q_c| r + 3 u c r^2 (casts, GEMM, subtraction); the float32
+        # exp and the shifted sum add at most (n + 8) u relative (a term g nats under the top
+        # carries weight e^-g and error u g).
+        u32 = 2.0**-24
+        error32 = (u32 * inv * ((self.dim + 4) * 2.0 * q_norm * radius + 3.0 * radius**2)
+                   + (count + 8) * u32 + 8.0 * UNIT_ROUNDOFF * inv * q_sq)
+        # float64: |fl(q_c . x) - q_c . x| <= (d + 2) u |q_c| |x| (rounding q_c, then the dot).
+        error64 = ((self.dim + 2) * q_norm * radius * 2.0 * UNIT_ROUNDOFF
+                   + (q_sq + radius**2) * 4.0 * UNIT_ROUNDOFF) * inv + count * UNIT_ROUNDOFF
+        use32 = np.maximum.reduceat(error32, starts) <= tolerance
+        use64 = np.maximum.reduceat(error64, starts) <= tolerance
+        scaled = (q_c * (2.0 * inv)).astype(np.float32)
+        bias = self._scaled_row_sq(inv)
+        log_sum = np.zeros(pl.shape[0])  # the direct lists' rows stay unused
+        low, high = np.zeros(pl.shape[0]), np.zeros(pl.shape[0])
+        for label, start, end, fast, exact in zip(labels, starts, ends, use32, use64, strict=True):
+            rows = slice(self.offsets[label], self.offsets[label + 1])
+            if fast:
+                logits = scaled[start:end] @ self.residuals[rows].astype(np.float32, copy=False).T
+                logits -= bias[rows]
+                top = logits.max(axis=1)
+                logits -= top[:, None]
+                np.exp(logits, out=logits)
+                log_sum[start:end] = top + np.log(logits.sum(axis=1, dtype=np.float64))
+            elif exact:
+                dots = q_c[start:end] @ self.residuals[rows].astype(np.float64).T
+                sq = np.maximum(q_sq[start:end, None] + self.row_sq[None, rows] - 2.0 * dots, 0.0)
+                log_sum[start:end] = logsumexp_rows(-sq * inv) + inv * q_sq[start:end]
+            else:
+                low[start:end], high[start:end] = self._direct_log_sums(
+                    q[pq[start:end]], int(label), two_s2
+                )
+        log_sum -= inv * q_sq
+        error = np.where(np.repeat(use32, ends - starts), error32, error64)
+        direct = ~np.repeat(use32 | use64, ends - starts)
+        out_low, out_high = np.empty_like(low), np.empty_like(high)
+        out_low[by_list] = np.where(direct, low, log_sum - error)
+        out_high[by_list] = np.where(direct, high, log_sum + error)
+        return out_low, out_high
+
+    def _scaled_row_sq(self, inv: float) -> np.ndarray:
+        """c |x|^2 per stored row as float32 (N,), kept for the last c = 1 / (2 sigma^2)."""
+        if self._bias is None or self._bias[0] != inv:
+            self._bias = (inv, (self.row_sq * inv).astype(np.float32))
+        return self._bias[1]
+
+    def _direct_log_sums(
+        self, q: np.ndarray, label: int, two_s2: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of log S_l(q) by float64 differences: each squared distance is within a
+        relative (d + 4) u of exact, so the two sums take it at both ends of that range."""
+        members = self._members(label)
+        rel = (self.dim + 4) * UNIT_ROUNDOFF
+        low, high = np.empty(q.shape[0]), np.empty(q.shape[0])
+        block = max(1, GATHER_BLOCK // max(members.size, 1))
+        for start in range(0, q.shape[0], block):
+            diff = q[start : start + block, None, :] - members[None]
+            sq = np.einsum("qnd,qnd->qn", diff, diff)
+            low[start : start + block] = logsumexp_rows(-sq * (1.0 + rel) / two_s2)
+            high[start : start + block] = logsumexp_rows(-sq * (1.0 - rel) / two_s2)
+        return low, high
 
     def _interval(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) of eq. (1) (R,) from per-list log bounds (R, L), widened for rounding."""
@@ -351,9 +666,10 @@ class CertifiedIVF:
     ) -> CertifiedScores:
         """Eq. (1) for (Q, d) queries, each within ``max_error`` nats (half-width) if reachable.
 
-        Lists are probed ``probe_step`` at a time in order of their upper bound, for all open
-        queries at once, until a query's half-width is <= ``max_error``, every non-empty list
-        is summed, or ``max_probe`` lists are (then the interval is only wider).
+        Lists are probed in order of their upper bound, for all open queries at once,
+        ``probe_step`` in the first round and twice as many in each next one, until a query's
+        half-width is <= ``max_error``, every non-empty list is summed, or ``max_probe`` lists
+        are (then the interval is only wider).
         """
         if not max_error >= 0.0:
             raise ValueError(f"max_error must be >= 0, got {max_error}")
@@ -362,26 +678,33 @@ class CertifiedIVF:
         if max_probe is not None and max_probe < 0:
             raise ValueError(f"max_probe must be >= 0, got {max_probe}")
         q = np.asarray(queries, dtype=np.float64)
-        lower, upper = log_list_bounds(q, self.stats, sigma)
-        order = np.argsort(-upper, axis=1, kind="stable")  # empty lists (-inf) last
+        # Shape bounds only where a list could hold a hundredth of the error budget.
+        lower, upper = log_list_bounds(
+            q, self.stats, sigma, refine_share=max(0.01 * max_error, EXACT_FLOOR)
+        )
+        two_s2 = 2.0 * sigma * sigma
+        # Share of the error budget for rounding in exact sums (a floor when max_error is 0).
+        tolerance = max(EXACT_SHARE * max_error, EXACT_FLOOR)
         filled = int(np.count_nonzero(self.stats.counts))
         limit = filled if max_probe is None else min(max_probe, filled)
+        probe_order = _ProbeOrder(upper, limit)
         probed = np.zeros(q.shape[0], dtype=np.int64)
         low, high = self._interval(lower, upper)
         open_ = (high - low > 2.0 * max_error) & (probed < limit)
-        step = np.arange(probe_step)
+        step = probe_step
         while open_.any():
             rows = np.flatnonzero(open_)
-            columns = probed[rows, None] + step
+            columns = probed[rows, None] + np.arange(min(step, limit))
             take = columns < limit
             pair_q = np.broadcast_to(rows[:, None], columns.shape)[take]
-            pair_l = order[rows[:, None], np.minimum(columns, self.nlist - 1)][take]
-            exact = self._exact_log_sums(q, pair_q, pair_l, sigma)
-            lower[pair_q, pair_l] = exact
-            upper[pair_q, pair_l] = exact
+            pair_l = probe_order.lists(rows, columns)[take]
+            lower[pair_q, pair_l], upper[pair_q, pair_l] = self._exact_log_sums(
+                q, pair_q, pair_l, two_s2, tolerance
+            )
             probed[rows] += take.sum(axis=1)
             low[rows], high[rows] = self._interval(lower[rows], upper[rows])
             open_[rows] = (high[rows] - low[rows] > 2.0 * max_error) & (probed[rows] < limit)
+            step *= 2
         return CertifiedScores(
             estimate=(low + high) / 2.0,
             low=low,

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Everything the selected tests read, the top-level folders included (the Dockerfile test
 # checks them); nothing imports them there.
 COPIED = ("tests", "docs", "docker", "examples", "benchmarks", ".ci", "docker-compose.yml",
-          "README.md", "Makefile", "pyproject.toml", "service", "workers", "index")
+          "docker-compose.cpu.yml", ".env.example", ".dockerignore", "constraints.txt",
+          "constraints-lowest.txt", "README.md", "Makefile", "pyproject.toml", "service",
+          "workers", "index")
 LINKED = ("service", "workers", "index")
 
 

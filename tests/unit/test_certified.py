@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +15,7 @@ from latentsieve.workers.certified import (
     log_ball_upper,
     log_chord_upper,
     log_list_bounds,
+    log_two_point_upper,
 )
 from latentsieve.workers.density import log_density_reference
 
@@ -102,7 +104,7 @@ def test_reference_inside_interval_at_every_depth(
         ivf = CertifiedIVF(latents, make_labels(rng, latents, nlist, how), nlist)
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
-    want = log_density_reference(queries, latents, sigma)
+    want = log_density_reference(queries, ivf.reconstruct(), sigma)
     filled = np.count_nonzero(ivf.stats.counts)
     depths = np.arange(nlist + 1)
     if nlist > 48:  # every depth costs O(nlist^2) rounds: all shallow and deep ones, some between
@@ -176,7 +178,7 @@ def test_probing_every_list_is_exact(
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
     got = ivf.score(queries, sigma, max_error=0.0, probe_step=probe_step)
-    want = log_density_reference(queries, latents, sigma)
+    want = log_density_reference(queries, ivf.reconstruct(), sigma)
     np.testing.assert_allclose(got.estimate, want, rtol=0.0, atol=SLACK)
     assert np.all(got.half_width <= SLACK + 1e-11 * np.abs(want))  # only the rounding margin
     assert np.all(got.lists_probed == np.count_nonzero(ivf.stats.counts))
@@ -201,7 +203,7 @@ def test_clustered_set_meets_max_error_and_stops_early() -> None:
     probes = {}
     for sigma in (narrow, broad):
         got = ivf.score(queries, sigma, max_error=0.05)
-        want = log_density_reference(queries, latents, sigma)
+        want = log_density_reference(queries, ivf.reconstruct(), sigma)
         assert np.all(got.half_width <= 0.05)
         assert np.all(np.abs(got.estimate - want) <= got.half_width + SLACK)
         probes[sigma] = got.lists_probed.mean()
@@ -270,3 +272,88 @@ def test_chord_beats_the_ball_bound_by_its_spread() -> None:
     ball = math.log(1000) - (gap - float(stats.radii[0])) ** 2 / 1800.0
     exact = float(exact_list_logs(query, latents, labels, 1, 30.0)[0, 0])
     assert exact <= float(upper[0, 0]) < ball - 0.6
+
+
+@examples(300)
+@given(
+    a=st.floats(0.0, 1e3),
+    width=st.floats(1e-3, 1e3),
+    shares=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=30),
+    extra=st.floats(1.0, 100.0),
+    two_s2=st.floats(1e-3, 1e4),
+)
+def test_two_point_bound_holds_and_grows_with_the_variance(
+    a: float, width: float, shares: list[float], extra: float, two_s2: float
+) -> None:
+    # Members' squared distances t_i in [a, b], mean E, variance V: S <= two-point(V) <= two-
+    # point(V') for any V' >= V up to the feasible (E-a)(b-E), which is the chord bound.
+    t = a + np.array(shares) * width
+    e, v = float(t.mean()), float(t.var())
+    log_n = np.array(math.log(len(t)))
+    members = float(np.logaddexp.reduce(-t / two_s2))
+    exact_v = float(log_two_point_upper(log_n, np.array(a), np.array(e), np.array(v), two_s2))
+    feasible = (e - a) * (a + width - e)
+    more_v = float(log_two_point_upper(
+        log_n, np.array(a), np.array(e), np.array(min(v * extra, feasible)), two_s2
+    ))
+    chord = float(log_chord_upper(log_n, np.array(a), np.array(a + width), np.array(e), two_s2))
+    tol = 1e-9 * max(1.0, abs(members))
+    assert members <= exact_v + tol
+    assert exact_v <= more_v + tol
+    assert more_v <= chord + tol
+
+
+@examples(60)
+@given(
+    n=st.integers(2, 400),
+    d=st.integers(9, 48),
+    intrinsic=st.integers(1, 6),
+    rank=st.integers(0, 6),
+    nlist=st.integers(1, 8),
+    sigma=st.sampled_from([1e-3, 0.1, 1.0, 10.0, 1e3]),
+    offset=st.sampled_from([0.0, -100.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_shape_bounds_hold_for_flat_lists_in_high_dimensions(
+    n: int, d: int, intrinsic: int, rank: int, nlist: int, sigma: float, offset: float,
+    seed: int,
+) -> None:
+    # Lists on low-dimensional subspaces (where the axes, extents and variance bounds bite),
+    # any number of kept axes, queries near and far: every list's exact sum inside its bounds.
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 3.0, (nlist, d))
+    bases = rng.normal(size=(nlist, d, intrinsic))
+    labels = rng.integers(0, nlist, n)
+    latents = (centres[labels] + np.einsum("ndk,nk->nd", bases[labels],
+                                           rng.normal(size=(n, intrinsic)))
+               + 0.01 * rng.normal(size=(n, d)) + offset).astype(np.float32)
+    queries = make_queries(rng, latents, 1.0)
+    stats = list_stats(latents, labels, nlist, rank=rank)
+    lower, upper = log_list_bounds(queries, stats, sigma)
+    exact = exact_list_logs(queries, latents, labels, nlist, sigma)
+    filled = np.isfinite(exact)
+    assert np.all(lower[filled] - SLACK <= exact[filled]), (lower - exact)[filled].max()
+    assert np.all(exact[filled] <= upper[filled] + SLACK), (exact - upper)[filled].max()
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_storage_rounds_offsets_only_and_is_certified_over_what_it_stores(storage: str) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0.0, 6.0, (10, 12))
+    latents = blobs(rng, centres, 3000) + np.float32(50.0)
+    ivf = CertifiedIVF.build(latents, 16, seed=0, storage=storage)
+    stored = ivf.reconstruct()
+    # Offsets from each list's float64 mean are rounded: the error scales with the list radius,
+    # not with the latents' magnitude (50 here).
+    unit = {"float32": 2.0**-24, "float16": 2.0**-11}[storage]
+    assert np.abs(stored - latents).max() <= 2 * unit * float(ivf.stats.radii.max())
+    assert ivf.residuals.dtype == np.dtype(storage)
+    queries = blobs(rng, centres, 50) + np.float32(50.0)
+    sigma = 1.5
+    got = ivf.score(queries, sigma, max_error=0.01)
+    want = log_density_reference(queries, stored, sigma)
+    assert np.all((got.low - SLACK <= want) & (want <= got.high + SLACK))
+    assert np.all(got.half_width <= 0.01)
+    # Against the float32 input, the float16 store moves scores by a measured amount (docs).
+    moved = np.abs(log_density_reference(queries, latents, sigma) - want).max()
+    assert moved <= (1e-4 if storage == "float32" else 0.05), moved
