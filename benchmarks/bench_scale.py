@@ -14,9 +14,9 @@ draws of the same mixture (held out). Two bandwidths:
 
 For each: flat (the exact GEMM engine) and certified IVF timed interleaved (best of
 ``--repeats``), the certified half-width (max over queries) and the true error against flat
-(max), lists probed, and the float16 store's shift against the float32 store. Memory: the bytes
-each scorer holds and the process's resident growth while building it (flat: until its first
-score), against the float32 bytes of the latents (N d 4). Printed as a Markdown table
+(max), lists probed, and the float16 store's shift against the float32 store. Memory: the
+resident growth of a fresh process that opens each stored index as the service does and scores
+50 queries, against the float32 bytes of the latents (N d 4). Printed as a Markdown table
 (docs/performance.md).
 """
 
@@ -26,14 +26,25 @@ import argparse
 import gc
 import math
 import os
+import platform
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
+from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 
 from latentsieve.index.bandwidth import knn_median_sigma
+from latentsieve.index.gemm_operand import gemm_operand, load_operand, save_operand
+from latentsieve.index.ivf_lists import IvfLists
 from latentsieve.workers.certified import CertifiedIVF
 from latentsieve.workers.density import DensityEngine
+
+FRONTIER = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # max_error values of the frontier row
 
 
 def manifold_clusters(
@@ -79,6 +90,31 @@ def built(make: Callable[[], object]) -> tuple[object, float, int]:
     return made, seconds, resident_bytes() - before
 
 
+def serving_growth(kind: str, folder: Path, sigma: float) -> int:
+    """Resident growth of a fresh process that opens the stored index the way the service does
+    (flat: the float32 latents and the stored GEMM operand memory-mapped; ivf: the lists with
+    their offsets memory-mapped) and scores 50 queries: what serving adds."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--serve-memory", kind, str(folder), str(sigma)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return int(out.split()[-1])
+
+
+def measure_serving(kind: str, folder: Path, sigma: float) -> int:
+    queries = np.load(folder / "queries.npy")
+    gc.collect()
+    before = resident_bytes()
+    if kind == "flat":
+        latents = np.load(folder / "latents.npy", mmap_mode="r")
+        operand = load_operand(folder, "latents.faiss", *latents.shape)
+        DensityEngine(latents, operand=operand).log_density(queries, sigma)
+    else:
+        CertifiedIVF(IvfLists.load(folder)).score(queries, sigma, max_error=0.05)
+    gc.collect()
+    return resident_bytes() - before
+
+
 def run(args: argparse.Namespace, dim: int) -> list[str]:
     rng = np.random.default_rng(args.seed)
     data = manifold_clusters(rng, args.n + args.queries, dim, args.clusters, args.intrinsic, 0.05)
@@ -92,14 +128,15 @@ def run(args: argparse.Namespace, dim: int) -> list[str]:
         engine.log_density(queries[:1], 1.0)
         return engine
 
-    flat, flat_s, flat_rss = built(warm_flat)
-    ivf, build_s, ivf_rss = built(lambda: CertifiedIVF.build(latents, nlist, seed=args.seed))
-    half, half_s, half_rss = built(
+    flat, _, _ = built(warm_flat)
+    ivf, build_s, _ = built(lambda: CertifiedIVF.build(latents, nlist, seed=args.seed))
+    half, half_s, _ = built(
         lambda: CertifiedIVF.build(latents, nlist, seed=args.seed, storage="float16")
     )
     assert isinstance(flat, DensityEngine)
     assert isinstance(ivf, CertifiedIVF) and isinstance(half, CertifiedIVF)
     rows = []
+    flat_times: dict[str, float] = {}
     for scale, sigma in sigmas.items():
         def exact(sigma: float = sigma) -> np.ndarray:
             return flat.log_density(queries, sigma).log_density
@@ -113,6 +150,7 @@ def run(args: argparse.Namespace, dim: int) -> list[str]:
             flat_t = min(flat_t, t)
             t, got = best_of(certified, 1)
             certified_t = min(certified_t, t)
+        flat_times[scale] = flat_t
         assert isinstance(want, np.ndarray)
         error = np.abs(got.estimate - want)  # type: ignore[attr-defined]
         inside = bool(np.all(error <= got.half_width + 1e-4))  # type: ignore[attr-defined]
@@ -125,13 +163,32 @@ def run(args: argparse.Namespace, dim: int) -> list[str]:
             f"| {got.lists_probed.mean():.1f} / {got.lists_probed.max()} "  # type: ignore[attr-defined]
             f"| {shift:.1e} |"
         )
+    # The frontier at the cluster scale: what each bound costs.
+    sigma = sigmas["cluster"]
+    frontier = []
+    for bound in FRONTIER:
+        seconds, result = best_of(
+            lambda bound=bound: ivf.score(queries, sigma, max_error=bound), 1
+        )
+        frontier.append(
+            f"{bound:g}: {result.lists_probed.mean():.1f} lists, "  # type: ignore[attr-defined]
+            f"{flat_times['cluster'] / seconds:.2f}x"
+        )
+    rows.append(f"| {args.n:,} | {dim} | frontier | cluster, max_error: lists probed (mean of "
+                f"{nlist}), speed-up | " + " | ".join(frontier) + " |" + " |" * (8 - len(frontier)))
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(Path(folder) / "latents.npy", latents)
+        save_operand(gemm_operand(latents), Path(folder), "latents.faiss")  # as a flat build does
+        np.save(Path(folder) / "queries.npy", queries[:50])
+        memory = {"flat": serving_growth("flat", Path(folder), sigmas["1-NN"])}
+        for name, index in (("float32", ivf), ("float16", half)):
+            index.lists.save(Path(folder))
+            memory[f"ivf {name}"] = serving_growth("ivf", Path(folder), sigmas["1-NN"])
     rows.append(
-        f"| {args.n:,} | {dim} | memory | stored float32 {stored / 2**20:.0f} MiB | flat RSS "
-        f"+{flat_rss / 2**20:.0f} MiB ({flat_rss / stored:.2f}x) | certified f32 "
-        f"{ivf.nbytes / 2**20:.0f} MiB ({ivf.nbytes / stored:.2f}x), RSS +{ivf_rss / 2**20:.0f} "
-        f"MiB | certified f16 {half.nbytes / 2**20:.0f} MiB ({half.nbytes / stored:.2f}x), RSS "
-        f"+{half_rss / 2**20:.0f} MiB | build {build_s:.0f} s (f16 {half_s:.0f} s), flat "
-        f"{flat_s:.1f} s | | | | |"
+        f"| {args.n:,} | {dim} | memory | float32 latents {stored / 2**20:.0f} MiB | "
+        + " | ".join(f"{name}: +{grown / 2**20:.0f} MiB ({grown / stored:.2f}x)"
+                     for name, grown in memory.items())
+        + f" | build {build_s:.0f} s (float16 {half_s:.0f} s) | | | | | |"
     )
     return rows
 
@@ -147,13 +204,42 @@ def main() -> None:
     parser.add_argument("--max-error", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=PAGE,
+                        help="results page (its 'scale' section); none with --no-page")
+    parser.add_argument("--no-page", dest="out", action="store_const", const=None)
+    parser.add_argument("--serve-memory", nargs=3, metavar=("KIND", "FOLDER", "SIGMA"),
+                        help=argparse.SUPPRESS)  # the child process of serving_growth
     args = parser.parse_args()
-    print("| N | d | lists | sigma | flat s | certified s | speed-up | half-width max "
-          "| true error max | inside | lists probed mean / max | float16 shift |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    if args.serve_memory:
+        kind, folder, sigma = args.serve_memory
+        print(measure_serving(kind, Path(folder), float(sigma)))
+        return
+    load_before = os.getloadavg()[0]
+    lines = [
+        "| N | d | lists | sigma | flat s | certified s | speed-up | half-width max "
+        "| true error max | inside | lists probed mean / max | float16 shift |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for line in lines:
+        print(line)
     for dim in args.dims:
         for row in run(args, dim):
             print(row, flush=True)
+            lines.append(row)
+    header = (
+        "## Certified approximate scoring at scale (`--kind ivf`)\n\n"
+        f"Generated by `python benchmarks/bench_scale.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} "
+        f"UTC; {os.cpu_count()} CPU cores ({platform.machine()}), NumPy {np.__version__}; "
+        f"1-minute load average {load_before:.2f} before and {os.getloadavg()[0]:.2f} after. "
+        f"{args.queries} held-out queries, max_error {args.max_error} nats, times best of "
+        f"{args.repeats} (flat and certified interleaved). Data and columns: the benchmark's "
+        "docstring. *inside*: every true error within its bound (flat's own 1e-4 allowed); "
+        "*float16 shift*: largest |score with float16 offsets - score with float32 offsets|. "
+        "Memory rows: resident growth of a fresh process that opens the stored index as the "
+        "service does and scores 50 queries, against the float32 latents' bytes.\n\n"
+    )
+    if args.out is not None:
+        write_section("scale", header + "\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

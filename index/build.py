@@ -22,19 +22,23 @@ from tqdm import tqdm
 from latentsieve.index.bandwidth import AUTO_K, choose_bandwidth, parse_sigma
 from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
+from latentsieve.index.gemm_operand import gemm_operand, save_operand
+from latentsieve.index.ivf_lists import IvfLists, choose_nlist, default_rank, kmeans_labels
 from latentsieve.index.latent_files import load_latents
 from latentsieve.index.manifest import (
+    BUILD_KINDS,
     DEFAULT_DELTA_DIRECTIONS,
+    DEFAULT_MAX_ERROR,
     DEFAULT_PROJECTION_ROWS,
-    KNOWN_KINDS,
     KNOWN_SPACES,
-    ApproximateSearch,
+    STORAGE_TYPES,
     Calibration,
+    CertifiedLists,
+    CertifiedMeasure,
     DescriptorSettings,
     IndexKind,
     IndexManifest,
     IndexShard,
-    MeasuredError,
     ModuleReference,
     Policy,
     Projection,
@@ -54,8 +58,6 @@ from latentsieve.index.store import INDEX_FILE, LatentStore
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_COUNT = 10_000
-DEFAULT_NEIGHBOURS = 256  # k of ivf/hnsw scoring
-HNSW_M = 32
 # Sampler calibration draws seeds far from the small seeds upstream pipelines usually send.
 CALIBRATION_SEED_START = 1_000_000_000
 CALIBRATION_INDEX_SEED = 0
@@ -84,8 +86,7 @@ class CalibrationRequest:
     generator: ModuleReference | None = None
     descriptors: DescriptorOptions | None = None
     kind: str = "flat"
-    index_file: Path | None = None  # the staged FAISS index (ivf, hnsw)
-    search: ApproximateSearch | None = None
+    certified: CertifiedLists | None = None  # ivf: its lists are staged in version_dir
     projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
     source_latents: np.ndarray | None = None  # (N, d) before PCA, for descriptors
 
@@ -114,11 +115,11 @@ class DescriptorCalibration:
 @dataclass(frozen=True)
 class CalibrationResult:
     """Density calibration scores (count,) nats, descriptor calibration when asked, and for
-    approximate kinds the measured error against exact scoring."""
+    a certified ivf index its bound, error and speed against exact scoring."""
 
     scores: np.ndarray
     descriptors: DescriptorCalibration | None = None
-    measured_error: MeasuredError | None = None
+    measured: CertifiedMeasure | None = None
     # role ("generator", "mapping") -> sha256 of the loaded import-path module's weights
     module_states: dict[str, str] = field(default_factory=dict)
 
@@ -148,8 +149,10 @@ class BuildOptions:
     min_percentile: float = Policy().min_percentile
     policy: Policy | None = None  # the whole default policy (--policy JSON); wins over the above
     descriptors: DescriptorOptions = DescriptorOptions()
-    neighbours: int = DEFAULT_NEIGHBOURS
     shards: int = 1  # --shards K: K row-disjoint flat indexes (CONTRACT §4)
+    storage: str = "float32"  # ivf: precision of the stored offsets
+    max_error: float = DEFAULT_MAX_ERROR  # ivf: nats, a request's bound when it names none
+    nlist: int | None = None  # ivf: lists; None: choose_nlist(N, d)
     progress: bool = True
 
 
@@ -165,8 +168,26 @@ def _package_version() -> str:
 def check_options(options: BuildOptions) -> None:
     """Refuse bad options before any file is read or written."""
     check_model_name(options.model)
-    if options.kind not in KNOWN_KINDS:
-        raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(KNOWN_KINDS)}")
+    if options.kind == "hnsw":
+        raise StoreError(
+            "--kind hnsw is retired: a graph search cannot bound the kernel mass it skips, so "
+            "its scores cannot be certified (CONTRACT §1); build --kind ivf"
+        )
+    if options.kind not in BUILD_KINDS:
+        raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(BUILD_KINDS)}")
+    if options.storage not in STORAGE_TYPES:
+        raise StoreError(
+            f"unknown --storage {options.storage!r}; choose one of {', '.join(STORAGE_TYPES)}"
+        )
+    if options.storage != "float32" and options.kind != "ivf":
+        raise StoreError(
+            f"--storage {options.storage} needs --kind ivf (a flat index is scored by a float32 "
+            "GEMM over its stored latents)"
+        )
+    if not (math.isfinite(options.max_error) and options.max_error >= 0):
+        raise StoreError(f"--max-error must be a finite number >= 0 nats, got {options.max_error}")
+    if options.nlist is not None and options.nlist < 1:
+        raise StoreError(f"--nlist must be a whole number >= 1, got {options.nlist}")
     if options.pca is not None and options.pca < 1:
         raise StoreError(f"--pca must be a whole number >= 1, got {options.pca}")
     if options.space is not None and options.space not in KNOWN_SPACES:
@@ -185,16 +206,14 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError(f"--active-threshold must be a finite number > 0, got {threshold}")
     if options.bandwidth_neighbours < 1:
         raise StoreError("--bandwidth-neighbours must be a whole number >= 1")
-    if options.neighbours < 1:
-        raise StoreError("the neighbour count k must be >= 1")
     if options.calibration_count < 1:
         raise StoreError("the calibration count must be >= 1")
     if options.shards < 1:
         raise StoreError(f"--shards must be a whole number >= 1, got {options.shards}")
     if options.shards > 1 and options.kind != "flat":
         raise StoreError(
-            f"--shards {options.shards} needs --kind flat: an approximate kind is one FAISS "
-            "index and is not split (build it unsharded)"
+            f"--shards {options.shards} needs --kind flat: an ivf index is one set of lists "
+            "and is not split (build it unsharded)"
         )
     descriptors = options.descriptors
     if descriptors.calibration_count < 1 or descriptors.projection_rows < 1:
@@ -276,38 +295,37 @@ def write_shards(
     shards: list[IndexShard] = []
     for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         name = f"shard-{number}.faiss"
-        write_index("flat", latents[start:stop], staged / name, 1, progress)
+        write_index(latents[start:stop], staged / name, progress)
         shards.append(IndexShard(file=name, start=int(start), count=int(stop - start)))
     return tuple(shards)
 
 
-def write_index(
-    kind: str, latents: np.ndarray, path: Path, neighbours: int, progress: bool
-) -> ApproximateSearch | None:
-    """The FAISS index of ``kind`` over float32 latents (N, d), added in blocks with a progress
-    bar: flat = IndexFlatL2; ivf = IndexIVFFlat, nlist = min(4 sqrt(N), N / 39), trained on a
-    fixed-seed sample, nprobe = nlist / 8; hnsw = IndexHNSWFlat (M 32), efSearch = 2k."""
-    n, dim = latents.shape
-    search: ApproximateSearch | None = None
-    quantizer = faiss.IndexFlatL2(dim)
-    index: faiss.Index
-    if kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist)
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))
-        index.train(np.ascontiguousarray(latents[sample]))
-        search = ApproximateSearch(k=neighbours, nlist=nlist, nprobe=max(1, round(nlist / 8)))
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, HNSW_M)
-        search = ApproximateSearch(k=neighbours, hnsw_m=HNSW_M, ef_search=2 * neighbours)
-    else:
-        index = quantizer
-    blocks = range(0, n, _ADD_BLOCK)
+def write_index(latents: np.ndarray, path: Path, progress: bool) -> None:
+    """A flat FAISS index (IndexFlatL2) of float32 latents (N, d), added in blocks with a
+    progress bar, and beside it the exact engine's GEMM operand (index/gemm_operand.py)."""
+    index = faiss.IndexFlatL2(latents.shape[1])
+    blocks = range(0, latents.shape[0], _ADD_BLOCK)
     for start in tqdm(blocks, desc="index", unit="block", disable=not progress):
         index.add(latents[start : start + _ADD_BLOCK])
     faiss.write_index(index, str(path))
-    return search
+    save_operand(gemm_operand(latents), path.parent, path.name)
+
+
+def write_ivf_lists(latents: np.ndarray, staged: Path, options: BuildOptions) -> CertifiedLists:
+    """The lists of a certified ivf index (k-means, grouping, statistics) written into the
+    staged folder; the settings for the manifest (its measurement is added after calibration)."""
+    n, dim = latents.shape
+    rank = default_rank(dim)
+    nlist = min(options.nlist or choose_nlist(n, dim, rank), n)
+    train_size = min(n, 64 * nlist)
+    log.info("building ivf lists", extra={"n": n, "dim": dim, "nlist": nlist})
+    labels = kmeans_labels(latents, nlist, seed=0, train_size=train_size)
+    lists = IvfLists.group(latents, labels, nlist, storage=options.storage, rank=rank,
+                           progress=options.progress)
+    lists.save(staged)
+    return CertifiedLists(nlist=nlist, train_size=train_size, rank=rank,
+                          storage=options.storage,  # type: ignore[arg-type]
+                          max_error=options.max_error)
 
 
 def summarise(scores: np.ndarray) -> dict[str, float]:
@@ -393,13 +411,13 @@ def build_version(
         latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
         bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
         shards: tuple[IndexShard, ...] = ()
-        search: ApproximateSearch | None = None
+        certified: CertifiedLists | None = None
         if options.shards > 1:
             shards = write_shards(latents, staged, options.shards, options.progress)
+        elif options.kind == "ivf":
+            certified = write_ivf_lists(latents, staged, options)
         else:
-            search = write_index(
-                options.kind, latents, staged / INDEX_FILE, options.neighbours, options.progress
-            )
+            write_index(latents, staged / INDEX_FILE, options.progress)
         if projection is not None and pca_arrays is not None:
             np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
         wanted = options.descriptors if generator is not None else None
@@ -426,8 +444,7 @@ def build_version(
             generator=generator,
             descriptors=wanted,
             kind=options.kind,
-            index_file=staged / INDEX_FILE,
-            search=search,
+            certified=certified,
             projection=pca_arrays,
             source_latents=source_latents,
         )
@@ -440,10 +457,10 @@ def build_version(
             mapping = mapping.model_copy(
                 update={"state_sha256": result.module_states.get("mapping")}
             )
-        if search is not None:
-            if result.measured_error is None:
-                raise StoreError("an approximate index needs its error measured at build")
-            search = search.model_copy(update={"measured_error": result.measured_error})
+        if certified is not None:
+            if result.measured is None:
+                raise StoreError("a certified index needs its bound measured at build")
+            certified = certified.model_copy(update={"measured": result.measured})
         scores = np.sort(np.asarray(result.scores, dtype=np.float64))
         if scores.shape != (count,) or not np.all(np.isfinite(scores)):
             raise StoreError(f"calibration produced {scores.shape} scores, some not finite")
@@ -484,7 +501,7 @@ def build_version(
             latent_shape=latent_shape,
             projection=projection,
             latent_set=options.latent_set,
-            search=search,
+            certified=certified,
             bandwidth=bandwidth,
             sampler=sampler,
             generator=generator,

@@ -17,6 +17,13 @@ FORMAT_VERSION = 1
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 IndexKind = Literal["flat", "ivf", "hnsw"]
 KNOWN_KINDS: tuple[str, ...] = get_args(IndexKind)
+# What ``index build --kind`` makes: hnsw is retired (its scores cannot be certified); versions
+# built before still load and answer error_bound null.
+BUILD_KINDS: tuple[str, ...] = ("flat", "ivf")
+STORAGE_TYPES: tuple[str, ...] = ("float32", "float16")
+DEFAULT_MAX_ERROR = 0.01  # nats: a certified index's bound when a request names none
+IVF_OFFSETS_FILE = "ivf_offsets.npy"  # a certified ivf index's stored offsets (N, d)
+IVF_LISTS_FILE = "ivf_lists.npz"  # its row order, list boundaries, origins and statistics
 SamplerDType = Literal["float32", "float16"]
 # Bandwidths outside this range make sigma^2 or d^2 / (2 sigma^2) leave float64's range for
 # float32 latents (d^2 <= ~1e83), so no score could be represented: they are refused.
@@ -186,6 +193,30 @@ class ApproximateSearch(_Frozen):
     measured_error: MeasuredError | None = None  # filled by the build before publishing
 
 
+class CertifiedMeasure(_Frozen):
+    """A certified index against exact scoring on held-out calibration latents at the build
+    sigma and the index's max_error: its bound, its true error, lists probed and speed."""
+
+    sample: int = Field(ge=1)
+    half_width_max: float = Field(ge=0.0)  # nats: the largest certified bound
+    error_max: float = Field(ge=0.0)  # nats: the largest |estimate - exact|
+    lists_probed_mean: float = Field(ge=0.0)
+    speedup: float = Field(gt=0.0)  # exact (flat GEMM) time / certified time, same process
+
+
+class CertifiedLists(_Frozen):
+    """How a certified ``ivf`` index is stored and scored (CONTRACT §1): ``nlist`` lists from
+    k-means on ``train_size`` rows, offsets in ``storage``, ``rank`` principal axes per list,
+    and the bound a request gets when it names none (``max_error``, nats)."""
+
+    nlist: int = Field(ge=1)
+    train_size: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    storage: Literal["float32", "float16"] = "float32"
+    max_error: float = Field(ge=0.0)
+    measured: CertifiedMeasure | None = None  # filled by the build before publishing
+
+
 class Policy(_Frozen):
     """The default accept/reject rules of a model (overridable per request).
 
@@ -258,7 +289,8 @@ class IndexManifest(_Frozen):
         default=None, validation_alias=AliasChoices("projection", "pca")
     )
     latent_set: str | None = None  # what the training latents are (--latent-set), for the record
-    search: ApproximateSearch | None = None  # ivf and hnsw
+    search: ApproximateSearch | None = None  # ivf and hnsw built before certified scoring
+    certified: CertifiedLists | None = None  # ivf: certified scoring (ivf_*.npy/npz)
     bandwidth: Bandwidth
     sampler: SamplerRecipe | None = None
     generator: ModuleReference | None = None
@@ -274,4 +306,7 @@ class IndexManifest(_Frozen):
 
     def shard_layout(self) -> tuple[IndexShard, ...]:
         """Every shard of this version, unsharded versions as one shard over all N rows."""
-        return self.shards or (IndexShard(file="index.faiss", start=0, count=self.n),)
+        if self.shards:
+            return self.shards
+        return (IndexShard(file=IVF_OFFSETS_FILE if self.certified else "index.faiss", start=0,
+                           count=self.n),)

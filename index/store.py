@@ -27,6 +27,8 @@ from pydantic import ValidationError
 
 from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
+from latentsieve.index.gemm_operand import GemmOperand, load_operand, operand_files
+from latentsieve.index.ivf_lists import IvfLists, StoredRows
 from latentsieve.index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
 from latentsieve.index.projection import project
 
@@ -36,14 +38,17 @@ STAGING = ".staging"
 
 @dataclass(frozen=True)
 class LoadedShard:
-    """One opened shard: rows ``start .. start + len(latents) - 1`` of the version. ``latents``
-    is a zero-copy (n, d) float32 view of the memory-mapped flat index, valid while ``index``
-    lives (for ivf and hnsw a reconstructed copy)."""
+    """One opened shard: rows ``start .. start + len(latents) - 1`` of the version. For flat,
+    ``latents`` is a zero-copy (n, d) float32 view of the memory-mapped FAISS ``index``, valid
+    while it lives; for a certified ivf version, ``lists`` (offsets memory-mapped) and
+    ``latents`` its rows reconstructed on demand (:class:`StoredRows`), ``index`` None."""
 
     number: int
     start: int
-    index: faiss.Index
+    index: faiss.Index | None
     latents: np.ndarray
+    lists: IvfLists | None = None
+    operand: GemmOperand | None = None  # flat: the stored GEMM operand (older versions: None)
 
 
 @dataclass
@@ -66,8 +71,8 @@ class LoadedVersion:
         return self._whole().latents
 
     @property
-    def index(self) -> faiss.Index:
-        """The FAISS index of an unsharded version."""
+    def index(self) -> faiss.Index | None:
+        """The FAISS index of an unsharded version (None for certified ivf)."""
         return self._whole().index
 
     def _whole(self) -> LoadedShard:
@@ -154,10 +159,7 @@ class LatentStore:
         }
         if verify:
             verify_files(folder, {k: v for k, v in manifest.files.items() if k not in skipped})
-        opened = tuple(
-            LoadedShard(number, layout[number].start, *_read_index(folder, manifest, number))
-            for number in wanted
-        )
+        opened = tuple(_open_shard(folder, manifest, number) for number in wanted)
         calibration = manifest.calibration
         scores = np.load(folder / calibration.scores_file, allow_pickle=False)
         indices = (
@@ -227,38 +229,51 @@ class LatentStore:
         return rows
 
 
-def _read_index(
-    folder: Path, manifest: IndexManifest, number: int
-) -> tuple[faiss.Index, np.ndarray]:
-    """Shard ``number``'s index and its vectors (n, d') float32: a zero-copy view of a
-    memory-mapped flat index; for ivf and hnsw an in-memory index and a copy of its vectors."""
+def _open_shard(folder: Path, manifest: IndexManifest, number: int) -> LoadedShard:
+    """Shard ``number``: a memory-mapped flat FAISS index and a zero-copy view of its vectors,
+    or a certified ivf version's lists (offsets memory-mapped)."""
     shard = manifest.shard_layout()[number]
-    path = folder / shard.file
     projected = manifest.projection
     expected = (shard.count, projected.dim if projected is not None else manifest.dim)
+    if manifest.kind != "flat":
+        if manifest.certified is None:
+            raise StoreError(
+                f"{manifest.model}/{manifest.version} is a {manifest.kind} index built before "
+                "scores were certified; rebuild it with `latentsieve index build --kind ivf` "
+                "(docs/scoring.md, migration)"
+            )
+        try:
+            lists = IvfLists.load(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"{folder}: unreadable ivf lists ({exc})") from exc
+        if (lists.n, lists.dim) != expected or lists.nlist != manifest.certified.nlist:
+            raise StoreError(
+                f"{folder}: ivf lists hold {lists.n} x {lists.dim} in {lists.nlist} lists, "
+                f"manifest says {expected[0]} x {expected[1]} in {manifest.certified.nlist}"
+            )
+        rows: Any = StoredRows(lists)  # an (n, d) array-like: rows reconstructed on demand
+        return LoadedShard(number, shard.start, None, rows, lists)
+    path = folder / shard.file
     try:
-        if manifest.kind == "flat":
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
-        else:
-            index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError as exc:
         raise StoreError(f"{path}: unreadable FAISS index ({exc})") from exc
-    inner: Any = faiss.downcast_index(index)  # the concrete SWIG class, per kind
-    wanted: dict[str, Any] = {
-        "flat": faiss.IndexFlatL2, "ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat
-    }
-    if not isinstance(inner, wanted[manifest.kind]):
-        raise StoreError(f"{path}: expected a {manifest.kind} index, got {type(inner).__name__}")
+    inner: Any = faiss.downcast_index(index)  # the concrete SWIG class
+    if not isinstance(inner, faiss.IndexFlatL2):
+        raise StoreError(f"{path}: expected a flat index, got {type(inner).__name__}")
     if (inner.ntotal, inner.d) != expected:
         raise StoreError(
             f"{path}: index holds {inner.ntotal} x {inner.d}, manifest says "
             f"{expected[0]} x {expected[1]}"
         )
-    if manifest.kind == "flat":
-        return index, np.asarray(_FlatVectors(index, inner))
-    if manifest.kind == "ivf":
-        inner.make_direct_map()
-    return index, index.reconstruct_n(0, inner.ntotal)
+    operand = None
+    if operand_files(shard.file)[0] in manifest.files:  # versions built before have none
+        try:
+            operand = load_operand(folder, shard.file, *expected)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"{folder}: unreadable GEMM operand ({exc})") from exc
+    return LoadedShard(number, shard.start, index, np.asarray(_FlatVectors(index, inner)),
+                       operand=operand)
 
 
 class _FlatVectors:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -173,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "model", required=True, help="the model's name")
     _add(build, "latents", required=True, help=".npy, .pt/.pth or .safetensors, shape (N, ...)")
     _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
-    _add(build, "kind", default="flat", listed=("flat", "ivf", "hnsw"),
-         help="flat is exact; ivf and hnsw are approximate")
+    _add(build, "kind", default="flat", listed=("flat", "ivf"),
+         help="flat is exact; ivf is approximate with a certified bound on every score "
+              "(hnsw is retired)")
     _add(build, "pca", type=int, default=None, help="project onto the top DIM principal axes")
     _add(build, "space", default=None, listed=("raw", "active", "standardized"),
          shown="active",
@@ -186,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="what the latents are (e.g. encoder-means, ddim-inversions), recorded")
     _add(build, "bandwidth-neighbours", type=int, default=None, shown="1",
          help="k of --sigma auto: median distance to the k-th nearest training latent")
-    _add(build, "neighbours", type=int, default=None, shown="256", help="k scored by ivf/hnsw")
+    _add(build, "storage", default="float32", listed=("float32", "float16"),
+         help="ivf: precision of the stored latents (as offsets from their list's mean)")
+    _add(build, "max-error", type=float, default=None, shown="0.01",
+         help="ivf: nats, the bound of a score whose request names none")
+    _add(build, "nlist", type=int, default=None, shown="auto",
+         help="ivf: lists (auto: a power of two near 2 sqrt(N), within a memory budget)")
     _add(build, "shards", type=int, default=1,
          help="split a flat index into K row-disjoint shards (workers serve them apart)")
     _add(build, "sampler", default=None,
@@ -222,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(source, "seeds", default=None, help="A-B, inclusive; or --latents")
     _add(score, "sigma", type=float, default=None, shown="the index's",
          help="bandwidth (percentiles are recalibrated at it)")
+    _add(score, "max-error", type=float, default=None, shown="the index's",
+         help="ivf: nats, the largest error_bound accepted (exact kinds meet any)")
     _add(score, "out", default=None, shown="JSON on stdout", help="FILE.json or FILE.npy")
     _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")
     _add(score, "device", default="auto", help=DEVICES)
@@ -278,11 +287,10 @@ def _build(args: argparse.Namespace) -> int:
     from latentsieve.index.bandwidth import AUTO_K
     from latentsieve.index.build import (
         DEFAULT_CALIBRATION_COUNT,
-        DEFAULT_NEIGHBOURS,
         BuildOptions,
         build_version,
     )
-    from latentsieve.index.manifest import Policy
+    from latentsieve.index.manifest import DEFAULT_MAX_ERROR, Policy
     from latentsieve.index.projection import ACTIVE_THRESHOLD
     from latentsieve.index.store import LatentStore
     from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries
@@ -310,8 +318,10 @@ def _build(args: argparse.Namespace) -> int:
         ),
         policy=_policy(args.policy, args.min_percentile),
         descriptors=_descriptor_options(args),
-        neighbours=_whole(args.neighbours, DEFAULT_NEIGHBOURS),
         shards=_whole(args.shards, 1),
+        storage=args.storage,
+        max_error=float(args.max_error if args.max_error is not None else DEFAULT_MAX_ERROR),
+        nlist=int(args.nlist) if args.nlist is not None else None,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     folder = build_version(
@@ -396,7 +406,10 @@ def _score(args: argparse.Namespace) -> int:
         latents = raw.reshape(raw.shape[0], -1)
     sigma = None if args.sigma is None else check_sigma(args.sigma)
     names = sorted(parse_descriptor_names(args.descriptors, manifest.policy))
-    job = ScoreJob(args.model, latents, seeds, sigma, names or None)
+    max_error = None if args.max_error is None else float(args.max_error)
+    if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
+        raise CliError(f"--max-error must be a finite number >= 0 nats, got {args.max_error}")
+    job = ScoreJob(args.model, latents, seeds, sigma, names or None, max_error=max_error)
 
     async def run() -> dict[str, object]:
         async with offline_engine(Path(args.store), args.device, MAX_CLI_SEEDS) as engine:

@@ -155,11 +155,11 @@ def _render(generator: torch.nn.Module, latents: np.ndarray, shape: tuple[int, .
 
 def _nearest_neighbour_score(scorer: ModelScorer, queries: np.ndarray) -> np.ndarray:
     """Minus the L2 distance to the nearest training latent (higher = closer): (n,); exact,
-    by the version's own FAISS index for ``flat`` and a flat copy for the approximate kinds."""
+    by the version's own FAISS index for ``flat`` and a flat copy for ``ivf``."""
     import faiss
 
     index = scorer.loaded.index
-    if scorer.manifest.kind != "flat":
+    if index is None:  # certified ivf: a flat copy of its stored rows
         index = faiss.IndexFlatL2(scorer.loaded.latents.shape[1])
         index.add(np.ascontiguousarray(scorer.loaded.latents, dtype=np.float32))
     squared, _ = index.search(np.ascontiguousarray(queries, dtype=np.float32), 1)

@@ -53,6 +53,7 @@ class CachedScore(TypedDict):
     log_density: float
     percentile: float
     descriptors: NotRequired[dict[str, float]]
+    error_bound: NotRequired[float]  # nats, certified ivf
 
 
 class CacheSettings(Protocol):
@@ -74,7 +75,8 @@ def _length_prefixed(part: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=256)
 def _prefix_digest(
-    model: str, index_version: str, sigma_hex: str, names: tuple[str, ...], generator_sha256: str
+    model: str, index_version: str, sigma_hex: str, names: tuple[str, ...], generator_sha256: str,
+    bound_hex: str = "",
 ) -> hashlib._Hash:
     """SHA-256 state after the parts every key of one (model, version, sigma, descriptor set,
     generator) shares; callers ``copy()`` it, never update it."""
@@ -89,6 +91,7 @@ def _prefix_digest(
                 len(names).to_bytes(8, "big"),
                 *(name.encode() for name in names),
                 generator_sha256.encode(),
+                bound_hex.encode(),
             )
         )
     )
@@ -101,6 +104,7 @@ def cache_keys(
     descriptors: tuple[str, ...],
     latents: Sequence[bytes] | np.ndarray,
     generator_sha256: str = "",
+    max_error: float | None = None,
 ) -> list[str]:
     """``"ls:v1:<sha256 hex>"`` per latent, over every input that changes a score.
 
@@ -108,12 +112,13 @@ def cache_keys(
     exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
     and repeats do not matter; descriptor requests also carry the generator's sha256. A latent
     is its bytes as the gateway normalises them (one dtype and byte order for every request
-    form): ``bytes`` each, or an ``(n, d)`` array whose rows are hashed in place. The shared
-    prefix is hashed once per (model, version, sigma, descriptors, generator).
+    form): ``bytes`` each, or an ``(n, d)`` array whose rows are hashed in place. A certified
+    ivf version's scores also depend on the bound asked for (``max_error``, exactly). The shared
+    prefix is hashed once per (model, version, sigma, descriptors, generator, bound).
     """
     prefix = _prefix_digest(  # sigma as its hex text: 0.0 and -0.0 are equal floats
         model, index_version, float(sigma).hex(), tuple(sorted(set(descriptors))),
-        generator_sha256,
+        generator_sha256, "" if max_error is None else float(max_error).hex(),
     )
     if isinstance(latents, np.ndarray) and latents.size:
         # Rows of one array share a length: hash its prefix once, then slice one flat view.
@@ -274,19 +279,24 @@ def _copy(score: CachedScore) -> CachedScore:
 
 
 def _encode(score: CachedScore) -> bytes:
-    """Compact JSON ``[log_density, percentile]`` or ``[.., .., {descriptors}]``; ``repr``
-    floats round-trip exactly."""
+    """Compact JSON ``[log_density, percentile]``, ``[.., .., {descriptors}]``, or with a
+    certified bound ``[.., .., {descriptors or none}, error_bound]``; ``repr`` floats
+    round-trip exactly."""
     values: list[object] = [score["log_density"], score["percentile"]]
-    if "descriptors" in score:
-        values.append(score["descriptors"])
+    if "descriptors" in score or "error_bound" in score:
+        values.append(score.get("descriptors", {}))
+    if "error_bound" in score:
+        values.append(score["error_bound"])
     return json.dumps(values, separators=(",", ":")).encode()
 
 
 def _decode(raw: bytes | str) -> CachedScore:
     values = json.loads(raw)
     score = CachedScore(log_density=float(values[0]), percentile=float(values[1]))
-    if len(values) > 2:
+    if len(values) > 2 and values[2]:
         score["descriptors"] = {str(k): float(v) for k, v in dict(values[2]).items()}
+    if len(values) > 3:
+        score["error_bound"] = float(values[3])
     return score
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from latentsieve.index.manifest import Policy
+from latentsieve.index.manifest import IndexManifest, Policy
 from latentsieve.service.cache import CachedScore, ScoreCache, cache_keys
 from latentsieve.service.errors import ServiceError
 from latentsieve.service.registry import ModelRegistry, ServedModel
@@ -72,6 +72,7 @@ class ScoreJob:
     sigma: float | None = None
     descriptors: Sequence[str] | None = None
     policy: Policy | None = None
+    max_error: float | None = None  # nats, certified ivf (None: the index's)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,15 @@ class SelectJob:
     min_distance: float | None = None
     sigma: float | None = None
     policy: Policy | None = None
+    max_error: float | None = None  # nats, certified ivf (None: the index's)
+
+
+def bound_asked(manifest: IndexManifest, max_error: float | None) -> float | None:
+    """The bound a certified ivf version scores to (the request's, else its own); None for
+    exact kinds, whose scores meet any (so their batches and cache entries stay shared)."""
+    if manifest.certified is None:
+        return None
+    return manifest.certified.max_error if max_error is None else max_error
 
 
 def effective_policy(default: Policy, override: Policy | None) -> Policy:
@@ -192,7 +202,9 @@ class ScoringEngine:
                     latents = await self._draw(view, job.seeds or [])
             # Bounded inside: the calibration and the compute wait until the deadline at most,
             # and Redis within its socket timeout.
-            batch, cached = await self._score_latents(served, latents, sigma, deadline, names)
+            batch, cached = await self._score_latents(
+                served, latents, sigma, deadline, names, bound_asked(manifest, job.max_error)
+            )
         except TimeoutError as exc:
             raise self._timed_out() from exc
         return self._report(view, batch, cached, sigma, policy, job.seeds)
@@ -211,11 +223,14 @@ class ScoringEngine:
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, None, policy)
         seeds = range(job.start, job.start + job.count)
+        bound = bound_asked(manifest, job.max_error)
         deadline = self.deadline()
         try:
             async with asyncio.timeout_at(deadline):
                 latents = await self._draw(view, seeds)
-                batch, cached = await self._score_latents(served, latents, sigma, deadline)
+                batch, cached = await self._score_latents(
+                    served, latents, sigma, deadline, max_error=bound
+                )
                 # Best first; equal scores keep the lower seed first: deterministic answers.
                 order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
                 kept = await asyncio.to_thread(
@@ -225,7 +240,7 @@ class ScoringEngine:
                 kept_cached = [cached[row] for row in kept]
                 if names:  # the policy bounds descriptors: compute them for the kept seeds
                     chosen, kept_cached = await self._score_latents(
-                        served, latents[kept], sigma, deadline, names
+                        served, latents[kept], sigma, deadline, names, bound
                     )
         except TimeoutError as exc:
             raise self._timed_out() from exc
@@ -289,8 +304,10 @@ class ScoringEngine:
         sigma: float,
         deadline: float,
         descriptors: tuple[str, ...] = NO_DESCRIPTORS,
+        max_error: float | None = None,
     ) -> tuple[ScoredBatch, list[bool]]:
-        """Cached scores where present, the transport for the rest; scores and hit flags."""
+        """Cached scores where present, the transport for the rest; scores and hit flags.
+        ``max_error`` (certified ivf only) is part of the cache key and of the work."""
         manifest = served.view.manifest
         generator = (
             f"{manifest.generator.sha256}:{manifest.generator.state_sha256 or ''}"
@@ -298,7 +315,7 @@ class ScoringEngine:
             else ""
         )
         keys = cache_keys(
-            manifest.model, manifest.version, sigma, descriptors, latents, generator,
+            manifest.model, manifest.version, sigma, descriptors, latents, generator, max_error,
         )
         hits = await self.cache.get_many(keys)
         misses = [row for row, hit in enumerate(hits) if hit is None]
@@ -325,14 +342,21 @@ class ScoringEngine:
             )
             for name in descriptors
         }
+        bounds = None
+        if max_error is not None:
+            bounds = np.array([np.nan if h is None else h.get("error_bound", np.nan)
+                               for h in hits])
         if misses:
             await self.calibration(served, sigma, deadline)
             query = ShardQuery(np.ascontiguousarray(latents[misses], dtype=np.float32))
-            work = _work(served, sigma, descriptors, query)
+            work = _work(served, sigma, descriptors, query, max_error=max_error)
             computed = await self._compute(served, work, deadline)
-            fresh = served.view.scored(computed.log_density, sigma, computed.descriptors)
+            fresh = served.view.scored(computed.log_density, sigma, computed.descriptors,
+                                       computed.error_bound)
             log_density[misses] = fresh.log_density
             percentile[misses] = fresh.percentile
+            if bounds is not None and fresh.error_bound is not None:
+                bounds[misses] = fresh.error_bound
             for name in descriptors:
                 values[name][misses] = fresh.descriptors[name]
                 ranks[name][misses] = fresh.descriptor_percentiles[name]
@@ -340,7 +364,7 @@ class ScoringEngine:
                 [(keys[row], _cached(fresh, index)) for index, row in enumerate(misses)]
             )
         cached = [hit is not None for hit in hits]
-        return ScoredBatch(log_density, percentile, values, ranks), cached
+        return ScoredBatch(log_density, percentile, values, ranks, bounds), cached
 
     def _report(
         self,
@@ -375,12 +399,12 @@ class ScoringEngine:
 
 def _work(
     served: ServedModel, sigma: float, descriptors: tuple[str, ...], query: ShardQuery,
-    index_space: bool = False,
+    index_space: bool = False, max_error: float | None = None,
 ) -> Work:
     """What the transport computes for ``query`` on every shard of the served version."""
     manifest = served.view.manifest
     return Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
-                index_space, len(manifest.shard_layout()))
+                index_space, len(manifest.shard_layout()), max_error)
 
 
 def _cached(batch: ScoredBatch, row: int) -> CachedScore:
@@ -388,6 +412,8 @@ def _cached(batch: ScoredBatch, row: int) -> CachedScore:
     entry = CachedScore(
         log_density=float(batch.log_density[row]), percentile=float(batch.percentile[row])
     )
+    if batch.error_bound is not None:
+        entry["error_bound"] = float(batch.error_bound[row])
     if batch.descriptors:
         entry["descriptors"] = {
             **{name: float(values[row]) for name, values in batch.descriptors.items()},

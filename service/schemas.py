@@ -86,6 +86,16 @@ Sigma = Annotated[
 ]
 
 
+MaxError = Annotated[
+    float,
+    Field(
+        ge=0.0, allow_inf_nan=False, strict=True,
+        description="nats: the largest error_bound this request accepts from a certified ivf "
+                    "index (default: the index's); exact kinds meet any",
+    ),
+]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -231,6 +241,7 @@ class ScoreRequest(_Body):
     sigma: Sigma | None = None
     descriptors: list[str] | None = None
     policy: Policy | None = None
+    max_error: MaxError | None = None
 
     @field_validator("descriptors")
     @classmethod
@@ -277,6 +288,7 @@ class SelectRequest(_Body):
     min_distance: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
     sigma: Sigma | None = None
     policy: Policy | None = None
+    max_error: MaxError | None = None
 
     def range_problem(self) -> str | None:
         """What is wrong across fields (JSON Schema cannot say it), or None. Checked after

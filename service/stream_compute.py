@@ -173,7 +173,7 @@ class StreamCompute:
             for shard in range(count):
                 job = Job(job_id, self.replies, expires, work.model, work.version, shard,
                           work.sigma, work.descriptors if shard == 0 else (),
-                          work.index_space, work.query)
+                          work.index_space, work.query, work.max_error)
                 pipe.xadd(job_stream(work.model, shard), job.to_fields())  # type: ignore[arg-type]
             await pipe.execute()
         except (RedisError, OSError) as exc:

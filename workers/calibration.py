@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -17,9 +18,16 @@ from latentsieve.index.build import (
     DescriptorCalibration,
     DescriptorOptions,
 )
-from latentsieve.index.manifest import DESCRIPTOR_NAMES, ModuleReference, SamplerRecipe
+from latentsieve.index.ivf_lists import IvfLists
+from latentsieve.index.manifest import (
+    DEFAULT_MAX_ERROR,
+    DESCRIPTOR_NAMES,
+    CertifiedMeasure,
+    ModuleReference,
+    SamplerRecipe,
+)
 from latentsieve.index.projection import project
-from latentsieve.workers.approximate import measure_error, open_density
+from latentsieve.workers.approximate import open_density
 from latentsieve.workers.density import DensityEngine, DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
 from latentsieve.workers.modules import load_module, module_state_sha256
@@ -60,15 +68,44 @@ def score_calibration(
     return out
 
 
+def measure_certified(
+    certified: DensityScorer,
+    exact: DensityScorer,
+    queries: np.ndarray,
+    sigma: float,
+    exclude: np.ndarray | None = None,
+) -> CertifiedMeasure:
+    """A certified scorer against the exact engine on (n, d) held-out ``queries``: its largest
+    bound and true error (nats), and exact time / certified time (each the best of two runs,
+    interleaved, in this process)."""
+    exact_s = certified_s = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        want = exact.log_density(queries, sigma, exclude).log_density
+        exact_s = min(exact_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        got = certified.log_density(queries, sigma, exclude)
+        certified_s = min(certified_s, time.perf_counter() - start)
+    bound = got.error_bound if got.error_bound is not None else np.zeros_like(want)
+    probed = getattr(certified, "last_lists_probed", None)
+    return CertifiedMeasure(
+        sample=int(want.size),
+        half_width_max=float(bound.max()),
+        error_max=float(np.abs(got.log_density - want).max()),
+        lists_probed_mean=float(np.mean(probed)) if probed is not None else 0.0,
+        speedup=exact_s / max(certified_s, 1e-9),
+    )
+
+
 def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     """The ``index build`` calibrator: scores the request's calibration set at its sigma and,
     with a generator, the descriptors of its first ``descriptors.calibration_count`` latents."""
-    index = (
-        faiss.read_index(str(request.index_file))
-        if request.kind != "flat" and request.index_file is not None
-        else None
+    certified = request.certified
+    lists = IvfLists.load(request.version_dir) if certified is not None else None
+    engine = open_density(
+        request.latents, lists,
+        default_max_error=certified.max_error if certified is not None else DEFAULT_MAX_ERROR,
     )
-    engine = open_density(request.kind, request.latents, index, request.search)
     draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
     draw: Draw | None = None  # seeds -> the index's space
     states: dict[str, str] = {}
@@ -91,7 +128,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         progress=request.progress,
     )
     measured = None
-    if request.search is not None:
+    if certified is not None:
         sample = min(ERROR_SAMPLE, request.count)
         if draw is not None and request.seed_start is not None:
             queries, rows = draw(range(request.seed_start, request.seed_start + sample)), None
@@ -99,10 +136,10 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
             assert request.indices is not None
             rows = request.indices[:sample]
             queries = np.asarray(request.latents[rows], dtype=np.float32)
-        measured = measure_error(engine, DensityEngine(request.latents), queries, request.sigma,
-                                 rows)
+        measured = measure_certified(engine, DensityEngine(request.latents), queries,
+                                     request.sigma, rows)
     if request.generator is None or request.descriptors is None:
-        return CalibrationResult(scores, measured_error=measured, module_states=states)
+        return CalibrationResult(scores, measured=measured, module_states=states)
     count = min(request.descriptors.calibration_count, request.count)
     if draw_source is not None and request.seed_start is not None:
         latents = draw_source(range(request.seed_start, request.seed_start + count))

@@ -32,12 +32,12 @@ interval are widened by REL_SLACK |value| + ABS_SLACK (+ (N + L) u for the log-s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
+from latentsieve.index.ivf_lists import IvfLists, ListStats, kmeans_labels
 from latentsieve.index.manifest import check_sigma
 
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps)  # 2^-52, generous for round-to-nearest
@@ -136,124 +136,6 @@ def logsumexp_rows(x: np.ndarray) -> np.ndarray:
     shift = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):
         return np.asarray(shift + np.log(np.exp(x - shift[:, None]).sum(axis=1)))
-
-
-# --- Per-list statistics ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ListStats:
-    """Per-list statistics of a partition, float64, one entry per list (L lists, d dims).
-
-    With x a member's offset from its list's exact member mean ``means[l]``:
-    ``radii`` max |x|, ``spreads`` mean |x|^2, ``sq_vars`` the variance of |x|^2, ``skews``
-    (L, d) the mean of (|x|^2 - spread) x, ``axes`` (L, K, d) the K leading principal directions
-    of the members' covariance, ``axis_vars`` (L, K) their variances, ``rest_vars`` (L,) the
-    largest variance left in the other directions (0 when K = d); ``extents`` (L, K) max |v_k.x|
-    along each axis, ``rest_radii`` max |x| outside the axes' span, ``min_sqs`` min |x|^2 (they
-    bound q_c.x for any query far better than the radius when a list is flat). Empty lists are
-    all zeros.
-    """
-
-    counts: np.ndarray
-    means: np.ndarray
-    radii: np.ndarray
-    spreads: np.ndarray
-    sq_vars: np.ndarray
-    skews: np.ndarray
-    axes: np.ndarray
-    axis_vars: np.ndarray
-    rest_vars: np.ndarray
-    extents: np.ndarray
-    rest_radii: np.ndarray
-    min_sqs: np.ndarray
-
-    @property
-    def rank(self) -> int:
-        """K, the number of principal directions kept per list."""
-        return int(self.axes.shape[1])
-
-
-def default_rank(dim: int) -> int:
-    """Principal directions kept per list: all of them up to d = 8, then 8 + d / 32."""
-    return dim if dim <= 8 else min(dim, 8 + dim // 32)
-
-
-def _offsets(counts: np.ndarray) -> np.ndarray:
-    """Start of each list in the grouped array, plus the total: (L + 1,) int64."""
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-
-def _member_stats(members: np.ndarray, rank: int) -> tuple[Any, ...]:
-    """(mean, radius, spread, sq_var, skew, axes, axis_vars, rest_var, extents, rest_radius,
-    min_sq) of one list's (n, d) float64 members; the mean gets one correction pass."""
-    mean = members.mean(axis=0)
-    mean += (members - mean).mean(axis=0)
-    x = members - mean
-    sq = np.einsum("ij,ij->i", x, x)
-    spread = sq.mean()
-    dev = sq - spread
-    values, vectors = np.linalg.eigh(x.T @ x / x.shape[0])
-    values, vectors = np.maximum(values[::-1], 0.0), vectors[:, ::-1]
-    rest = values[rank] if rank < values.shape[0] else 0.0
-    axes = vectors[:, :rank].T
-    coords = x @ axes.T
-    outside = np.maximum(sq - np.einsum("ik,ik->i", coords, coords), 0.0)
-    return (mean, math.sqrt(sq.max()), spread, float((dev * dev).mean()), dev @ x / x.shape[0],
-            axes, values[:rank], rest, np.abs(coords).max(axis=0), math.sqrt(outside.max()),
-            sq.min())
-
-
-def _stats_of_lists(
-    member_lists: Iterable[np.ndarray], counts: np.ndarray, dim: int, rank: int
-) -> ListStats:
-    """ListStats from each list's float64 members, in list order (empty lists give zeros)."""
-    nlist = counts.shape[0]
-    means, skews = np.zeros((nlist, dim)), np.zeros((nlist, dim))
-    radii, spreads, sq_vars, rest_vars, rest_radii, min_sqs = (np.zeros(nlist) for _ in range(6))
-    axes, axis_vars = np.zeros((nlist, rank, dim)), np.zeros((nlist, rank))
-    extents = np.zeros((nlist, rank))
-    for label, members in enumerate(member_lists):
-        if members.shape[0]:
-            (means[label], radii[label], spreads[label], sq_vars[label], skews[label],
-             axes[label], axis_vars[label], rest_vars[label], extents[label], rest_radii[label],
-             min_sqs[label]) = _member_stats(members, rank)
-    return ListStats(counts.astype(np.int64), means, radii, spreads, sq_vars, skews, axes,
-                     axis_vars, rest_vars, extents, rest_radii, min_sqs)
-
-
-def _check_partition(latents: np.ndarray, labels: np.ndarray, nlist: int) -> np.ndarray:
-    """Validated labels as int64 (N,) for (N, d) finite latents and nlist lists."""
-    if latents.ndim != 2 or latents.shape[0] < 1 or latents.shape[1] < 1:
-        raise ValueError(f"latents must have shape (N, d) with N, d >= 1, got {latents.shape}")
-    if not np.all(np.isfinite(latents)):
-        raise ValueError("latents contain NaN or Inf")
-    if nlist < 1:
-        raise ValueError(f"nlist must be >= 1, got {nlist}")
-    lab = np.asarray(labels).reshape(-1)
-    if lab.shape[0] != latents.shape[0] or not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError("labels must be N integers")
-    lab = lab.astype(np.int64)
-    if lab.min() < 0 or lab.max() >= nlist:
-        raise ValueError(f"labels must lie in [0, {nlist})")
-    return lab
-
-
-def list_stats(
-    latents: np.ndarray, labels: np.ndarray, nlist: int, rank: int | None = None
-) -> ListStats:
-    """ListStats of ``nlist`` lists: ``latents`` (N, d), ``labels`` (N,) ints in [0, nlist);
-    lists may be empty; ``rank`` principal directions per list (default_rank(d))."""
-    x = np.asarray(latents)
-    lab = _check_partition(x, labels, nlist)
-    dim = x.shape[1]
-    rank = default_rank(dim) if rank is None else min(max(rank, 0), dim)
-    order = np.argsort(lab, kind="stable")
-    counts = np.bincount(lab, minlength=nlist)
-    offsets = _offsets(counts)
-    members = (np.asarray(x[order[offsets[i] : offsets[i + 1]]], dtype=np.float64)
-               for i in range(nlist))
-    return _stats_of_lists(members, counts, dim, rank)
 
 
 # --- Per-list bounds ----------------------------------------------------------------------------
@@ -435,9 +317,6 @@ class CertifiedScores:
     lists_probed: np.ndarray
 
 
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
 class _ProbeOrder:
     """Each query's lists by decreasing upper bound: the first ``PROBE_HEAD`` found by a
     partition, the full order only for queries that probe past them (it keeps the head)."""
@@ -468,69 +347,14 @@ class _ProbeOrder:
 
 
 class CertifiedIVF:
-    """Training latents grouped by IVF list, scored by eq. (1) with a certified interval.
+    """Eq. (1) over stored IVF lists (:class:`IvfLists`) with a certified interval: the exact
+    value over the stored latents (:meth:`IvfLists.reconstruct`) lies in [low, high]."""
 
-    Each list l keeps an origin o_l (its members' float64 mean) and its members' offsets from
-    it in ``storage`` precision (float32 or float16); the stored latent is o_l + offset, and
-    eq. (1) is certified over the stored latents (:meth:`reconstruct`).
-    """
-
-    def __init__(
-        self,
-        latents: np.ndarray,
-        labels: np.ndarray,
-        nlist: int,
-        storage: str = "float32",
-        rank: int | None = None,
-    ) -> None:
-        """Group (N, d) ``latents`` by ``labels`` (N,) ints in [0, nlist); keep list stats."""
-        if storage not in STORAGE_DTYPES:
-            raise ValueError(f"storage must be one of {sorted(STORAGE_DTYPES)}, got {storage!r}")
-        x = np.asarray(latents)
-        lab = _check_partition(x, labels, nlist)
-        self.n, self.dim, self.nlist = int(x.shape[0]), int(x.shape[1]), int(nlist)
-        self.storage = storage
-        self.order = np.argsort(lab, kind="stable")  # grouped row k is latents[order[k]]
-        counts = np.bincount(lab, minlength=nlist)
-        self.offsets = _offsets(counts)
-        self.origins = np.zeros((nlist, self.dim))
-        self.residuals = np.empty((self.n, self.dim), dtype=STORAGE_DTYPES[storage])
-        for label in np.flatnonzero(counts):
-            rows = slice(self.offsets[label], self.offsets[label + 1])
-            members = np.asarray(x[self.order[rows]], dtype=np.float64)
-            self.origins[label] = members.mean(axis=0)
-            self.residuals[rows] = members - self.origins[label]
-        self.row_sq = np.empty(self.n)
-        for start in range(0, self.n, GATHER_BLOCK // self.dim + 1):
-            chunk = self.residuals[start : start + GATHER_BLOCK // self.dim + 1].astype(np.float64)
-            self.row_sq[start : start + chunk.shape[0]] = np.einsum("ij,ij->i", chunk, chunk)
-        self.row_radius = np.zeros(nlist)  # max |offset| per list, for the GEMM rounding bound
-        full = np.flatnonzero(counts)
-        self.row_radius[full] = np.sqrt(np.maximum.reduceat(self.row_sq, self.offsets[full]))
+    def __init__(self, lists: IvfLists) -> None:
+        self.lists = lists
+        self.n, self.dim, self.nlist = lists.n, lists.dim, lists.nlist
+        self.stats = lists.stats
         self._bias: tuple[float, np.ndarray] | None = None
-        rank = default_rank(self.dim) if rank is None else min(max(rank, 0), self.dim)
-        self.stats = _stats_of_lists(
-            (self._members(label) for label in range(nlist)), counts, self.dim, rank
-        )
-
-    def _members(self, label: int) -> np.ndarray:
-        """The stored latents of list ``label``, float64 (n_l, d)."""
-        rows = slice(self.offsets[label], self.offsets[label + 1])
-        return self.origins[label] + self.residuals[rows].astype(np.float64)
-
-    def reconstruct(self) -> np.ndarray:
-        """The stored latents, float64 (N, d), in the order they were given."""
-        out = np.empty((self.n, self.dim))
-        for label in range(self.nlist):
-            out[self.order[self.offsets[label] : self.offsets[label + 1]]] = self._members(label)
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: stored offsets, row norms, row order, origins and list statistics."""
-        arrays = [self.residuals, self.row_sq, self.order, self.offsets, self.origins,
-                  self.row_radius, *vars(self.stats).values()]
-        return int(sum(np.asarray(a).nbytes for a in arrays))
 
     @classmethod
     def build(
@@ -542,26 +366,21 @@ class CertifiedIVF:
         storage: str = "float32",
         rank: int | None = None,
     ) -> CertifiedIVF:
-        """k-means (faiss.Kmeans) on a sample of ``train_size`` rows (default min(N, 256 L)),
-        then every row goes to its nearest centroid."""
-        import faiss
+        """Lists by k-means (:func:`kmeans_labels`), grouped and stored (:meth:`IvfLists.group`)."""
+        labels = kmeans_labels(latents, nlist, seed, train_size)
+        return cls(IvfLists.group(latents, labels, nlist, storage=storage, rank=rank))
 
-        x = np.asarray(latents)
-        n = x.shape[0]
-        if not 1 <= nlist <= n:
-            raise ValueError(f"nlist must lie in [1, N={n}], got {nlist}")
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-        size = min(n, train_size if train_size is not None else 256 * nlist)
-        if size < nlist:
-            raise ValueError(f"train_size must be >= nlist ({nlist}), got {size}")
-        rng = np.random.default_rng(seed)
-        sample = x32 if size == n else x32[np.sort(rng.choice(n, size, replace=False))]
-        kmeans = faiss.Kmeans(
-            x.shape[1], nlist, niter=20, seed=seed, verbose=False, min_points_per_centroid=1
-        )
-        kmeans.train(sample)
-        _, labels = kmeans.index.search(x32, 1)
-        return cls(x, labels[:, 0].astype(np.int64), nlist, storage=storage, rank=rank)
+    @classmethod
+    def from_labels(
+        cls, latents: np.ndarray, labels: np.ndarray, nlist: int, storage: str = "float32",
+        rank: int | None = None,
+    ) -> CertifiedIVF:
+        """An index over a given partition (``labels`` (N,) ints in [0, nlist))."""
+        return cls(IvfLists.group(latents, labels, nlist, storage=storage, rank=rank))
+
+    def reconstruct(self) -> np.ndarray:
+        """The stored latents, float64 (N, d), in input order."""
+        return self.lists.reconstruct()
 
     def _exact_log_sums(
         self, q: np.ndarray, pair_q: np.ndarray, pair_l: np.ndarray, two_s2: float,
@@ -579,10 +398,10 @@ class CertifiedIVF:
         labels, starts = np.unique(pl, return_index=True)
         ends = np.append(starts[1:], pl.shape[0])
         inv = 1.0 / two_s2
-        q_c = q[pq] - self.origins[pl]
+        q_c = q[pq] - self.lists.origins[pl]
         q_sq = np.einsum("ij,ij->i", q_c, q_c)
         q_norm = np.sqrt(q_sq)
-        radius = self.row_radius[pl] * (1.0 + 1e-6)
+        radius = self.lists.row_radius[pl] * (1.0 + 1e-6)
         count = self.stats.counts[pl]
         # float32: logits c (2 q_c.x - |x|^2) from one GEMM of 2c q_c by the offsets, less c|x|^2:
         # each within u (d + 4) 2c |q_c| r + 3 u c r^2 (casts, GEMM, subtraction); the float32
@@ -600,18 +419,19 @@ class CertifiedIVF:
         bias = self._scaled_row_sq(inv)
         log_sum = np.zeros(pl.shape[0])  # the direct lists' rows stay unused
         low, high = np.zeros(pl.shape[0]), np.zeros(pl.shape[0])
+        stored, row_sq = self.lists.offsets, self.lists.row_sq
         for label, start, end, fast, exact in zip(labels, starts, ends, use32, use64, strict=True):
-            rows = slice(self.offsets[label], self.offsets[label + 1])
+            rows = slice(self.lists.bounds[label], self.lists.bounds[label + 1])
             if fast:
-                logits = scaled[start:end] @ self.residuals[rows].astype(np.float32, copy=False).T
+                logits = scaled[start:end] @ stored[rows].astype(np.float32, copy=False).T
                 logits -= bias[rows]
                 top = logits.max(axis=1)
                 logits -= top[:, None]
                 np.exp(logits, out=logits)
                 log_sum[start:end] = top + np.log(logits.sum(axis=1, dtype=np.float64))
             elif exact:
-                dots = q_c[start:end] @ self.residuals[rows].astype(np.float64).T
-                sq = np.maximum(q_sq[start:end, None] + self.row_sq[None, rows] - 2.0 * dots, 0.0)
+                dots = q_c[start:end] @ stored[rows].astype(np.float64).T
+                sq = np.maximum(q_sq[start:end, None] + row_sq[None, rows] - 2.0 * dots, 0.0)
                 log_sum[start:end] = logsumexp_rows(-sq * inv) + inv * q_sq[start:end]
             else:
                 low[start:end], high[start:end] = self._direct_log_sums(
@@ -628,7 +448,7 @@ class CertifiedIVF:
     def _scaled_row_sq(self, inv: float) -> np.ndarray:
         """c |x|^2 per stored row as float32 (N,), kept for the last c = 1 / (2 sigma^2)."""
         if self._bias is None or self._bias[0] != inv:
-            self._bias = (inv, (self.row_sq * inv).astype(np.float32))
+            self._bias = (inv, (self.lists.row_sq * inv).astype(np.float32))
         return self._bias[1]
 
     def _direct_log_sums(
@@ -636,7 +456,7 @@ class CertifiedIVF:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) of log S_l(q) by float64 differences: each squared distance is within a
         relative (d + 4) u of exact, so the two sums take it at both ends of that range."""
-        members = self._members(label)
+        members = self.lists.members(label)
         rel = (self.dim + 4) * UNIT_ROUNDOFF
         low, high = np.empty(q.shape[0]), np.empty(q.shape[0])
         block = max(1, GATHER_BLOCK // max(members.size, 1))
@@ -647,9 +467,27 @@ class CertifiedIVF:
             high[start : start + block] = logsumexp_rows(-sq * (1.0 - rel) / two_s2)
         return low, high
 
-    def _interval(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) of eq. (1) (R,) from per-list log bounds (R, L), widened for rounding."""
-        shift = math.log(self.n)
+    def _masked_log_sums(
+        self, q: np.ndarray, labels: np.ndarray, grouped: np.ndarray, two_s2: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of log S_l(q) without one member: query k, list ``labels[k]``, grouped
+        row ``grouped[k]`` left out (leave-one-out), by float64 differences."""
+        rel = (self.dim + 4) * UNIT_ROUNDOFF
+        low, high = np.empty(q.shape[0]), np.empty(q.shape[0])
+        for k, (label, row) in enumerate(zip(labels, grouped, strict=True)):
+            members = self.lists.members(int(label))
+            sq = ((members - q[k]) ** 2).sum(axis=1)
+            sq[row - self.lists.bounds[label]] = np.inf
+            low[k] = logsumexp_rows(-(sq * (1.0 + rel))[None] / two_s2)[0]
+            high[k] = logsumexp_rows(-(sq * (1.0 - rel))[None] / two_s2)[0]
+        return low, high
+
+    def _interval(
+        self, lower: np.ndarray, upper: np.ndarray, count: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of eq. (1) (R,) from per-list log bounds (R, L) over ``count`` (R,)
+        latents each (N, or N - 1 leaving one out), widened for rounding."""
+        shift = np.log(count)
         slack = (self.n + self.nlist) * UNIT_ROUNDOFF
         return (
             widen_down(logsumexp_rows(lower) - shift - slack),
@@ -663,13 +501,15 @@ class CertifiedIVF:
         max_error: float = 0.01,
         probe_step: int = 8,
         max_probe: int | None = None,
+        exclude: np.ndarray | None = None,
     ) -> CertifiedScores:
         """Eq. (1) for (Q, d) queries, each within ``max_error`` nats (half-width) if reachable.
 
         Lists are probed in order of their upper bound, for all open queries at once,
         ``probe_step`` in the first round and twice as many in each next one, until a query's
         half-width is <= ``max_error``, every non-empty list is summed, or ``max_probe`` lists
-        are (then the interval is only wider).
+        are (then the interval is only wider). ``exclude`` (Q,) input rows, -1 for none:
+        leave-one-out, that row's list is summed first without it and the mean is over N - 1.
         """
         if not max_error >= 0.0:
             raise ValueError(f"max_error must be >= 0, got {max_error}")
@@ -687,9 +527,28 @@ class CertifiedIVF:
         tolerance = max(EXACT_SHARE * max_error, EXACT_FLOOR)
         filled = int(np.count_nonzero(self.stats.counts))
         limit = filled if max_probe is None else min(max_probe, filled)
-        probe_order = _ProbeOrder(upper, limit)
+        count = np.full(q.shape[0], float(self.n))
         probed = np.zeros(q.shape[0], dtype=np.int64)
-        low, high = self._interval(lower, upper)
+        ranking = upper
+        if exclude is not None:
+            out = np.asarray(exclude, dtype=np.int64).reshape(-1)
+            if out.shape != (q.shape[0],) or np.any(out >= self.n) or np.any(out < -1):
+                raise ValueError(f"exclude must be {q.shape[0]} rows in [-1, {self.n})")
+            left = np.flatnonzero(out >= 0)
+            if left.size:
+                if self.n < 2:
+                    raise ValueError("leave-one-out needs at least two stored latents")
+                grouped = self.lists.position()[out[left]]
+                labels = self.lists.labels_of(grouped)
+                lower[left, labels], upper[left, labels] = self._masked_log_sums(
+                    q[left], labels, grouped, two_s2
+                )
+                ranking = upper.copy()
+                ranking[left, labels] = np.inf  # first in the order: already summed
+                count[left] = self.n - 1
+                probed[left] = 1
+        probe_order = _ProbeOrder(ranking, limit)
+        low, high = self._interval(lower, upper, count)
         open_ = (high - low > 2.0 * max_error) & (probed < limit)
         step = probe_step
         while open_.any():
@@ -702,7 +561,7 @@ class CertifiedIVF:
                 q, pair_q, pair_l, two_s2, tolerance
             )
             probed[rows] += take.sum(axis=1)
-            low[rows], high[rows] = self._interval(lower[rows], upper[rows])
+            low[rows], high[rows] = self._interval(lower[rows], upper[rows], count[rows])
             open_[rows] = (high[rows] - low[rows] > 2.0 * max_error) & (probed[rows] < limit)
             step *= 2
         return CertifiedScores(

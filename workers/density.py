@@ -26,13 +26,15 @@ every ``exp`` underflows). The streaming log-sum-exp keeps memory at one
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
+from latentsieve.index.gemm_operand import GemmOperand, gemm_operand
 from latentsieve.index.manifest import check_sigma
 
 UNIT_ROUNDOFF_F32 = 2.0**-24
@@ -104,19 +106,37 @@ def _mask_excluded(logits: np.ndarray, exclude: np.ndarray, start: int) -> None:
 
 @dataclass(frozen=True)
 class DensityScores:
-    """Scores of one batch: log densities (Q,) in nats and the path that computed each row."""
+    """Scores of one batch: log densities (Q,) in nats and the path that computed each row;
+    a certified approximate scorer adds each row's bound (nats: the exact value lies within
+    ``log_density +- error_bound``), None from exact engines."""
 
     log_density: np.ndarray
     precision: np.ndarray  # (Q,) uint8: 32 = float32 GEMM, 64 = float64 GEMM, 0 = exact terms
+    error_bound: np.ndarray | None = None
+
+
+class LatentRows(Protocol):
+    """Training latents by row: an (N, d) array, or rows a certified index reconstructs on
+    demand (:class:`latentsieve.index.ivf_lists.StoredRows`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any, /) -> Any: ...
 
 
 class DensityScorer(Protocol):
     """What calibration and the scorer need of a density engine (exact or approximate)."""
 
-    latents: np.ndarray  # (N, d) training latents in the index's space
+    @property
+    def latents(self) -> LatentRows: ...  # (N, d) training latents in the index's space
 
     def log_density(
-        self, queries: np.ndarray, sigma: float, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        sigma: float,
+        exclude: np.ndarray | None = None,
+        max_error: float | None = None,
     ) -> DensityScores: ...
 
 
@@ -124,9 +144,11 @@ class DensityEngine:
     """Streaming exact scorer of eq. (1) over a fixed set of training latents.
 
     ``latents`` is an (N, d) float32 array (a memory map is fine: it is read block by block).
-    The engine keeps one centred, augmented float32 copy (N, d + 2) for the GEMM and the
-    float64 squared norms (N,). The CPU GEMM goes through NumPy's BLAS (OpenBLAS), which on
-    AMD CPUs runs markedly faster than the MKL build inside the torch wheel; CUDA uses torch.
+    The engine multiplies by a centred, augmented float32 operand (N, d + 2) and keeps the
+    float64 squared norms (N,) (:mod:`latentsieve.index.gemm_operand`): given as ``operand``
+    (a stored one, memory-mapped), or made here, a second copy of the latents. The CPU GEMM
+    goes through NumPy's BLAS (OpenBLAS), which on AMD CPUs runs markedly faster than the MKL
+    build inside the torch wheel; CUDA uses torch.
     """
 
     def __init__(
@@ -138,6 +160,7 @@ class DensityEngine:
         query_block: int = 1024,
         latent_block: int = 4096,
         tolerance: float = DEFAULT_TOLERANCE,
+        operand: GemmOperand | None = None,
     ) -> None:
         if latents.ndim != 2 or latents.shape[0] < 1 or latents.shape[1] < 1:
             raise ValueError(f"latents must have shape (N, d) with N, d >= 1, got {latents.shape}")
@@ -153,35 +176,35 @@ class DensityEngine:
         self.latent_block = latent_block
         self.tolerance = tolerance
 
-        total = np.zeros(self.dim, dtype=np.float64)
-        for start in range(0, self.n, latent_block):
-            total += latents[start : start + latent_block].sum(axis=0, dtype=np.float64)
-        self.mean = total / self.n
-        self.augmented = np.empty((self.n, self.dim + 2), dtype=np.float32)
-        self.sq_norms = np.empty(self.n, dtype=np.float64)
-        for start in range(0, self.n, latent_block):
-            centred = latents[start : start + latent_block].astype(np.float64) - self.mean
-            norms = np.einsum("ij,ij->i", centred, centred)
-            stop = start + centred.shape[0]
-            self.sq_norms[start:stop] = norms
-            self.augmented[start:stop, : self.dim] = centred
-            self.augmented[start:stop, self.dim] = -0.5 * norms
-            self.augmented[start:stop, self.dim + 1] = 1.0
-        if not np.all(np.isfinite(self.sq_norms)):
-            raise ValueError("latents contain NaN or Inf")
+        if operand is None:
+            operand = gemm_operand(latents, latent_block)
+        elif (operand.n, operand.dim) != (self.n, self.dim):
+            raise ValueError(f"the GEMM operand is {operand.n} x {operand.dim}, the latents "
+                             f"{self.n} x {self.dim}")
+        self.mean = operand.mean
+        self.augmented = operand.augmented
+        self.sq_norms = operand.sq_norms
         self.radius = float(np.sqrt(self.sq_norms.max()))
         self._augmented_torch: torch.Tensor | None = None
         if self.backend == "torch":
-            self._augmented_torch = torch.from_numpy(self.augmented).to(self.device)
+            with warnings.catch_warnings():  # a read-only memory map: copied to the device
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._augmented_torch = torch.from_numpy(self.augmented).to(self.device)
 
     def log_density(
-        self, queries: np.ndarray, sigma: float, exclude: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        sigma: float,
+        exclude: np.ndarray | None = None,
+        max_error: float | None = None,
     ) -> DensityScores:
         """Eq. (1) for a batch: queries (Q, d) -> log densities (Q,) float64 nats.
 
         ``exclude`` (Q,) ints: leave-one-out, training latent ``exclude[k]`` is left out of
-        query k's sum and the mean is over N - 1 latents.
+        query k's sum and the mean is over N - 1 latents. ``max_error`` is for approximate
+        scorers: this one is exact (within 1e-4 nats of float64), so it meets any.
         """
+        del max_error
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (Q, {self.dim}), got {q.shape}")

@@ -38,26 +38,38 @@ class Work:
     query: ShardQuery
     index_space: bool = False
     shards: int = 1  # of this version (a request in flight keeps its version's layout)
+    max_error: float | None = None  # certified ivf: the bound asked for (None: the index's)
 
 
 @dataclass(frozen=True)
 class Computed:
-    """Merged scores of a ``Work``: log densities (n,) nats (eq. 1) and descriptors."""
+    """Merged scores of a ``Work``: log densities (n,) nats (eq. 1), descriptors, and for a
+    certified ivf index each score's bound (n,) nats (None: exact)."""
 
     log_density: np.ndarray
     descriptors: dict[str, np.ndarray]
+    error_bound: np.ndarray | None = None
 
 
 def merge(work: Work, parts: Sequence[ShardScores]) -> Computed:
-    """Shard results in shard order -> the version's scores (CONTRACT §4)."""
-    log_density = merge_log_sums([part.log_sum for part in parts], work.query.exclude, work.n)
-    return Computed(log_density, dict(parts[0].descriptors))
+    """Shard results in shard order -> the version's scores (CONTRACT §4); certified parts
+    merge as intervals (the ends of each part's interval merged alike)."""
+    exclude = work.query.exclude
+    if all(part.bound is None for part in parts):
+        log_density = merge_log_sums([part.log_sum for part in parts], exclude, work.n)
+        return Computed(log_density, dict(parts[0].descriptors))
+    bounds = [np.zeros(len(part)) if part.bound is None else part.bound for part in parts]
+    low = merge_log_sums([p.log_sum - b for p, b in zip(parts, bounds, strict=True)], exclude,
+                         work.n)
+    high = merge_log_sums([p.log_sum + b for p, b in zip(parts, bounds, strict=True)], exclude,
+                          work.n)
+    return Computed((low + high) / 2.0, dict(parts[0].descriptors), (high - low) / 2.0)
 
 
 def shard_key(work: Work, scorer: ShardScorer) -> ShardKey:
     return ShardKey(
         work.model, work.version, scorer.number, work.sigma,
-        work.descriptors if scorer.number == 0 else (), work.index_space, scorer,
+        work.descriptors if scorer.number == 0 else (), work.index_space, scorer, work.max_error,
     )
 
 

@@ -15,7 +15,7 @@ from latentsieve.index.store import LatentStore, LoadedVersion
 from latentsieve.workers.calibration import BLOCK
 from latentsieve.workers.density import DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
-from latentsieve.workers.local_compute import Work, merge, shard_key
+from latentsieve.workers.local_compute import Computed, Work, merge, shard_key
 from latentsieve.workers.modules import load_module
 from latentsieve.workers.policy import decide
 from latentsieve.workers.seed_latents import SeedLatents
@@ -33,6 +33,7 @@ class ScoredBatch:
     percentile: np.ndarray  # (n,) float64 in [0, 1]
     descriptors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
     descriptor_percentiles: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,)
+    error_bound: np.ndarray | None = None  # (n,) nats, certified ivf; None: exact (0)
 
     def __len__(self) -> int:
         return int(self.log_density.shape[0])
@@ -45,6 +46,7 @@ class ScoredBatch:
             self.percentile[index],
             {name: values[index] for name, values in self.descriptors.items()},
             {name: values[index] for name, values in self.descriptor_percentiles.items()},
+            None if self.error_bound is None else self.error_bound[index],
         )
 
 
@@ -152,13 +154,18 @@ class ModelView:
         return out
 
     def scored(
-        self, log_density: np.ndarray, sigma: float, descriptors: dict[str, np.ndarray]
+        self,
+        log_density: np.ndarray,
+        sigma: float,
+        descriptors: dict[str, np.ndarray],
+        error_bound: np.ndarray | None = None,
     ) -> ScoredBatch:
         """Merged scores -> their percentiles against the calibrations (sigma's must be known)."""
         reference = self.cached_calibration(sigma)
         if reference is None:
             raise ValueError(f"no calibration at sigma {sigma}; compute it first")
-        batch = ScoredBatch(log_density, percentile_of(log_density, reference))
+        batch = ScoredBatch(log_density, percentile_of(log_density, reference),
+                            error_bound=error_bound)
         if descriptors:
             calibration = self.loaded.descriptor_calibration
             if calibration is None:
@@ -175,9 +182,9 @@ class ModelScorer:
     """A whole version scored in this thread: the view and a scorer per shard, merged
     (CONTRACT §4). The library's synchronous entry point (reports, studies, tests); the
     service goes through the engine's batchers and transports instead. ``device`` (``cpu``
-    or ``cuda:I``, see workers/devices.py) runs the density GEMMs, the generator's Jacobians
-    and, for ivf, the FAISS search where the FAISS build has GPU indexes; seed draws and the
-    mapping stay on the CPU, where the sampler recipe is defined."""
+    or ``cuda:I``, see workers/devices.py) runs the exact density GEMMs and the generator's
+    Jacobians; certified ivf probing, seed draws and the mapping stay on the CPU, where the
+    sampler recipe is defined."""
 
     def __init__(self, loaded: LoadedVersion, device: str = "cpu") -> None:
         self.loaded = loaded
@@ -220,15 +227,15 @@ class ModelScorer:
         return self.view.draw(seeds)
 
     def _log_sums(
-        self, query: ShardQuery, sigma: float, descriptors: tuple[str, ...], index_space: bool
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        self, query: ShardQuery, sigma: float, descriptors: tuple[str, ...], index_space: bool,
+        max_error: float | None = None,
+    ) -> Computed:
         """Every shard in this thread, merged as the transports merge them."""
         manifest = self.manifest
         work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
-                    index_space, len(self.shards))
+                    index_space, len(self.shards), max_error)
         parts = [shard.score(shard_key(work, shard), query) for shard in self.shards]
-        computed = merge(work, parts)
-        return computed.log_density, computed.descriptors
+        return merge(work, parts)
 
     def calibration(self, sigma: float) -> np.ndarray:
         """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
@@ -241,7 +248,7 @@ class ModelScorer:
             if cached is not None:
                 return cached
             scores = [
-                self._log_sums(block.query, sigma, (), block.index_space)[0]
+                self._log_sums(block.query, sigma, (), block.index_space).log_density
                 for block in self.view.calibration_blocks()
             ]
             return self.view.keep_calibration(sigma, np.concatenate(scores))
@@ -251,9 +258,11 @@ class ModelScorer:
         latents: np.ndarray,
         sigma: float | None = None,
         descriptors: Collection[str] = (),
+        max_error: float | None = None,
     ) -> ScoredBatch:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
-        and the named descriptors (CONTRACT §2) with their calibration percentiles."""
+        and the named descriptors (CONTRACT §2) with their calibration percentiles; a certified
+        ivf index bounds each score by ``max_error`` nats (default: the index's)."""
         sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
         names = tuple(sorted(set(descriptors)))
         if names:
@@ -268,10 +277,11 @@ class ModelScorer:
                     f"{', '.join(sorted(missing))} (a TorchScript generator has psi and nu only)"
                 )
         self.calibration(sigma)
-        log_density, values = self._log_sums(
-            ShardQuery(np.asarray(latents, dtype=np.float32)), sigma, names, False
+        computed = self._log_sums(
+            ShardQuery(np.asarray(latents, dtype=np.float32)), sigma, names, False, max_error
         )
-        return self.view.scored(log_density, sigma, values)
+        return self.view.scored(computed.log_density, sigma, computed.descriptors,
+                                computed.error_bound)
 
 
 def score_report(
@@ -285,22 +295,22 @@ def score_report(
     """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch; ``cached``
     marks the rows served from the score cache (all ``False`` when omitted)."""
     reasons = decide(batch.percentile, policy, batch.descriptor_percentiles)
-    # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined in);
-    # null for ivf/hnsw, whose retrieval error is measured, not bounded.
-    error_bound = 0.0 if scorer.manifest.search is None else None
     count = len(batch.log_density)
+    # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined in);
+    # certified ivf: each score's own bound.
+    bounds = [0.0] * count if batch.error_bound is None else batch.error_bound.tolist()
     results: list[dict[str, object]] = [
         {
             "log_density": log_density,
             "percentile": percentile,
             "accept": not why,
             "reasons": why,
-            "error_bound": error_bound,
+            "error_bound": bound,
             "cached": hit,
         }
-        for log_density, percentile, why, hit in zip(
+        for log_density, percentile, why, hit, bound in zip(
             batch.log_density.tolist(), batch.percentile.tolist(), reasons,
-            [False] * count if cached is None else cached, strict=True,
+            [False] * count if cached is None else cached, bounds, strict=True,
         )
     ]
     if seeds is not None:

@@ -19,6 +19,7 @@ from typing import Self
 
 import numpy as np
 
+from latentsieve.index.manifest import DEFAULT_MAX_ERROR
 from latentsieve.index.store import LoadedShard, LoadedVersion
 from latentsieve.workers.approximate import open_density
 from latentsieve.workers.calibration import score_descriptors
@@ -66,10 +67,13 @@ class ShardQuery:
 @dataclass(frozen=True)
 class ShardScores:
     """What a shard returns for n latents: ``log_sum`` (n,) float64 nats (see the module
-    docstring) and, from shard 0 only, the descriptors asked for, name -> (n,) float64."""
+    docstring), from a certified ivf index its ``bound`` (n,) nats (the exact log-sum lies
+    within ``log_sum +- bound``; None: exact) and, from shard 0 only, the descriptors asked
+    for, name -> (n,) float64."""
 
     log_sum: np.ndarray
     descriptors: dict[str, np.ndarray] = field(default_factory=dict)
+    bound: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.log_sum.shape[0])
@@ -78,6 +82,7 @@ class ShardScores:
         return ShardScores(
             self.log_sum[start:stop],
             {name: values[start:stop] for name, values in self.descriptors.items()},
+            None if self.bound is None else self.bound[start:stop],
         )
 
     @classmethod
@@ -85,9 +90,15 @@ class ShardScores:
         """One result of all ``parts``, in order (the batcher splits results; it never joins
         them, so this is the protocol's other half, kept for symmetry and tested)."""
         names = parts[0].descriptors
+        bounds = None
+        if any(part.bound is not None for part in parts):
+            bounds = np.concatenate([
+                np.zeros(len(part)) if part.bound is None else part.bound for part in parts
+            ])
         return cls(
             np.concatenate([part.log_sum for part in parts]),
             {name: np.concatenate([part.descriptors[name] for part in parts]) for name in names},
+            bounds,
         )
 
 
@@ -118,6 +129,7 @@ class ShardKey:
     descriptors: tuple[str, ...]
     index_space: bool  # True: the latents are already projected (leave-one-out rows)
     scorer: ShardScorer = field(compare=False, hash=False, repr=False)
+    max_error: float | None = None  # certified ivf: the bound asked for (None: the index's)
 
 
 class ShardScorer:
@@ -131,8 +143,10 @@ class ShardScorer:
         self.start = shard.start
         self.count = int(shard.latents.shape[0])
         self.device = device
+        certified = manifest.certified
         self.engine: DensityScorer = open_density(
-            manifest.kind, shard.latents, shard.index, manifest.search, device
+            shard.latents, shard.lists, device,
+            certified.max_error if certified is not None else DEFAULT_MAX_ERROR, shard.operand,
         )
         self.descriptor_engine: DescriptorEngine | None = None
         settings = manifest.descriptors
@@ -152,6 +166,8 @@ class ShardScorer:
         latents = np.asarray(query.latents, dtype=np.float32)
         index_space = latents if key.index_space else self.loaded.to_index_space(latents)
         log_sum = np.empty(len(query), dtype=np.float64)
+        bound = np.zeros(len(query), dtype=np.float64)
+        certified = False
         local = None if query.exclude is None else query.exclude - self.start
         inside = (
             np.zeros(len(query), dtype=bool) if local is None
@@ -159,22 +175,27 @@ class ShardScorer:
         )
         plain = np.flatnonzero(~inside)
         if plain.size:
-            scores = self.engine.log_density(index_space[plain], key.sigma).log_density
-            log_sum[plain] = scores + math.log(self.count)
+            scored = self.engine.log_density(index_space[plain], key.sigma,
+                                             max_error=key.max_error)
+            log_sum[plain] = scored.log_density + math.log(self.count)
+            if scored.error_bound is not None:
+                bound[plain], certified = scored.error_bound, True
         if inside.any():
             assert local is not None
             rows = np.flatnonzero(inside)
-            scores = self.engine.log_density(
-                index_space[rows], key.sigma, exclude=local[rows]
-            ).log_density
-            log_sum[rows] = scores + math.log(self.count - 1)
+            scored = self.engine.log_density(
+                index_space[rows], key.sigma, exclude=local[rows], max_error=key.max_error
+            )
+            log_sum[rows] = scored.log_density + math.log(self.count - 1)
+            if scored.error_bound is not None:
+                bound[rows], certified = scored.error_bound, True
         descriptors: dict[str, np.ndarray] = {}
         if key.descriptors and self.number == 0:
             if self.descriptor_engine is None:
                 raise ValueError(f"model {key.model!r} has no generator for descriptors")
             values = score_descriptors(self.descriptor_engine, latents)
             descriptors = {name: values[name] for name in key.descriptors}
-        return ShardScores(log_sum, descriptors)
+        return ShardScores(log_sum, descriptors, bound if certified else None)
 
 
 def open_shards(loaded: LoadedVersion, device: str = "cpu") -> tuple[ShardScorer, ...]:

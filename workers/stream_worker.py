@@ -295,7 +295,7 @@ class StreamWorker:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + (job.deadline - time.time())
                 key = ShardKey(job.model, job.version, job.shard, job.sigma, job.descriptors,
-                               job.index_space, scorer)
+                               job.index_space, scorer, job.max_error)
                 scores = await self.batchers.submit(key, job.query, deadline)
                 reply = Reply(job.id, job.shard, "ok", scores)
                 outcome = "done"

@@ -78,6 +78,7 @@ class Job:
     descriptors: tuple[str, ...]
     index_space: bool
     query: ShardQuery
+    max_error: float | None = None  # certified ivf: the bound asked for (None: the index's)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.deadline
@@ -99,6 +100,8 @@ class Job:
         }
         if self.query.exclude is not None:
             fields["exclude"] = np.ascontiguousarray(self.query.exclude, dtype="<i8").tobytes()
+        if self.max_error is not None:
+            fields["max_error"] = repr(self.max_error)
         return fields
 
     @classmethod
@@ -123,6 +126,7 @@ class Job:
             descriptors=tuple(names.split(",")) if names else (),
             index_space=_text(fields, "space") == "index",
             query=ShardQuery(latents, exclude),
+            max_error=float(_text(fields, "max_error")) if b"max_error" in fields else None,
         )
 
 
@@ -144,6 +148,8 @@ class Reply:
             fields["log_sum"] = np.ascontiguousarray(self.scores.log_sum, dtype="<f8").tobytes()
             for name, values in self.scores.descriptors.items():
                 fields[f"d:{name}"] = np.ascontiguousarray(values, dtype="<f8").tobytes()
+            if self.scores.bound is not None:
+                fields["bound"] = np.ascontiguousarray(self.scores.bound, dtype="<f8").tobytes()
         return fields
 
     @classmethod
@@ -155,7 +161,9 @@ class Reply:
                 for key, value in fields.items()
                 if key.startswith(b"d:")
             }
-            scores = ShardScores(np.frombuffer(fields[b"log_sum"], dtype="<f8"), descriptors)
+            bound = np.frombuffer(fields[b"bound"], dtype="<f8") if b"bound" in fields else None
+            scores = ShardScores(np.frombuffer(fields[b"log_sum"], dtype="<f8"), descriptors,
+                                 bound)
         status = _text(fields, "status")
         if status not in ("ok", "error", "dead_letter"):
             raise ValueError(f"unknown reply status {status!r}")

@@ -65,7 +65,8 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
         )
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
-    job = ScoreJob(body.model, latents, body.seeds, body.sigma, body.descriptors, body.policy)
+    job = ScoreJob(body.model, latents, body.seeds, body.sigma, body.descriptors, body.policy,
+                   body.max_error)
     return FastJSONResponse(await engine.score(job))
 
 
@@ -85,5 +86,5 @@ async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
     if problem is not None:
         raise ServiceError(422, problem)
     job = SelectJob(body.model, body.start, body.count, body.keep, body.min_distance,
-                    body.sigma, body.policy)
+                    body.sigma, body.policy, body.max_error)
     return FastJSONResponse(await runtime.engine.select(job))

@@ -45,6 +45,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, training: np.ndarray) -> Pat
             model=name, latents_file=source, sigma=str(SIGMA), space="raw",
             calibration_count=200, shards=shards, progress=False,
         ), calibrate_build)
+    build_version(LatentStore(root), BuildOptions(  # certified ivf: bounds through the streams
+        model="lists", latents_file=source, sigma=str(SIGMA), space="raw", kind="ivf", nlist=8,
+        calibration_count=200, progress=False,
+    ), calibrate_build)
     build_version(LatentStore(root), BuildOptions(  # scored in a 3-dim PCA space
         model="projected", latents_file=source, sigma=str(SIGMA), pca=PCA_DIM,
         calibration_count=200, progress=False,
@@ -124,6 +128,18 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
                                          (training - mean) @ components.T, sigma)
             got = np.array([r["log_density"] for r in projected.json()["results"]])
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        # A certified ivf model: the worker sends each score's bound with it, for the bound asked.
+        for max_error, sigma in ((0.3, SIGMA), (0.0, SIGMA), (0.05, 0.5)):
+            answer = await client.post("/score", json={
+                "model": "lists", "latents": queries.tolist(), "sigma": sigma,
+                "max_error": max_error})
+            assert answer.status_code == 200, answer.text
+            results = answer.json()["results"]
+            got = np.array([r["log_density"] for r in results])
+            bounds = np.array([r["error_bound"] for r in results])
+            want = log_density_reference(queries, training, sigma)
+            assert np.all(bounds <= max(max_error, 1e-6))
+            assert np.all(np.abs(got - want) <= bounds + 1e-6)  # float32 storage rounding
         models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
         assert (await client.get("/readyz")).status_code == 200
@@ -152,7 +168,8 @@ async def ghost_heartbeats(redis_url: str) -> redis.Redis:
     await client.flushdb()
     seconds, micros = await client.time()
     expiry = seconds * 1000 + micros // 1000 + 60_000
-    for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2), ("projected", 0)):
+    for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2), ("projected", 0),
+                         ("lists", 0)):
         await client.zadd(f"latentsieve:live:{model}:{shard}", {"ghost|cpu": expiry})
         await client.xgroup_create(job_stream(model, shard), GROUP, id="0", mkstream=True)
     return client
@@ -289,7 +306,7 @@ async def test_the_gateway_keeps_its_books_and_ignores_stray_replies(
                 [r["log_density"] for r in later.json()["results"]],
                 log_density_reference(queries - 7, training, SIGMA), atol=1e-4, rtol=0)
             depths = queue_depths((await client.get("/metrics")).text)
-            assert depths == {"plain": 0.0, "split": 0.0, "projected": 0.0}
+            assert depths == {"plain": 0.0, "split": 0.0, "projected": 0.0, "lists": 0.0}
             # The whole model queue at once still fits: nothing was left counted.
             full = await client.post("/score", json={
                 "model": "split", "latents": np.tile(queries + 20, (3, 1)).tolist()})

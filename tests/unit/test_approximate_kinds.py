@@ -1,5 +1,5 @@
-"""``--kind ivf|hnsw`` and ``--pca``: scores in the stored space, said to be inexact, with the
-approximate kinds' error measured at build and recorded in the manifest."""
+"""``--kind ivf`` and ``--pca``: scores in the stored space, said to be inexact; ivf scores
+each carry a certified bound, measured at build and recorded in the manifest."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from latentsieve.cli import main
+from latentsieve.index.errors import StoreError
 from latentsieve.index.projection import project
-from latentsieve.index.store import LatentStore
-from latentsieve.workers.approximate import NeighbourDensity
+from latentsieve.index.store import LatentStore, LoadedVersion, manifest_json
 from latentsieve.workers.density import DensityEngine, log_density_reference
 from latentsieve.workers.scoring import ModelScorer
 
@@ -34,48 +34,68 @@ def build(store: Path, source: Path, *extra: str) -> None:
                  *extra]) == 0
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_kind_records_its_measured_error(
-    tmp_path: Path, source: Path, kind: str, capsys: pytest.CaptureFixture[str]
+def stored_rows(loaded: LoadedVersion) -> np.ndarray:
+    """The stored latents of a certified ivf version, float64, by input row."""
+    assert loaded.shards[0].lists is not None
+    return loaded.shards[0].lists.reconstruct()
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_ivf_kind_certifies_every_score(
+    tmp_path: Path, source: Path, storage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    build(tmp_path / "s", source, "--kind", kind)
+    build(tmp_path / "s", source, "--kind", "ivf", "--storage", storage, "--nlist", "32")
     loaded = LatentStore(tmp_path / "s").load("m")
     manifest = loaded.manifest
-    assert manifest.kind == kind and manifest.exact is False
-    search = manifest.search
-    assert search is not None and search.k == 256 and search.measured_error is not None
-    assert (search.nprobe is not None) == (kind == "ivf")
-    assert (search.ef_search is not None) == (kind == "hnsw")
+    assert manifest.kind == "ivf" and manifest.exact is False and manifest.search is None
+    certified = manifest.certified
+    assert certified is not None and certified.nlist == 32 and certified.storage == storage
+    assert certified.max_error == 0.01 and certified.measured is not None
+    assert {"ivf_offsets.npy", "ivf_lists.npz"} <= set(manifest.files)
+    assert loaded.index is None and loaded.latents.shape == (3000, 16)
+    stored = stored_rows(loaded)
     latents = np.load(source)
-    np.testing.assert_array_equal(loaded.latents, latents)
-    # The recorded error is what the scorer really makes on those calibration rows.
+    unit = 2.0**-24 if storage == "float32" else 2.0**-11
+    assert np.abs(stored - latents).max() <= 2 * unit * np.abs(latents).max() * 4
+    np.testing.assert_array_equal(loaded.latents[np.array([5, 2])], stored[[5, 2]].astype(
+        np.float32))
+    # The recorded measurement is what the scorer makes on the first calibration rows.
+    measured = certified.measured
     rows = loaded.calibration_indices
-    assert rows is not None
-    sample = rows[: search.measured_error.sample]
-    approx = NeighbourDensity(loaded.index, loaded.latents, search)
-    got = approx.log_density(latents[sample], 2.0, exclude=sample).log_density
-    want = log_density_reference(latents[sample], latents, 2.0, exclude=sample)
-    assert np.all(got <= want + 1e-9)  # a lower bound: only dropped terms
-    # Measured against the exact engine, itself within ~1e-5 nats of float64.
-    assert np.abs(got - want).max() == pytest.approx(search.measured_error.max, abs=1e-6)
-    assert search.measured_error.max < 0.05  # 256 neighbours carry nearly all the mass here
+    assert rows is not None and measured.sample == 500
+    # Against exact scoring of the latents as given: the bound, plus the storage's rounding.
+    shift = 1e-4 if storage == "float32" else 0.01
+    assert measured.half_width_max <= 0.01
+    assert measured.error_max <= measured.half_width_max + shift
+    assert measured.lists_probed_mean >= 1 and measured.speedup > 0
+    # Leave-one-out calibration scores: each within its bound of the float64 reference.
+    calibration = np.sort(log_density_reference(stored[rows], stored, 2.0, exclude=rows))
+    assert np.abs(loaded.calibration_scores - calibration).max() <= 0.01 + 1e-9
 
     capsys.readouterr()
-    assert main(["score", "--store", str(tmp_path / "s"), "--model", "m", "--latents",
-                 str(source)]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["exact"] is False
-    assert all(result["error_bound"] is None for result in report["results"])
+    queries = latents[:40] + np.random.default_rng(1).normal(0, 0.5, (40, 16)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    for bound in ("0.2", "0"):
+        assert main(["score", "--store", str(tmp_path / "s"), "--model", "m", "--latents",
+                     str(tmp_path / "q.npy"), "--max-error", bound]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["exact"] is False
+        got = np.array([r["log_density"] for r in report["results"]])
+        bounds = np.array([r["error_bound"] for r in report["results"]])
+        exact = log_density_reference(queries, stored, 2.0)
+        assert np.all(bounds <= float(bound) + 1e-9) or bound == "0"
+        assert np.all(np.abs(got - exact) <= bounds + 1e-9)
+    assert bounds.max() < 1e-6  # max_error 0: every list summed, only rounding is left
 
 
-def test_fewer_neighbours_measure_a_larger_error(tmp_path: Path, source: Path) -> None:
-    build(tmp_path / "few", source, "--kind", "hnsw", "--neighbours", "3")
-    build(tmp_path / "many", source, "--kind", "hnsw", "--neighbours", "256")
-    few = LatentStore(tmp_path / "few").load("m").manifest.search
-    many = LatentStore(tmp_path / "many").load("m").manifest.search
-    assert few is not None and many is not None
-    assert few.measured_error is not None and many.measured_error is not None
-    assert few.measured_error.mean > 10 * many.measured_error.mean
+def test_old_approximate_versions_ask_to_be_rebuilt(tmp_path: Path, source: Path) -> None:
+    build(tmp_path / "s", source)
+    store = LatentStore(tmp_path / "s")
+    loaded = store.load("m")
+    old = loaded.manifest.model_copy(update={"kind": "hnsw"})
+    (loaded.path / "manifest.json").write_text(json.dumps(manifest_json(old)))
+    with pytest.raises(StoreError, match="built before scores were certified; rebuild"):
+        store.load("m")
 
 
 def test_pca_scores_in_the_projected_space(
@@ -114,7 +134,10 @@ def test_pca_scores_in_the_projected_space(
 @pytest.mark.parametrize(("args", "message"), [
     (["--pca", "0"], "--pca"),
     (["--pca", "17"], "larger than the latent size"),
-    (["--kind", "ivf", "--neighbours", "0"], "neighbour count"),
+    (["--kind", "hnsw"], "--kind hnsw is retired"),
+    (["--storage", "float16"], "--storage float16 needs --kind ivf"),
+    (["--kind", "ivf", "--max-error", "-1"], "--max-error must be a finite number >= 0"),
+    (["--kind", "ivf", "--nlist", "0"], "--nlist must be a whole number >= 1"),
 ])
 def test_bad_approximate_options_write_nothing(
     tmp_path: Path, source: Path, args: list[str], message: str,

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from latentsieve.index.ivf_lists import IvfLists, list_stats
 from latentsieve.workers.certified import (
     CertifiedIVF,
-    list_stats,
     log_ball_upper,
     log_chord_upper,
     log_list_bounds,
@@ -101,7 +102,7 @@ def test_reference_inside_interval_at_every_depth(
     if how == "kmeans":
         ivf = CertifiedIVF.build(latents, nlist, seed=seed % 1000)
     else:
-        ivf = CertifiedIVF(latents, make_labels(rng, latents, nlist, how), nlist)
+        ivf = CertifiedIVF.from_labels(latents, make_labels(rng, latents, nlist, how), nlist)
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
     want = log_density_reference(queries, ivf.reconstruct(), sigma)
@@ -174,7 +175,7 @@ def test_probing_every_list_is_exact(
 ) -> None:
     rng = np.random.default_rng(seed)
     latents = make_latents(rng, n, d, kind, scale, offset)
-    ivf = CertifiedIVF(latents, rng.integers(0, nlist, n), nlist)  # empty lists likely
+    ivf = CertifiedIVF.from_labels(latents, rng.integers(0, nlist, n), nlist)  # empty lists
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
     got = ivf.score(queries, sigma, max_error=0.0, probe_step=probe_step)
@@ -347,7 +348,7 @@ def test_storage_rounds_offsets_only_and_is_certified_over_what_it_stores(storag
     # not with the latents' magnitude (50 here).
     unit = {"float32": 2.0**-24, "float16": 2.0**-11}[storage]
     assert np.abs(stored - latents).max() <= 2 * unit * float(ivf.stats.radii.max())
-    assert ivf.residuals.dtype == np.dtype(storage)
+    assert ivf.lists.offsets.dtype == np.dtype(storage)
     queries = blobs(rng, centres, 50) + np.float32(50.0)
     sigma = 1.5
     got = ivf.score(queries, sigma, max_error=0.01)
@@ -357,3 +358,31 @@ def test_storage_rounds_offsets_only_and_is_certified_over_what_it_stores(storag
     # Against the float32 input, the float16 store moves scores by a measured amount (docs).
     moved = np.abs(log_density_reference(queries, latents, sigma) - want).max()
     assert moved <= (1e-4 if storage == "float32" else 0.05), moved
+
+
+def test_lists_round_trip_through_files_memory_mapped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    latents = blobs(rng, rng.normal(0.0, 5.0, (8, 10)), 2000)
+    built = CertifiedIVF.build(latents, 16, seed=0)
+    built.lists.save(tmp_path)
+    loaded = IvfLists.load(tmp_path)
+    assert isinstance(loaded.offsets, np.memmap) and not loaded.offsets.flags.writeable
+    np.testing.assert_array_equal(loaded.reconstruct(), built.reconstruct())
+    rows = np.array([0, 1999, 7, 7])
+    np.testing.assert_array_equal(loaded.rows(rows), built.reconstruct()[rows].astype(np.float32))
+    queries = blobs(rng, rng.normal(0.0, 5.0, (8, 10)), 20)
+    first = built.score(queries, 2.0, max_error=0.01)
+    again = CertifiedIVF(loaded).score(queries, 2.0, max_error=0.01)
+    np.testing.assert_array_equal(first.estimate, again.estimate)
+    np.testing.assert_array_equal(first.half_width, again.half_width)
+
+
+def test_damaged_list_files_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    CertifiedIVF.build(blobs(rng, rng.normal(0.0, 5.0, (4, 6)), 500), 8).lists.save(tmp_path)
+    with np.load(tmp_path / "ivf_lists.npz") as arrays:
+        parts = {name: arrays[name] for name in arrays.files}
+    parts["bounds"] = parts["bounds"][::-1].copy()
+    np.savez(tmp_path / "ivf_lists.npz", **parts)
+    with pytest.raises(ValueError, match="boundaries"):
+        IvfLists.load(tmp_path)

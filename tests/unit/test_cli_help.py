@@ -15,11 +15,10 @@ from latentsieve import cli
 from latentsieve.index.bandwidth import AUTO_K
 from latentsieve.index.build import (
     DEFAULT_CALIBRATION_COUNT,
-    DEFAULT_NEIGHBOURS,
     DEFAULT_SPACE,
     DescriptorOptions,
 )
-from latentsieve.index.manifest import Policy
+from latentsieve.index.manifest import DEFAULT_MAX_ERROR, Policy
 from latentsieve.index.projection import ACTIVE_THRESHOLD
 
 
@@ -76,7 +75,7 @@ def shown_default(words: tuple[str, ...], option: str) -> str:
 def test_defaults_shown_for_later_decided_options_are_the_real_ones() -> None:
     build = ("index", "build")
     descriptors = DescriptorOptions()
-    assert shown_default(build, "--neighbours") == str(DEFAULT_NEIGHBOURS)
+    assert shown_default(build, "--max-error") == str(DEFAULT_MAX_ERROR)
     assert shown_default(build, "--bandwidth-neighbours") == str(AUTO_K)
     assert shown_default(build, "--calibration-count") == str(DEFAULT_CALIBRATION_COUNT)
     assert shown_default(build, "--active-threshold") == str(ACTIVE_THRESHOLD)

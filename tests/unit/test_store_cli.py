@@ -65,7 +65,8 @@ def test_build_list_score_roundtrip(
     assert (manifest.n, manifest.dim, manifest.latent_shape) == (300, 6, (2, 3))
     assert manifest.bandwidth.sigma == 0.7 and manifest.bandwidth.rule == "fixed"
     assert manifest.calibration.source == "leave_one_out" and manifest.calibration.count == 300
-    assert set(manifest.files) == {INDEX_FILE, "calibration.npy", "calibration_indices.npy"}
+    assert set(manifest.files) == {INDEX_FILE, "calibration.npy", "calibration_indices.npy",
+                                   "index.gemm.npy", "index.gemm_norms.npz"}
     np.testing.assert_array_equal(loaded.latents, latents)
     # Leave-one-out calibration equals the reference, each point scored without itself.
     rows = loaded.calibration_indices

@@ -1,0 +1,108 @@
+"""A certified ``ivf`` model through the gateway (embedded compute): every score carries its
+bound, ``max_error`` chooses it, the cache keeps bounds apart, bad bounds are 422. Expected
+values come from float64 equation (1) over the index's stored latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from latentsieve.index.build import BuildOptions, build_version
+from latentsieve.index.store import LatentStore
+from latentsieve.service.settings import Settings
+from latentsieve.workers.calibration import calibrate_build
+from latentsieve.workers.density import log_density_reference
+
+pytestmark = pytest.mark.anyio
+MODEL, DIM, SIGMA = "lists", 8, 1.5
+
+
+@pytest.fixture(scope="module")
+def ivf_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("certified") / "store"
+    rng = np.random.default_rng(8)
+    centres = rng.normal(0.0, 4.0, (12, DIM))
+    latents = centres[rng.integers(0, 12, 3000)] + rng.normal(0.0, 1.0, (3000, DIM))
+    source = root.parent / "latents.npy"
+    np.save(source, latents.astype(np.float32))
+    build_version(LatentStore(root), BuildOptions(
+        model=MODEL, latents_file=source, sigma=str(SIGMA), space="raw", kind="ivf", nlist=32,
+        calibration_count=300, progress=False,
+    ), calibrate_build)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stored(ivf_store: Path) -> np.ndarray:
+    lists = LatentStore(ivf_store).load(MODEL).shards[0].lists
+    assert lists is not None
+    return lists.reconstruct()
+
+
+def queries(count: int = 12, seed: int = 2) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0.0, 4.0, (count, DIM))).astype(np.float32)
+
+
+def scores(body: dict[str, object]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    results = body["results"]
+    assert isinstance(results, list)
+    return (np.array([r["log_density"] for r in results]),
+            np.array([r["error_bound"] for r in results]), [r["cached"] for r in results])
+
+
+async def test_every_score_is_inside_its_bound_and_the_cache_keeps_bounds_apart(
+    ivf_store: Path, stored: np.ndarray, serve: object
+) -> None:
+    sent = queries()
+    want = log_density_reference(sent, stored, SIGMA)
+    settings = Settings(store=ivf_store, reload_interval_s=60.0)
+    async with serve(settings) as client:  # type: ignore[operator]
+        seen = {}
+        for max_error in (None, 0.2, 0.0, None):
+            body = {"model": MODEL, "latents": sent.tolist()}
+            if max_error is not None:
+                body["max_error"] = max_error
+            response = await client.post("/score", json=body)
+            assert response.status_code == 200, response.text
+            got, bounds, cached = scores(response.json())
+            assert response.json()["exact"] is False
+            limit = 0.01 if max_error is None else max_error
+            assert np.all(bounds <= max(limit, 1e-6)), bounds
+            assert np.all(np.abs(got - want) <= bounds + 1e-9)
+            key = max_error
+            if key in seen:  # the same bound again: served from the cache, bounds and all
+                assert all(cached)
+                np.testing.assert_array_equal(bounds, seen[key])
+            else:
+                assert not any(cached)  # another bound is another cache entry
+                seen[key] = bounds
+        # /select ranks by the certified estimate and reports the bounds too.
+        picked = await client.post("/select", json={
+            "model": MODEL, "count": 4, "keep": 2, "max_error": 0.5})
+        assert picked.status_code == 422  # no sampler: seeds are refused, not bounds
+
+
+@pytest.mark.parametrize("bad", [-0.01, "0.1", True, None, [0.1], {"nats": 0.1}])
+async def test_a_bad_max_error_is_422_and_names_the_field(
+    ivf_store: Path, serve: object, bad: object
+) -> None:
+    settings = Settings(store=ivf_store, reload_interval_s=60.0)
+    async with serve(settings) as client:  # type: ignore[operator]
+        body = {"model": MODEL, "latents": queries(2).tolist(), "max_error": bad}
+        response = await client.post("/score", json=body)
+        if bad is None:  # null is "not given": the index's bound
+            assert response.status_code == 200, response.text
+            return
+        assert response.status_code == 422, response.text
+        assert "max_error" in response.text
+
+
+async def test_exact_models_meet_any_bound(app_client: httpx.AsyncClient) -> None:
+    response = await app_client.post("/score", json={
+        "model": "digits-vae", "seeds": [1, 2], "max_error": 0.0})
+    assert response.status_code == 200, response.text
+    assert [r["error_bound"] for r in response.json()["results"]] == [0.0, 0.0]
