@@ -30,6 +30,7 @@ from latentsieve.index.manifest import (
     DEFAULT_DELTA_DIRECTIONS,
     DEFAULT_MAX_ERROR,
     DEFAULT_PROJECTION_ROWS,
+    IVF_OFFSETS_FILE,
     KNOWN_SPACES,
     STORAGE_TYPES,
     Calibration,
@@ -87,6 +88,7 @@ class CalibrationRequest:
     descriptors: DescriptorOptions | None = None
     kind: str = "flat"
     certified: CertifiedLists | None = None  # ivf: its lists are staged in version_dir
+    shards: tuple[IndexShard, ...] = ()  # ivf with --shards K: one set of lists per shard
     projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
     source_latents: np.ndarray | None = None  # (N, d) before PCA, for descriptors
 
@@ -210,11 +212,6 @@ def check_options(options: BuildOptions) -> None:
         raise StoreError("the calibration count must be >= 1")
     if options.shards < 1:
         raise StoreError(f"--shards must be a whole number >= 1, got {options.shards}")
-    if options.shards > 1 and options.kind != "flat":
-        raise StoreError(
-            f"--shards {options.shards} needs --kind flat: an ivf index is one set of lists "
-            "and is not split (build it unsharded)"
-        )
     descriptors = options.descriptors
     if descriptors.calibration_count < 1 or descriptors.projection_rows < 1:
         raise StoreError("descriptor calibration count and projection rows must be >= 1")
@@ -283,15 +280,19 @@ def choose_space(
     return projection, (mean, components)
 
 
+def shard_bounds(n: int, count: int) -> np.ndarray:
+    """Row boundaries (count + 1,) of ``count`` contiguous, near-equal ranges of N rows; each
+    holds at least 2 rows, so leave-one-out sums stay defined on every shard."""
+    if n < 2 * count:
+        raise StoreError(f"--shards {count} needs at least {2 * count} latents, got {n}")
+    return np.linspace(0, n, count + 1).round().astype(np.int64)
+
+
 def write_shards(
     latents: np.ndarray, staged: Path, count: int, progress: bool
 ) -> tuple[IndexShard, ...]:
-    """``count`` flat indexes of contiguous, near-equal row ranges of latents (N, d); each
-    shard holds at least 2 rows, so leave-one-out sums stay defined on every shard."""
-    n = latents.shape[0]
-    if n < 2 * count:
-        raise StoreError(f"--shards {count} needs at least {2 * count} latents, got {n}")
-    bounds = np.linspace(0, n, count + 1).round().astype(np.int64)
+    """``count`` flat indexes of contiguous, near-equal row ranges of latents (N, d)."""
+    bounds = shard_bounds(latents.shape[0], count)
     shards: list[IndexShard] = []
     for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         name = f"shard-{number}.faiss"
@@ -311,21 +312,34 @@ def write_index(latents: np.ndarray, path: Path, progress: bool) -> None:
     save_operand(gemm_operand(latents), path.parent, path.name)
 
 
-def write_ivf_lists(latents: np.ndarray, staged: Path, options: BuildOptions) -> CertifiedLists:
+def write_ivf_lists(
+    latents: np.ndarray, staged: Path, options: BuildOptions
+) -> tuple[tuple[IndexShard, ...], CertifiedLists]:
     """The lists of a certified ivf index (k-means, grouping, statistics) written into the
-    staged folder; the settings for the manifest (its measurement is added after calibration)."""
+    staged folder, one set per shard with ``--shards K`` (each over its rows, the same list
+    count); the shards and the settings for the manifest (measured after calibration)."""
     n, dim = latents.shape
+    bounds = shard_bounds(n, options.shards) if options.shards > 1 else np.array([0, n])
+    smallest = int(np.diff(bounds).min())
     rank = default_rank(dim)
-    nlist = min(options.nlist or choose_nlist(n, dim, rank), n)
-    train_size = min(n, 64 * nlist)
-    log.info("building ivf lists", extra={"n": n, "dim": dim, "nlist": nlist})
-    labels = kmeans_labels(latents, nlist, seed=0, train_size=train_size)
-    lists = IvfLists.group(latents, labels, nlist, storage=options.storage, rank=rank,
-                           progress=options.progress)
-    lists.save(staged)
-    return CertifiedLists(nlist=nlist, train_size=train_size, rank=rank,
-                          storage=options.storage,  # type: ignore[arg-type]
-                          max_error=options.max_error)
+    nlist = min(options.nlist or choose_nlist(smallest, dim, rank), smallest)
+    train_size = min(smallest, 64 * nlist)
+    shards: list[IndexShard] = []
+    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        rows = latents[start:stop]
+        log.info("building ivf lists",
+                 extra={"n": int(stop - start), "dim": dim, "nlist": nlist, "shard": number})
+        labels = kmeans_labels(rows, nlist, seed=0, train_size=train_size)
+        lists = IvfLists.group(rows, labels, nlist, storage=options.storage, rank=rank,
+                               progress=options.progress)
+        prefix = f"shard-{number}." if options.shards > 1 else ""
+        lists.save(staged, prefix)
+        shards.append(IndexShard(file=f"{prefix}{IVF_OFFSETS_FILE}", start=int(start),
+                                 count=int(stop - start)))
+    certified = CertifiedLists(nlist=nlist, train_size=train_size, rank=rank,
+                               storage=options.storage,  # type: ignore[arg-type]
+                               max_error=options.max_error)
+    return (tuple(shards) if options.shards > 1 else ()), certified
 
 
 def summarise(scores: np.ndarray) -> dict[str, float]:
@@ -412,10 +426,10 @@ def build_version(
         bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
         shards: tuple[IndexShard, ...] = ()
         certified: CertifiedLists | None = None
-        if options.shards > 1:
+        if options.kind == "ivf":
+            shards, certified = write_ivf_lists(latents, staged, options)
+        elif options.shards > 1:
             shards = write_shards(latents, staged, options.shards, options.progress)
-        elif options.kind == "ivf":
-            certified = write_ivf_lists(latents, staged, options)
         else:
             write_index(latents, staged / INDEX_FILE, options.progress)
         if projection is not None and pca_arrays is not None:
@@ -445,6 +459,7 @@ def build_version(
             descriptors=wanted,
             kind=options.kind,
             certified=certified,
+            shards=shards if certified is not None else (),
             projection=pca_arrays,
             source_latents=source_latents,
         )

@@ -259,20 +259,21 @@ class IvfLists:
                   self.row_radius, *vars(self.stats).values()]
         return int(sum(np.asarray(a).nbytes for a in arrays))
 
-    def save(self, folder: Path) -> None:
-        """Write ``ivf_offsets.npy`` and ``ivf_lists.npz`` into ``folder``."""
-        np.save(folder / OFFSETS_FILE, self.offsets)
+    def save(self, folder: Path, prefix: str = "") -> None:
+        """Write ``<prefix>ivf_offsets.npy`` and ``<prefix>ivf_lists.npz`` into ``folder``
+        (prefix ``shard-K.`` for shard K of a sharded version)."""
+        np.save(folder / f"{prefix}{OFFSETS_FILE}", self.offsets)
         np.savez(
-            folder / LISTS_FILE, order=self.order, bounds=self.bounds, origins=self.origins,
-            row_sq=self.row_sq, row_radius=self.row_radius,
+            folder / f"{prefix}{LISTS_FILE}", order=self.order, bounds=self.bounds,
+            origins=self.origins, row_sq=self.row_sq, row_radius=self.row_radius,
             **{f"stats_{name}": value for name, value in vars(self.stats).items()},
         )
 
     @classmethod
-    def load(cls, folder: Path, mmap: bool = True) -> IvfLists:
+    def load(cls, folder: Path, prefix: str = "", mmap: bool = True) -> IvfLists:
         """Read what :meth:`save` wrote; the offsets memory-mapped (read-only) by default."""
-        offsets = np.load(folder / OFFSETS_FILE, mmap_mode="r" if mmap else None)
-        with np.load(folder / LISTS_FILE) as arrays:
+        offsets = np.load(folder / f"{prefix}{OFFSETS_FILE}", mmap_mode="r" if mmap else None)
+        with np.load(folder / f"{prefix}{LISTS_FILE}") as arrays:
             parts = {name: arrays[name] for name in arrays.files}
         stats = ListStats(**{name[6:]: parts.pop(name) for name in list(parts)
                              if name.startswith("stats_")})

@@ -29,7 +29,12 @@ from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
 from latentsieve.index.gemm_operand import GemmOperand, load_operand, operand_files
 from latentsieve.index.ivf_lists import IvfLists, StoredRows
-from latentsieve.index.manifest import MANIFEST_NAME, IndexManifest, check_model_name
+from latentsieve.index.manifest import (
+    IVF_OFFSETS_FILE,
+    MANIFEST_NAME,
+    IndexManifest,
+    check_model_name,
+)
 from latentsieve.index.projection import project
 
 INDEX_FILE = "index.faiss"
@@ -242,8 +247,8 @@ def _open_shard(folder: Path, manifest: IndexManifest, number: int) -> LoadedSha
                 "scores were certified; rebuild it with `latentsieve index build --kind ivf` "
                 "(docs/scoring.md, migration)"
             )
-        try:
-            lists = IvfLists.load(folder)
+        try:  # shard K's files are prefixed "shard-K." (unsharded: no prefix)
+            lists = IvfLists.load(folder, shard.file.removesuffix(IVF_OFFSETS_FILE))
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"{folder}: unreadable ivf lists ({exc})") from exc
         if (lists.n, lists.dim) != expected or lists.nlist != manifest.certified.nlist:

@@ -3,6 +3,8 @@ scoring for ``ivf`` (:mod:`latentsieve.workers.certified`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from latentsieve.index.gemm_operand import GemmOperand
@@ -44,6 +46,63 @@ class CertifiedDensity:
             precision=np.zeros(q.shape[0], dtype=np.uint8),
             error_bound=scores.half_width,
         )
+
+
+class ShardedCertified:
+    """The certified ivf lists of every shard of a version as one scorer (build-time
+    calibration): each shard's interval of its log-sum, merged end by end (CONTRACT §4)."""
+
+    def __init__(
+        self, shards: list[IvfLists], starts: list[int], default_max_error: float
+    ) -> None:
+        self.parts = [CertifiedDensity(lists, default_max_error) for lists in shards]
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.counts = np.asarray([lists.n for lists in shards], dtype=np.int64)
+        self.n = int(self.counts.sum())
+        self.latents = _JoinedRows(self.parts, self.starts, self.n)
+        self.last_lists_probed: np.ndarray | None = None
+
+    def log_density(
+        self,
+        queries: np.ndarray,
+        sigma: float,
+        exclude: np.ndarray | None = None,
+        max_error: float | None = None,
+    ) -> DensityScores:
+        q = np.asarray(queries)
+        out = np.full(q.shape[0], -1, dtype=np.int64) if exclude is None else np.asarray(exclude)
+        lows, highs, probed = [], [], np.zeros(q.shape[0], dtype=np.int64)
+        for part, start, count in zip(self.parts, self.starts, self.counts, strict=True):
+            local = np.where((out >= start) & (out < start + count), out - start, -1)
+            scored = part.log_density(q, sigma, exclude=local, max_error=max_error)
+            assert scored.error_bound is not None and part.last_lists_probed is not None
+            size = np.log(np.where(local >= 0, count - 1, count).astype(np.float64))
+            lows.append(scored.log_density - scored.error_bound + size)
+            highs.append(scored.log_density + scored.error_bound + size)
+            probed += part.last_lists_probed
+        total = np.log(np.where(out >= 0, self.n - 1, self.n).astype(np.float64))
+        low = np.logaddexp.reduce(np.stack(lows), axis=0) - total
+        high = np.logaddexp.reduce(np.stack(highs), axis=0) - total
+        self.last_lists_probed = probed
+        return DensityScores((low + high) / 2.0, np.zeros(q.shape[0], dtype=np.uint8),
+                             (high - low) / 2.0)
+
+
+class _JoinedRows:
+    """The shards' stored rows by global row index (calibration reads leave-one-out rows)."""
+
+    def __init__(self, parts: list[CertifiedDensity], starts: np.ndarray, n: int) -> None:
+        self.parts, self.starts = parts, starts
+        self.shape = (n, parts[0].index.dim)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = np.arange(self.shape[0])[key].reshape(-1)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((rows.shape[0], self.shape[1]), dtype=np.float32)
+        for number in np.unique(shard):
+            inside = shard == number
+            out[inside] = self.parts[number].latents[rows[inside] - self.starts[number]]
+        return out
 
 
 def open_density(

@@ -22,12 +22,13 @@ from latentsieve.index.ivf_lists import IvfLists
 from latentsieve.index.manifest import (
     DEFAULT_MAX_ERROR,
     DESCRIPTOR_NAMES,
+    IVF_OFFSETS_FILE,
     CertifiedMeasure,
     ModuleReference,
     SamplerRecipe,
 )
 from latentsieve.index.projection import project
-from latentsieve.workers.approximate import open_density
+from latentsieve.workers.approximate import ShardedCertified, open_density
 from latentsieve.workers.density import DensityEngine, DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
 from latentsieve.workers.modules import load_module, module_state_sha256
@@ -101,11 +102,19 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     """The ``index build`` calibrator: scores the request's calibration set at its sigma and,
     with a generator, the descriptors of its first ``descriptors.calibration_count`` latents."""
     certified = request.certified
-    lists = IvfLists.load(request.version_dir) if certified is not None else None
-    engine = open_density(
-        request.latents, lists,
-        default_max_error=certified.max_error if certified is not None else DEFAULT_MAX_ERROR,
-    )
+    engine: DensityScorer
+    if certified is not None and request.shards:
+        engine = ShardedCertified(
+            [IvfLists.load(request.version_dir, shard.file.removesuffix(IVF_OFFSETS_FILE))
+             for shard in request.shards],
+            [shard.start for shard in request.shards], certified.max_error,
+        )
+    else:
+        lists = IvfLists.load(request.version_dir) if certified is not None else None
+        engine = open_density(
+            request.latents, lists,
+            default_max_error=certified.max_error if certified is not None else DEFAULT_MAX_ERROR,
+        )
     draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
     draw: Draw | None = None  # seeds -> the index's space
     states: dict[str, str] = {}

@@ -47,7 +47,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, training: np.ndarray) -> Pat
         ), calibrate_build)
     build_version(LatentStore(root), BuildOptions(  # certified ivf: bounds through the streams
         model="lists", latents_file=source, sigma=str(SIGMA), space="raw", kind="ivf", nlist=8,
-        calibration_count=200, progress=False,
+        calibration_count=200, shards=2, progress=False,
     ), calibrate_build)
     build_version(LatentStore(root), BuildOptions(  # scored in a 3-dim PCA space
         model="projected", latents_file=source, sigma=str(SIGMA), pca=PCA_DIM,
@@ -128,7 +128,8 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
                                          (training - mean) @ components.T, sigma)
             got = np.array([r["log_density"] for r in projected.json()["results"]])
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-        # A certified ivf model: the worker sends each score's bound with it, for the bound asked.
+        # A certified ivf model in 2 shards: each worker reply carries its shard's bounds, for
+        # the bound asked, and the gateway merges the intervals.
         for max_error, sigma in ((0.3, SIGMA), (0.0, SIGMA), (0.05, 0.5)):
             answer = await client.post("/score", json={
                 "model": "lists", "latents": queries.tolist(), "sigma": sigma,
@@ -169,7 +170,7 @@ async def ghost_heartbeats(redis_url: str) -> redis.Redis:
     seconds, micros = await client.time()
     expiry = seconds * 1000 + micros // 1000 + 60_000
     for model, shard in (("plain", 0), ("split", 0), ("split", 1), ("split", 2), ("projected", 0),
-                         ("lists", 0)):
+                         ("lists", 0), ("lists", 1)):
         await client.zadd(f"latentsieve:live:{model}:{shard}", {"ghost|cpu": expiry})
         await client.xgroup_create(job_stream(model, shard), GROUP, id="0", mkstream=True)
     return client

@@ -88,6 +88,35 @@ def test_ivf_kind_certifies_every_score(
     assert bounds.max() < 1e-6  # max_error 0: every list summed, only rounding is left
 
 
+@pytest.mark.parametrize("extra", [["--shards", "3"], ["--pca", "5"]])
+def test_sharded_and_projected_ivf_versions_certify_too(
+    tmp_path: Path, source: Path, extra: list[str]
+) -> None:
+    build(tmp_path / "s", source, "--kind", "ivf", "--nlist", "16", "--space", "raw", *extra)
+    loaded = LatentStore(tmp_path / "s").load("m")
+    scorer = ModelScorer(loaded)
+    assert loaded.manifest.certified is not None and loaded.manifest.certified.nlist == 16
+    stored = np.concatenate([shard.lists.reconstruct() for shard in loaded.shards
+                             if shard.lists is not None])
+    assert len(loaded.shards) == (3 if "--shards" in extra else 1)
+    rng = np.random.default_rng(3)
+    sent = np.load(source)[:30] + rng.normal(0, 0.5, (30, 16)).astype(np.float32)
+    queries = loaded.to_index_space(sent)
+    for max_error in (0.05, 0.0):
+        scored = scorer.score(sent, max_error=max_error)
+        assert scored.error_bound is not None
+        assert np.all(scored.error_bound <= max(max_error, 1e-6))
+        want = log_density_reference(queries, stored, 2.0)
+        assert np.all(np.abs(scored.log_density - want) <= scored.error_bound + 1e-9)
+    # Leave-one-out calibration over the merged shards: within the default bound of float64.
+    rows = loaded.calibration_indices
+    assert rows is not None
+    calibration = np.sort(log_density_reference(stored[rows], stored, 2.0, exclude=rows))
+    assert np.abs(loaded.calibration_scores - calibration).max() <= 0.01 + 1e-9
+    measured = loaded.manifest.certified.measured
+    assert measured is not None and measured.half_width_max <= 0.01
+
+
 def test_old_approximate_versions_ask_to_be_rebuilt(tmp_path: Path, source: Path) -> None:
     build(tmp_path / "s", source)
     store = LatentStore(tmp_path / "s")

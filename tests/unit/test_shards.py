@@ -78,7 +78,8 @@ def test_bad_shard_counts_are_refused_before_anything_is_written(
     store = LatentStore(tmp_path / "store")
     for options, message in (
         (BuildOptions(model="m", latents_file=source, shards=0), "--shards must be"),
-        (BuildOptions(model="m", latents_file=source, shards=2, kind="ivf"), "needs --kind flat"),
+        (BuildOptions(model="m", latents_file=source, shards=60, kind="ivf", space="raw",
+                      progress=False), "at least 120 latents"),
         (BuildOptions(model="m", latents_file=source, shards=60, space="raw",
                       progress=False), "at least 120 latents"),
     ):
