@@ -330,8 +330,11 @@ def write_ivf_lists(
         log.info("building ivf lists",
                  extra={"n": int(stop - start), "dim": dim, "nlist": nlist, "shard": number})
         labels = kmeans_labels(rows, nlist, seed=0, train_size=train_size)
-        lists = IvfLists.group(rows, labels, nlist, storage=options.storage, rank=rank,
-                               progress=options.progress)
+        try:
+            lists = IvfLists.group(rows, labels, nlist, storage=options.storage, rank=rank,
+                                   progress=options.progress)
+        except ValueError as exc:
+            raise StoreError(f"--kind ivf: {exc}") from exc
         prefix = f"shard-{number}." if options.shards > 1 else ""
         lists.save(staged, prefix)
         shards.append(IndexShard(file=f"{prefix}{IVF_OFFSETS_FILE}", start=int(start),

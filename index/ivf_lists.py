@@ -199,11 +199,18 @@ class IvfLists:
         bounds = _offsets(counts)
         origins = np.zeros((nlist, dim))
         offsets = np.empty((n, dim), dtype=STORAGE_DTYPES[storage])
+        limit = float(np.finfo(offsets.dtype).max)
         for label in np.flatnonzero(counts):
             rows = slice(bounds[label], bounds[label + 1])
             members = np.asarray(x[order[rows]], dtype=np.float64)
             origins[label] = members.mean(axis=0)
-            offsets[rows] = members - origins[label]
+            offset = members - origins[label]
+            if np.abs(offset).max() > limit:
+                raise ValueError(
+                    f"list {label} has offsets up to {np.abs(offset).max():.3g}, beyond "
+                    f"{storage}'s range ({limit:.3g}); store them as float32"
+                )
+            offsets[rows] = offset
         row_sq = np.empty(n)
         for start in range(0, n, ROW_BLOCK):
             chunk = offsets[start : start + ROW_BLOCK].astype(np.float64)

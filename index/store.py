@@ -30,6 +30,7 @@ from latentsieve.index.errors import StoreError
 from latentsieve.index.gemm_operand import GemmOperand, load_operand, operand_files
 from latentsieve.index.ivf_lists import IvfLists, StoredRows
 from latentsieve.index.manifest import (
+    IVF_LISTS_FILE,
     IVF_OFFSETS_FILE,
     MANIFEST_NAME,
     IndexManifest,
@@ -159,9 +160,10 @@ class LatentStore:
             raise StoreError(
                 f"{model}/{version} has shards 0..{len(layout) - 1}, not {unknown}"
             )
-        skipped = {layout[number].file for number in range(len(layout))} - {
-            layout[number].file for number in wanted
-        }
+        skipped = set().union(*(
+            _shard_files(layout[number].file) for number in range(len(layout))
+            if number not in wanted
+        ))
         if verify:
             verify_files(folder, {k: v for k, v in manifest.files.items() if k not in skipped})
         opened = tuple(_open_shard(folder, manifest, number) for number in wanted)
@@ -232,6 +234,14 @@ class LatentStore:
                     }
                 )
         return rows
+
+
+def _shard_files(index_file: str) -> set[str]:
+    """The files of the shard whose main file is ``index_file``: a flat FAISS file and its GEMM
+    operand, or a certified ivf shard's offsets and lists."""
+    if index_file.endswith(IVF_OFFSETS_FILE):
+        return {index_file, index_file.removesuffix(IVF_OFFSETS_FILE) + IVF_LISTS_FILE}
+    return {index_file, *operand_files(index_file)}
 
 
 def _open_shard(folder: Path, manifest: IndexManifest, number: int) -> LoadedShard:

@@ -257,9 +257,10 @@ def _shape_upper(
     excess = np.maximum(stats.axis_vars - stats.rest_vars[:, None], 0.0)
     quad = np.einsum("pk,pk->p", proj * proj, excess) + stats.rest_vars * sq_high
     top_var = np.maximum(stats.axis_vars.max(axis=1, initial=0.0), stats.rest_vars)
+    # (skew.q_c comes from globally centred coordinates: its rounding scales like proj_tol's.)
     var_tol = (rel + gemm_tol) * 8.0 * (stats.sq_vars + 4.0 * d_high * stats.skew_norms
                                         + 4.0 * top_var * sq_high) + 4.0 * rank * top_var * (
-        2.0 * d_high * proj_tol + proj_tol**2)
+        2.0 * d_high * proj_tol + proj_tol**2) + 8.0 * 4.0 * proj_tol * stats.skew_norms
     var_high = (stats.sq_vars - 4.0 * skew_dot + 4.0 * quad) * (1.0 + rel) + var_tol
     # E is known to within rounding: the two-point bound at both ends of its interval.
     two_point = []
@@ -389,9 +390,9 @@ class CertifiedIVF:
         """Certified (low, high) of log S_l(q) for each (query, list) pair (P,): one GEMM per
         list, over all the queries that probe it.
 
-        Per list, the cheapest of three evaluations whose a-priori rounding bound (nats) meets
-        ``tolerance`` for all its pairs: float32 logits and exps, a float64 GEMM, or float64
-        differences.
+        Per pair, the cheapest of three evaluations whose a-priori rounding bound (nats) meets
+        ``tolerance``: float32 logits and exps, a float64 GEMM, or float64 differences (so a
+        query's score does not depend on what it was batched with).
         """
         by_list = np.argsort(pair_l, kind="stable")
         pq, pl = pair_q[by_list], pair_l[by_list]
@@ -403,53 +404,62 @@ class CertifiedIVF:
         q_norm = np.sqrt(q_sq)
         radius = self.lists.row_radius[pl] * (1.0 + 1e-6)
         count = self.stats.counts[pl]
+        u64 = UNIT_ROUNDOFF
+        # The GEMM paths score origin + offset unrounded; a stored latent is fl(origin + offset),
+        # at most u (|o| + r) away: its squared distance moves by at most 2 (|q_c| + r) that.
+        origin = np.sqrt(np.einsum("ij,ij->i", self.lists.origins, self.lists.origins))[pl]
+        stored_gap = 2.0 * (q_norm + radius) * u64 * (origin + radius) * 1.01 * inv
         # float32: logits c (2 q_c.x - |x|^2) from one GEMM of 2c q_c by the offsets, less c|x|^2:
         # each within u (d + 4) 2c |q_c| r + 3 u c r^2 (casts, GEMM, subtraction); the float32
         # exp and the shifted sum add at most (n + 8) u relative (a term g nats under the top
         # carries weight e^-g and error u g).
         u32 = 2.0**-24
         error32 = (u32 * inv * ((self.dim + 4) * 2.0 * q_norm * radius + 3.0 * radius**2)
-                   + (count + 8) * u32 + 8.0 * UNIT_ROUNDOFF * inv * q_sq)
-        # float64: |fl(q_c . x) - q_c . x| <= (d + 2) u |q_c| |x| (rounding q_c, then the dot).
-        error64 = ((self.dim + 2) * q_norm * radius * 2.0 * UNIT_ROUNDOFF
-                   + (q_sq + radius**2) * 4.0 * UNIT_ROUNDOFF) * inv + count * UNIT_ROUNDOFF
-        use32 = np.maximum.reduceat(error32, starts) <= tolerance
-        use64 = np.maximum.reduceat(error64, starts) <= tolerance
+                   + (count + 8) * u32 + (self.dim + 4) * u64 * inv * q_sq + stored_gap)
+        # float64: |fl(q_c . x) - q_c . x| <= (d + 2) u |q_c| |x| (rounding q_c, then the dot);
+        # the squared norms |q_c|^2 and |x|^2 within (d + 4) u of theirs.
+        error64 = (((self.dim + 2) * q_norm * radius * 2.0 + (self.dim + 4) * (q_sq + radius**2))
+                   * u64 * inv + count * u64 + stored_gap)
+        tier = np.where(error32 <= tolerance, 32, np.where(error64 <= tolerance, 64, 0))
         scaled = (q_c * (2.0 * inv)).astype(np.float32)
         bias = self._scaled_row_sq(inv)
-        log_sum = np.zeros(pl.shape[0])  # the direct lists' rows stay unused
+        log_sum = np.zeros(pl.shape[0])  # the direct pairs' rows stay unused
         low, high = np.zeros(pl.shape[0]), np.zeros(pl.shape[0])
         stored, row_sq = self.lists.offsets, self.lists.row_sq
-        for label, start, end, fast, exact in zip(labels, starts, ends, use32, use64, strict=True):
+        for label, start, end in zip(labels, starts, ends, strict=True):
             rows = slice(self.lists.bounds[label], self.lists.bounds[label + 1])
-            if fast:
-                logits = scaled[start:end] @ stored[rows].astype(np.float32, copy=False).T
+            pairs = np.arange(start, end)
+            fast, exact = pairs[tier[pairs] == 32], pairs[tier[pairs] == 64]
+            direct = pairs[tier[pairs] == 0]
+            if fast.size:
+                logits = scaled[fast] @ stored[rows].astype(np.float32, copy=False).T
                 logits -= bias[rows]
                 top = logits.max(axis=1)
                 logits -= top[:, None]
                 np.exp(logits, out=logits)
-                log_sum[start:end] = top + np.log(logits.sum(axis=1, dtype=np.float64))
-            elif exact:
-                dots = q_c[start:end] @ stored[rows].astype(np.float64).T
-                sq = np.maximum(q_sq[start:end, None] + row_sq[None, rows] - 2.0 * dots, 0.0)
-                log_sum[start:end] = logsumexp_rows(-sq * inv) + inv * q_sq[start:end]
-            else:
-                low[start:end], high[start:end] = self._direct_log_sums(
-                    q[pq[start:end]], int(label), two_s2
+                log_sum[fast] = top + np.log(logits.sum(axis=1, dtype=np.float64))
+            if exact.size:
+                dots = q_c[exact] @ stored[rows].astype(np.float64).T
+                sq = np.maximum(q_sq[exact, None] + row_sq[None, rows] - 2.0 * dots, 0.0)
+                log_sum[exact] = logsumexp_rows(-sq * inv) + inv * q_sq[exact]
+            if direct.size:
+                low[direct], high[direct] = self._direct_log_sums(
+                    q[pq[direct]], int(label), two_s2
                 )
         log_sum -= inv * q_sq
-        error = np.where(np.repeat(use32, ends - starts), error32, error64)
-        direct = ~np.repeat(use32 | use64, ends - starts)
+        error = np.where(tier == 32, error32, error64)
         out_low, out_high = np.empty_like(low), np.empty_like(high)
-        out_low[by_list] = np.where(direct, low, log_sum - error)
-        out_high[by_list] = np.where(direct, high, log_sum + error)
+        out_low[by_list] = np.where(tier == 0, low, log_sum - error)
+        out_high[by_list] = np.where(tier == 0, high, log_sum + error)
         return out_low, out_high
 
     def _scaled_row_sq(self, inv: float) -> np.ndarray:
         """c |x|^2 per stored row as float32 (N,), kept for the last c = 1 / (2 sigma^2)."""
-        if self._bias is None or self._bias[0] != inv:
-            self._bias = (inv, (self.lists.row_sq * inv).astype(np.float32))
-        return self._bias[1]
+        cached = self._bias  # one read: another thread may replace it meanwhile
+        if cached is None or cached[0] != inv:
+            cached = (inv, (self.lists.row_sq * inv).astype(np.float32))
+            self._bias = cached
+        return cached[1]
 
     def _direct_log_sums(
         self, q: np.ndarray, label: int, two_s2: float

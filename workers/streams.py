@@ -101,7 +101,7 @@ class Job:
         if self.query.exclude is not None:
             fields["exclude"] = np.ascontiguousarray(self.query.exclude, dtype="<i8").tobytes()
         if self.max_error is not None:
-            fields["max_error"] = repr(self.max_error)
+            fields["max_error"] = repr(float(self.max_error))
         return fields
 
     @classmethod

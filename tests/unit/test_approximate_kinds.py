@@ -176,3 +176,15 @@ def test_bad_approximate_options_write_nothing(
                  "--latents", str(source), "--no-progress", *args])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_float16_offsets_beyond_range_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.random.default_rng(0).normal(0.0, 1e6, (300, 4)).astype(np.float32))
+    code = main(["index", "build", "--store", str(tmp_path / "s"), "--model", "m", "--latents",
+                 str(wide), "--kind", "ivf", "--storage", "float16", "--nlist", "2",
+                 "--no-progress"])
+    assert code == 2 and "beyond float16's range" in capsys.readouterr().err
+    assert LatentStore(tmp_path / "s").models() == []

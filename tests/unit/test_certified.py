@@ -386,3 +386,42 @@ def test_damaged_list_files_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "ivf_lists.npz", **parts)
     with pytest.raises(ValueError, match="boundaries"):
         IvfLists.load(tmp_path)
+
+
+def test_far_from_the_origin_the_interval_holds_without_slack() -> None:
+    # Latents near 1e5 in a tiny cluster at a tiny sigma, every list summed (max_error 0): the
+    # interval holds with no test slack at all. (The bound's term for fl(origin + offset)
+    # against the unrounded sum could not be made to matter here: a float32 offset of a float64
+    # difference is a multiple of the origin's last place, so the sum is exact but across a
+    # power of two.)
+    rng = np.random.default_rng(11)
+    latents = 1e5 + rng.normal(0.0, 1e-5, (400, 6))
+    ivf = CertifiedIVF.build(latents, 4, seed=0)
+    queries = latents[:20] + rng.normal(0.0, 5e-6, (20, 6))
+    for sigma in (5e-6, 2e-5, 1e-4):
+        got = ivf.score(queries, sigma, max_error=0.0)
+        want = log_density_reference(queries, ivf.reconstruct(), sigma)
+        assert np.all((got.low <= want) & (want <= got.high)), (got.low - want, want - got.high)
+
+
+def test_a_score_does_not_depend_on_its_batch() -> None:
+    # The rounding path is chosen per (query, list): a far query batched with a near one does
+    # not change the near one's estimate or bound.
+    rng = np.random.default_rng(12)
+    centres = rng.normal(0.0, 5.0, (6, 8))
+    latents = blobs(rng, centres, 3000)
+    ivf = CertifiedIVF.build(latents, 16, seed=0)
+    near = blobs(rng, centres, 3).astype(np.float64)
+    far = near[:1] + 300.0
+    for sigma in (0.5, 3.0):
+        alone = ivf.score(near, sigma, max_error=0.01)
+        batched = ivf.score(np.concatenate([far, near]), sigma, max_error=0.01)
+        np.testing.assert_array_equal(batched.estimate[1:], alone.estimate)
+        np.testing.assert_array_equal(batched.half_width[1:], alone.half_width)
+
+
+def test_float16_offsets_out_of_range_are_refused() -> None:
+    rng = np.random.default_rng(13)
+    latents = rng.normal(0.0, 1e6, (200, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        CertifiedIVF.build(latents, 2, seed=0, storage="float16")

@@ -79,3 +79,13 @@ def test_an_operand_of_other_latents_is_refused() -> None:
     with pytest.raises(ValueError, match="GEMM operand is 3 x 2"):
         DensityEngine(np.zeros((4, 2), np.float32),
                       operand=gemm_operand(np.zeros((3, 2), np.float32)))
+
+
+def test_only_the_opened_shards_files_are_hashed(store: Path) -> None:
+    root = LatentStore(store / "s2")
+    loaded = root.load("m")
+    np.save(loaded.path / "shard-1.gemm.npy", np.zeros((250, 8), dtype=np.float32))
+    assert [s.number for s in root.load("m", shards=[0]).shards] == [0]
+    assert root.load("m", shards=()).shards == ()  # a gateway that only routes
+    with pytest.raises(StoreError, match="shard-1.gemm.npy: checksum mismatch"):
+        root.load("m")
