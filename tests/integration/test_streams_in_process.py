@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -204,6 +205,31 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
     assert dead_letter_stream("plain", 0) in response.json()["detail"]
     assert await client_redis.xlen(job_stream("plain", 0)) == 0  # acknowledged and deleted
     await client_redis.aclose()
+
+
+async def test_a_worker_checks_the_files_it_opens(
+    store: Path, redis_url: str, serve: object, tmp_path: Path
+) -> None:
+    # The gateway opens no shard files; the worker verifies the ones it maps. One flipped byte
+    # in a shard file: the request fails with the file named, and nothing is scored from it.
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    version = LatentStore(copy).newest("plain")
+    assert version is not None
+    damaged = copy / "plain" / version / "index.faiss"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    await client_redis.aclose()
+    async with (
+        worker(copy, redis_url, models=("plain",)),
+        serve(settings(copy, redis_url, request_timeout_s=20.0)) as client,  # type: ignore[operator]
+    ):
+        response = await client.post("/score", json={"model": "plain", "latents": [[0.1] * DIM]})
+        assert response.status_code == 502, response.text
+        assert "index.faiss: checksum mismatch" in response.json()["detail"]
 
 
 async def test_a_job_past_its_deadline_is_dropped_not_computed(
