@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import time
@@ -230,6 +231,29 @@ async def test_a_worker_checks_the_files_it_opens(
         response = await client.post("/score", json={"model": "plain", "latents": [[0.1] * DIM]})
         assert response.status_code == 502, response.text
         assert "index.faiss: checksum mismatch" in response.json()["detail"]
+
+
+async def test_a_malformed_job_is_acknowledged_counted_and_logged(
+    store: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    stream = job_stream("plain", 0)
+    with caplog.at_level(logging.ERROR, logger="latentsieve.workers.stream_worker"):
+        async with worker(store, redis_url, models=("plain",)) as running:
+            await client_redis.xadd(stream, {"id": "j-1", "shape": "not,a,shape"})
+            for _ in range(250):
+                if jobs_count(running, "plain", "error") and not await client_redis.xlen(stream):
+                    break
+                await asyncio.sleep(0.02)
+            assert jobs_count(running, "plain", "error") == 1
+            assert jobs_count(running, "plain", "done") == 0
+            assert await client_redis.xlen(stream) == 0  # acknowledged and deleted, not retried
+            assert (await client_redis.xpending(stream, GROUP))["pending"] == 0
+    dropped = [r for r in caplog.records if r.getMessage() == "malformed job dropped"]
+    assert len(dropped) == 1 and dropped[0].stream == stream  # type: ignore[attr-defined]
+    assert "ValueError" in dropped[0].error or "KeyError" in dropped[0].error  # type: ignore[attr-defined]
+    await client_redis.aclose()
 
 
 async def test_a_job_past_its_deadline_is_dropped_not_computed(
