@@ -208,6 +208,36 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
     await client_redis.aclose()
 
 
+async def test_a_job_a_dead_consumer_held_is_reclaimed_and_answered(
+    store: Path, redis_url: str, serve: object, training: np.ndarray
+) -> None:
+    # A consumer reads the job and dies; a live worker claims it once it has been idle past
+    # claim_idle_ms (its second delivery, within max_deliveries 2) and computes it.
+    client_redis = await ghost_heartbeats(redis_url)
+    latent = np.full((1, DIM), 0.5, dtype=np.float32)
+    async with serve(settings(store, redis_url, request_timeout_s=20.0)) as client:  # type: ignore[operator]
+        request = asyncio.create_task(
+            client.post("/score", json={"model": "plain", "latents": latent.tolist()}))
+        taken: list[object] = []
+        for _ in range(100):
+            taken = await client_redis.xreadgroup(GROUP, "ghost", {job_stream("plain", 0): ">"},
+                                                  count=1, block=50)
+            if taken:
+                break
+        assert taken
+        async with worker(store, redis_url, max_deliveries=2) as running:
+            response = await asyncio.wait_for(request, 15)
+            assert jobs_count(running, "plain", "reclaimed") == 1
+            assert jobs_count(running, "plain", "done") == 1
+            assert jobs_count(running, "plain", "dead_letter") == 0
+    assert response.status_code == 200, response.text
+    got = response.json()["results"][0]["log_density"]
+    assert abs(got - log_density_reference(latent, training, SIGMA)[0]) <= 1e-4
+    assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 0
+    assert await client_redis.xlen(job_stream("plain", 0)) == 0  # acknowledged and deleted
+    await client_redis.aclose()
+
+
 async def test_a_worker_checks_the_files_it_opens(
     store: Path, redis_url: str, serve: object, tmp_path: Path
 ) -> None:
