@@ -335,10 +335,9 @@ def write_ivf_lists(
                                    progress=options.progress)
         except ValueError as exc:
             raise StoreError(f"--kind ivf: {exc}") from exc
-        prefix = f"shard-{number}." if options.shards > 1 else ""
-        lists.save(staged, prefix)
-        shards.append(IndexShard(file=f"{prefix}{IVF_OFFSETS_FILE}", start=int(start),
-                                 count=int(stop - start)))
+        name = f"shard-{number}.{IVF_OFFSETS_FILE}" if options.shards > 1 else IVF_OFFSETS_FILE
+        lists.save(staged, name)
+        shards.append(IndexShard(file=name, start=int(start), count=int(stop - start)))
     certified = CertifiedLists(nlist=nlist, train_size=train_size, rank=rank,
                                storage=options.storage,  # type: ignore[arg-type]
                                max_error=options.max_error)

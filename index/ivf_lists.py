@@ -12,6 +12,7 @@ latents' magnitude. On disk: ``ivf_offsets.npy`` (N, d), memory-mapped when serv
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -219,18 +220,16 @@ class IvfLists:
         full = np.flatnonzero(counts)
         row_radius[full] = np.sqrt(np.maximum.reduceat(row_sq, bounds[full]))
         rank = default_rank(dim) if rank is None else min(max(rank, 0), dim)
-        partial = cls(order, bounds, origins, offsets, row_sq, row_radius, _empty_stats(0, dim))
         labels_iter: Iterable[int] = range(nlist)
         if progress:
             labels_iter = tqdm(labels_iter, desc="list statistics", unit="list")
-        stats = _stats_of_lists((partial.members(label) for label in labels_iter), counts, dim,
-                                rank)
+        stored = (_stored_members(origins, offsets, bounds, label) for label in labels_iter)
+        stats = _stats_of_lists(stored, counts, dim, rank)
         return cls(order, bounds, origins, offsets, row_sq, row_radius, stats)
 
     def members(self, label: int) -> np.ndarray:
         """The stored latents of list ``label``, float64 (n_l, d)."""
-        rows = slice(self.bounds[label], self.bounds[label + 1])
-        return np.asarray(self.origins[label] + self.offsets[rows].astype(np.float64))
+        return _stored_members(self.origins, self.offsets, self.bounds, label)
 
     def labels_of(self, grouped: np.ndarray) -> np.ndarray:
         """The list of each grouped row index."""
@@ -239,18 +238,16 @@ class IvfLists:
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Stored latents of input rows ``indices`` as float32 (len, d)."""
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
-        grouped = self.position()[wanted]
+        grouped = self.position[wanted]
         out = self.origins[self.labels_of(grouped)] + self.offsets[grouped].astype(np.float64)
         return np.asarray(out, dtype=np.float32)
 
+    @functools.cached_property
     def position(self) -> np.ndarray:
         """Grouped index of every input row (the inverse of ``order``), computed once."""
-        cached = self.__dict__.get("_position")
-        if cached is None:
-            cached = np.empty_like(self.order)
-            cached[self.order] = np.arange(self.order.shape[0], dtype=self.order.dtype)
-            object.__setattr__(self, "_position", cached)
-        return np.asarray(cached)
+        inverse = np.empty_like(self.order)
+        inverse[self.order] = np.arange(self.order.shape[0], dtype=self.order.dtype)
+        return inverse
 
     def reconstruct(self) -> np.ndarray:
         """The stored latents, float64 (N, d), in input order."""
@@ -266,21 +263,21 @@ class IvfLists:
                   self.row_radius, *vars(self.stats).values()]
         return int(sum(np.asarray(a).nbytes for a in arrays))
 
-    def save(self, folder: Path, prefix: str = "") -> None:
-        """Write ``<prefix>ivf_offsets.npy`` and ``<prefix>ivf_lists.npz`` into ``folder``
-        (prefix ``shard-K.`` for shard K of a sharded version)."""
-        np.save(folder / f"{prefix}{OFFSETS_FILE}", self.offsets)
+    def save(self, folder: Path, offsets_file: str = OFFSETS_FILE) -> None:
+        """Write ``offsets_file`` (``ivf_offsets.npy``, ``shard-K.ivf_offsets.npy`` for shard
+        K of a sharded version) and its :func:`lists_file` into ``folder``."""
+        np.save(folder / offsets_file, self.offsets)
         np.savez(
-            folder / f"{prefix}{LISTS_FILE}", order=self.order, bounds=self.bounds,
+            folder / lists_file(offsets_file), order=self.order, bounds=self.bounds,
             origins=self.origins, row_sq=self.row_sq, row_radius=self.row_radius,
             **{f"stats_{name}": value for name, value in vars(self.stats).items()},
         )
 
     @classmethod
-    def load(cls, folder: Path, prefix: str = "", mmap: bool = True) -> IvfLists:
+    def load(cls, folder: Path, offsets_file: str = OFFSETS_FILE, mmap: bool = True) -> IvfLists:
         """Read what :meth:`save` wrote; the offsets memory-mapped (read-only) by default."""
-        offsets = np.load(folder / f"{prefix}{OFFSETS_FILE}", mmap_mode="r" if mmap else None)
-        with np.load(folder / f"{prefix}{LISTS_FILE}") as arrays:
+        offsets = np.load(folder / offsets_file, mmap_mode="r" if mmap else None)
+        with np.load(folder / lists_file(offsets_file)) as arrays:
             parts = {name: arrays[name] for name in arrays.files}
         stats = ListStats(**{name[6:]: parts.pop(name) for name in list(parts)
                              if name.startswith("stats_")})
@@ -321,12 +318,9 @@ def kmeans_labels(
         raise ValueError(f"train_size must be >= nlist ({nlist}), got {size}")
     rng = np.random.default_rng(seed)
     sample = x32 if size == n else x32[np.sort(rng.choice(n, size, replace=False))]
-    # On a GPU when this FAISS build has GPU indexes and sees one (faiss-gpu, the gpu extra).
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    gpu = bool(hasattr(faiss, "StandardGpuResources") and get_num_gpus and get_num_gpus() > 0)
     kmeans = faiss.Kmeans(
         x32.shape[1], nlist, niter=20, seed=seed, verbose=False, min_points_per_centroid=1,
-        gpu=gpu,
+        gpu=faiss_has_gpu(),
     )
     kmeans.train(sample)
     _, labels = kmeans.index.search(x32, 1)
@@ -344,8 +338,25 @@ def choose_nlist(n: int, dim: int, rank: int | None = None, budget: float = 0.1)
     return int(max(1, min(target, 2 ** math.floor(math.log2(cap)), max(1, n // 8))))
 
 
-def _empty_stats(nlist: int, dim: int) -> ListStats:
-    return _stats_of_lists(iter(()), np.zeros(nlist, dtype=np.int64), dim, 0)
+def faiss_has_gpu() -> bool:
+    """Whether the installed FAISS build has GPU indexes and sees a GPU (faiss-gpu, the gpu
+    extra)."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return bool(hasattr(faiss, "StandardGpuResources") and get_num_gpus and get_num_gpus() > 0)
+
+
+def lists_file(offsets_file: str) -> str:
+    """The lists file stored beside ``offsets_file`` (``shard-1.ivf_offsets.npy`` ->
+    ``shard-1.ivf_lists.npz``)."""
+    return offsets_file.removesuffix(OFFSETS_FILE) + LISTS_FILE
+
+
+def _stored_members(
+    origins: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, label: int
+) -> np.ndarray:
+    """List ``label``'s stored latents, origin + offset in float64 (n_l, d)."""
+    rows = slice(bounds[label], bounds[label + 1])
+    return np.asarray(origins[label] + offsets[rows].astype(np.float64))
 
 
 class StoredRows:

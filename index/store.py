@@ -28,9 +28,8 @@ from pydantic import ValidationError
 from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
 from latentsieve.index.gemm_operand import GemmOperand, load_operand, operand_files
-from latentsieve.index.ivf_lists import IvfLists, StoredRows
+from latentsieve.index.ivf_lists import IvfLists, StoredRows, lists_file
 from latentsieve.index.manifest import (
-    IVF_LISTS_FILE,
     IVF_OFFSETS_FILE,
     MANIFEST_NAME,
     IndexManifest,
@@ -240,7 +239,7 @@ def _shard_files(index_file: str) -> set[str]:
     """The files of the shard whose main file is ``index_file``: a flat FAISS file and its GEMM
     operand, or a certified ivf shard's offsets and lists."""
     if index_file.endswith(IVF_OFFSETS_FILE):
-        return {index_file, index_file.removesuffix(IVF_OFFSETS_FILE) + IVF_LISTS_FILE}
+        return {index_file, lists_file(index_file)}
     return {index_file, *operand_files(index_file)}
 
 
@@ -257,8 +256,8 @@ def _open_shard(folder: Path, manifest: IndexManifest, number: int) -> LoadedSha
                 "scores were certified; rebuild it with `latentsieve index build --kind ivf` "
                 "(docs/scoring.md, migration)"
             )
-        try:  # shard K's files are prefixed "shard-K." (unsharded: no prefix)
-            lists = IvfLists.load(folder, shard.file.removesuffix(IVF_OFFSETS_FILE))
+        try:
+            lists = IvfLists.load(folder, shard.file)
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"{folder}: unreadable ivf lists ({exc})") from exc
         if (lists.n, lists.dim) != expected or lists.nlist != manifest.certified.nlist:

@@ -12,6 +12,7 @@ from latentsieve.index.ivf_lists import IvfLists, StoredRows
 from latentsieve.index.manifest import DEFAULT_MAX_ERROR, check_sigma
 from latentsieve.workers.certified import CertifiedIVF
 from latentsieve.workers.density import DensityEngine, DensityScorer, DensityScores
+from latentsieve.workers.log_sums import NO_ROW, merge_intervals
 
 
 class CertifiedDensity:
@@ -70,22 +71,19 @@ class ShardedCertified:
         max_error: float | None = None,
     ) -> DensityScores:
         q = np.asarray(queries)
-        out = np.full(q.shape[0], -1, dtype=np.int64) if exclude is None else np.asarray(exclude)
-        lows, highs, probed = [], [], np.zeros(q.shape[0], dtype=np.int64)
+        out = np.full(q.shape[0], NO_ROW, np.int64) if exclude is None else np.asarray(exclude)
+        log_sums, bounds, probed = [], [], np.zeros(q.shape[0], dtype=np.int64)
         for part, start, count in zip(self.parts, self.starts, self.counts, strict=True):
-            local = np.where((out >= start) & (out < start + count), out - start, -1)
+            local = np.where((out >= start) & (out < start + count), out - start, NO_ROW)
             scored = part.log_density(q, sigma, exclude=local, max_error=max_error)
-            assert scored.error_bound is not None and part.last_lists_probed is not None
-            size = np.log(np.where(local >= 0, count - 1, count).astype(np.float64))
-            lows.append(scored.log_density - scored.error_bound + size)
-            highs.append(scored.log_density + scored.error_bound + size)
+            assert part.last_lists_probed is not None
+            log_sums.append(scored.log_density
+                            + np.log(np.where(local != NO_ROW, count - 1, count)))
+            bounds.append(scored.error_bound)
             probed += part.last_lists_probed
-        total = np.log(np.where(out >= 0, self.n - 1, self.n).astype(np.float64))
-        low = np.logaddexp.reduce(np.stack(lows), axis=0) - total
-        high = np.logaddexp.reduce(np.stack(highs), axis=0) - total
+        estimate, half_width = merge_intervals(log_sums, bounds, out, self.n)
         self.last_lists_probed = probed
-        return DensityScores((low + high) / 2.0, np.zeros(q.shape[0], dtype=np.uint8),
-                             (high - low) / 2.0)
+        return DensityScores(estimate, np.zeros(q.shape[0], dtype=np.uint8), half_width)
 
 
 class _JoinedRows:

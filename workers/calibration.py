@@ -22,7 +22,6 @@ from latentsieve.index.ivf_lists import IvfLists
 from latentsieve.index.manifest import (
     DEFAULT_MAX_ERROR,
     DESCRIPTOR_NAMES,
-    IVF_OFFSETS_FILE,
     CertifiedMeasure,
     ModuleReference,
     SamplerRecipe,
@@ -105,8 +104,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     engine: DensityScorer
     if certified is not None and request.shards:
         engine = ShardedCertified(
-            [IvfLists.load(request.version_dir, shard.file.removesuffix(IVF_OFFSETS_FILE))
-             for shard in request.shards],
+            [IvfLists.load(request.version_dir, shard.file) for shard in request.shards],
             [shard.start for shard in request.shards], certified.max_error,
         )
     else:

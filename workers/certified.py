@@ -14,9 +14,12 @@ being convex and decreasing,
 
     n_l f(E)  <=  S_l(q)  <=  n_l [ (b - E)/(b - a) f(a) + (E - a)/(b - a) f(b) ]  <=  n_l f(a)
 
-(Jensen below, the Edmundson-Madansky chord above, the ball bound last). A query's lists are
-probed (summed exactly, float64 differences) in order of their upper bound, a few per round and
-all open queries at once, until the interval [log S_low, log S_high] - log N is at most
+(Jensen below, the Edmundson-Madansky chord above, the ball bound last). For the lists that
+could matter, the lists' shape tightens the upper bound: the range of q.x along their principal
+axes narrows [a, b], and the variance of the members' squared distances gives the two-point
+bound (:func:`log_two_point_upper`). A query's lists are probed (summed exactly: one GEMM per
+list over the queries probing it, with an a-priori rounding bound) in order of their upper
+bound, all open queries at once, until the interval [log S_low, log S_high] - log N is at most
 ``2 * max_error`` wide or every list is summed. Everything stays in log space, so a tiny sigma
 (exponents of -1e8) gives finite, valid bounds.
 
@@ -323,7 +326,7 @@ class _ProbeOrder:
     partition, the full order only for queries that probe past them (it keeps the head)."""
 
     def __init__(self, upper: np.ndarray, limit: int) -> None:
-        self.upper = upper.copy()  # the bounds the order was made from (probing changes them)
+        self.upper = upper  # the bounds the order is made from: the caller's own copy
         head = min(max(limit, 1), PROBE_HEAD, upper.shape[1])
         keys = -self.upper
         part = np.argpartition(keys, head - 1, axis=1)[:, :head] if head < upper.shape[1] \
@@ -355,6 +358,7 @@ class CertifiedIVF:
         self.lists = lists
         self.n, self.dim, self.nlist = lists.n, lists.dim, lists.nlist
         self.stats = lists.stats
+        self.origin_norms = np.sqrt(np.einsum("ij,ij->i", lists.origins, lists.origins))
         self._bias: tuple[float, np.ndarray] | None = None
 
     @classmethod
@@ -407,8 +411,7 @@ class CertifiedIVF:
         u64 = UNIT_ROUNDOFF
         # The GEMM paths score origin + offset unrounded; a stored latent is fl(origin + offset),
         # at most u (|o| + r) away: its squared distance moves by at most 2 (|q_c| + r) that.
-        origin = np.sqrt(np.einsum("ij,ij->i", self.lists.origins, self.lists.origins))[pl]
-        stored_gap = 2.0 * (q_norm + radius) * u64 * (origin + radius) * 1.01 * inv
+        stored_gap = 2.0 * (q_norm + radius) * u64 * (self.origin_norms[pl] + radius) * 1.01 * inv
         # float32: logits c (2 q_c.x - |x|^2) from one GEMM of 2c q_c by the offsets, less c|x|^2:
         # each within u (d + 4) 2c |q_c| r + 3 u c r^2 (casts, GEMM, subtraction); the float32
         # exp and the shifted sum add at most (n + 8) u relative (a term g nats under the top
@@ -462,10 +465,11 @@ class CertifiedIVF:
         return cached[1]
 
     def _direct_log_sums(
-        self, q: np.ndarray, label: int, two_s2: float
+        self, q: np.ndarray, label: int, two_s2: float, skip: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) of log S_l(q) by float64 differences: each squared distance is within a
-        relative (d + 4) u of exact, so the two sums take it at both ends of that range."""
+        relative (d + 4) u of exact, so the two sums take it at both ends of that range.
+        ``skip`` (m,): the member (grouped row) query k leaves out (leave-one-out)."""
         members = self.lists.members(label)
         rel = (self.dim + 4) * UNIT_ROUNDOFF
         low, high = np.empty(q.shape[0]), np.empty(q.shape[0])
@@ -473,23 +477,11 @@ class CertifiedIVF:
         for start in range(0, q.shape[0], block):
             diff = q[start : start + block, None, :] - members[None]
             sq = np.einsum("qnd,qnd->qn", diff, diff)
+            if skip is not None:
+                left = skip[start : start + block] - self.lists.bounds[label]
+                sq[np.arange(left.shape[0]), left] = np.inf
             low[start : start + block] = logsumexp_rows(-sq * (1.0 + rel) / two_s2)
             high[start : start + block] = logsumexp_rows(-sq * (1.0 - rel) / two_s2)
-        return low, high
-
-    def _masked_log_sums(
-        self, q: np.ndarray, labels: np.ndarray, grouped: np.ndarray, two_s2: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) of log S_l(q) without one member: query k, list ``labels[k]``, grouped
-        row ``grouped[k]`` left out (leave-one-out), by float64 differences."""
-        rel = (self.dim + 4) * UNIT_ROUNDOFF
-        low, high = np.empty(q.shape[0]), np.empty(q.shape[0])
-        for k, (label, row) in enumerate(zip(labels, grouped, strict=True)):
-            members = self.lists.members(int(label))
-            sq = ((members - q[k]) ** 2).sum(axis=1)
-            sq[row - self.lists.bounds[label]] = np.inf
-            low[k] = logsumexp_rows(-(sq * (1.0 + rel))[None] / two_s2)[0]
-            high[k] = logsumexp_rows(-(sq * (1.0 - rel))[None] / two_s2)[0]
         return low, high
 
     def _interval(
@@ -539,7 +531,7 @@ class CertifiedIVF:
         limit = filled if max_probe is None else min(max_probe, filled)
         count = np.full(q.shape[0], float(self.n))
         probed = np.zeros(q.shape[0], dtype=np.int64)
-        ranking = upper
+        ranking = upper.copy()  # the order's keys: probing overwrites ``upper``
         if exclude is not None:
             out = np.asarray(exclude, dtype=np.int64).reshape(-1)
             if out.shape != (q.shape[0],) or np.any(out >= self.n) or np.any(out < -1):
@@ -548,12 +540,13 @@ class CertifiedIVF:
             if left.size:
                 if self.n < 2:
                     raise ValueError("leave-one-out needs at least two stored latents")
-                grouped = self.lists.position()[out[left]]
+                grouped = self.lists.position[out[left]]
                 labels = self.lists.labels_of(grouped)
-                lower[left, labels], upper[left, labels] = self._masked_log_sums(
-                    q[left], labels, grouped, two_s2
-                )
-                ranking = upper.copy()
+                for label in np.unique(labels):  # each row's own list, summed without it
+                    mine = left[labels == label]
+                    lower[mine, label], upper[mine, label] = self._direct_log_sums(
+                        q[mine], int(label), two_s2, skip=grouped[labels == label]
+                    )
                 ranking[left, labels] = np.inf  # first in the order: already summed
                 count[left] = self.n - 1
                 probed[left] = 1

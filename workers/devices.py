@@ -29,11 +29,3 @@ def resolve_device(spec: str, cuda_devices: int | None = None) -> str:
         have = "no CUDA device" if count == 0 else f"CUDA devices 0..{count - 1}"
         raise ValueError(f"--device {spec}: this machine has {have} (PyTorch {torch.__version__})")
     return f"cuda:{index}"
-
-
-def faiss_has_gpu() -> bool:
-    """Whether the installed FAISS build has GPU indexes and sees a GPU (faiss-gpu)."""
-    import faiss
-
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    return bool(hasattr(faiss, "StandardGpuResources") and get_num_gpus and get_num_gpus() > 0)

@@ -15,13 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from latentsieve.workers.batcher import DynamicBatcher, QueueFull
-from latentsieve.workers.shard_scoring import (
-    ShardKey,
-    ShardQuery,
-    ShardScorer,
-    ShardScores,
-    merge_log_sums,
-)
+from latentsieve.workers.log_sums import merge_intervals, merge_log_sums
+from latentsieve.workers.shard_scoring import ShardKey, ShardQuery, ShardScorer, ShardScores
 
 OnBatch = Callable[[ShardKey, int, float], None]
 
@@ -58,12 +53,10 @@ def merge(work: Work, parts: Sequence[ShardScores]) -> Computed:
     if all(part.bound is None for part in parts):
         log_density = merge_log_sums([part.log_sum for part in parts], exclude, work.n)
         return Computed(log_density, dict(parts[0].descriptors))
-    bounds = [np.zeros(len(part)) if part.bound is None else part.bound for part in parts]
-    low = merge_log_sums([p.log_sum - b for p, b in zip(parts, bounds, strict=True)], exclude,
-                         work.n)
-    high = merge_log_sums([p.log_sum + b for p, b in zip(parts, bounds, strict=True)], exclude,
-                          work.n)
-    return Computed((low + high) / 2.0, dict(parts[0].descriptors), (high - low) / 2.0)
+    estimate, half_width = merge_intervals(
+        [part.log_sum for part in parts], [part.bound for part in parts], exclude, work.n
+    )
+    return Computed(estimate, dict(parts[0].descriptors), half_width)
 
 
 def shard_key(work: Work, scorer: ShardScorer) -> ShardKey:

@@ -1,11 +1,12 @@
-"""One shard's part of eq. (1), and the exact merge of the shards' parts (CONTRACT §4).
+"""One shard's part of eq. (1) (CONTRACT §4); the merge is :mod:`latentsieve.workers.log_sums`.
 
 A version split into K row-disjoint shards scores a latent as
 
     log_density(z) = logsumexp_k( log_sum_k(z) ) - log N,
     log_sum_k(z)   = log sum_{i in shard k} exp( -||z - z_i||^2 / (2 sigma^2) )
 
-so each shard (in process or on a worker) returns its log-sum and the caller merges them.
+so each shard (in process or on a worker) returns its log-sum (with its certified bound for an
+ivf version) and the caller merges them.
 The types here are the batches the batcher combines and splits: ``ShardQuery`` in,
 ``ShardScores`` out, both concatenating and slicing along the batch axis.
 """
@@ -25,9 +26,8 @@ from latentsieve.workers.approximate import open_density
 from latentsieve.workers.calibration import score_descriptors
 from latentsieve.workers.density import DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.log_sums import NO_ROW
 from latentsieve.workers.modules import load_module
-
-NO_ROW = -1  # ShardQuery.exclude: this latent leaves no training row out
 
 
 @dataclass(frozen=True)
@@ -100,21 +100,6 @@ class ShardScores:
             {name: np.concatenate([part.descriptors[name] for part in parts]) for name in names},
             bounds,
         )
-
-
-def merge_log_sums(log_sums: Sequence[np.ndarray], exclude: np.ndarray | None, n: int) -> (
-    np.ndarray
-):
-    """log_density = logsumexp_k(log_sum_k) - log(N, or N - 1 where a row is left out)
-    (eq. 1 over the union of the shards): K arrays (q,) -> (q,) float64 nats."""
-    stacked = np.stack([np.asarray(part, dtype=np.float64) for part in log_sums])
-    top = stacked.max(axis=0)
-    finite_top = np.where(np.isfinite(top), top, 0.0)
-    total = finite_top + np.log(np.exp(stacked - finite_top).sum(axis=0))
-    count = np.full(total.shape, float(n))
-    if exclude is not None:
-        count[exclude != NO_ROW] = n - 1
-    return np.asarray(np.minimum(total - np.log(count), 0.0), dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from latentsieve.index.build import BuildOptions, build_version
 from latentsieve.index.store import LatentStore
@@ -30,7 +31,7 @@ def ivf_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(source, latents.astype(np.float32))
     build_version(LatentStore(root), BuildOptions(
         model=MODEL, latents_file=source, sigma=str(SIGMA), space="raw", kind="ivf", nlist=32,
-        calibration_count=300, progress=False,
+        sampler="torch-cpu", calibration_count=300, progress=False,
     ), calibrate_build)
     return root
 
@@ -80,10 +81,24 @@ async def test_every_score_is_inside_its_bound_and_the_cache_keeps_bounds_apart(
             else:
                 assert not any(cached)  # another bound is another cache entry
                 seen[key] = bounds
-        # /select ranks by the certified estimate and reports the bounds too.
+        # /select ranks the seeds' draws by the certified estimate and reports their bounds.
         picked = await client.post("/select", json={
-            "model": MODEL, "count": 4, "keep": 2, "max_error": 0.5})
-        assert picked.status_code == 422  # no sampler: seeds are refused, not bounds
+            "model": MODEL, "count": 6, "keep": 3, "max_error": 0.2})
+        assert picked.status_code == 200, picked.text
+        results = picked.json()["results"]
+        draws = torch.stack([torch.randn(DIM, generator=torch.Generator("cpu").manual_seed(seed))
+                             for seed in range(6)]).numpy()
+        exact = log_density_reference(draws, stored, SIGMA)
+        chosen = [r["seed"] for r in results]
+        assert [r["log_density"] for r in results] == sorted(
+            (r["log_density"] for r in results), reverse=True)
+        # Ranked by estimates within 0.2 nats: no seed left out beats a kept one by more.
+        for kept in chosen:
+            for other in set(range(6)) - set(chosen):
+                assert exact[kept] >= exact[other] - 0.4
+        for result in results:
+            assert result["error_bound"] <= 0.2
+            assert abs(result["log_density"] - exact[result["seed"]]) <= result["error_bound"]
 
 
 @pytest.mark.parametrize("bad", [-0.01, "0.1", True, None, [0.1], {"nats": 0.1}])

@@ -13,10 +13,11 @@ import torch
 from conftest import serve_app
 
 from latentsieve.cli import main
+from latentsieve.index.ivf_lists import faiss_has_gpu
 from latentsieve.index.store import LatentStore
 from latentsieve.service.settings import Settings
 from latentsieve.workers.density import DensityEngine
-from latentsieve.workers.devices import faiss_has_gpu, resolve_device
+from latentsieve.workers.devices import resolve_device
 from latentsieve.workers.scoring import ModelScorer
 
 MODEL = "digits-vae"

@@ -15,8 +15,9 @@ from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.log_sums import NO_ROW, merge_log_sums
 from latentsieve.workers.scoring import ModelScorer
-from latentsieve.workers.shard_scoring import NO_ROW, ShardQuery, ShardScores, merge_log_sums
+from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 from latentsieve.workers.streams import Job, Reply
 
 DIM = 5
