@@ -72,4 +72,4 @@ MUTATION_DIR ?= build/mutation
 mutation: install-dev system-deps
 	$(BIN)/pip install -q 'mutmut>=3.3'
 	$(BIN)/python tests/mutation/layout.py $(MUTATION_DIR)
-	cd $(MUTATION_DIR) && $(abspath $(BIN))/mutmut run; $(abspath $(BIN))/mutmut results
+	cd $(MUTATION_DIR) && PATH=$(abspath $(BIN)):$$PATH $(abspath $(BIN))/mutmut run; $(abspath $(BIN))/mutmut results
