@@ -112,27 +112,34 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@contextlib.contextmanager
-def running_redis(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A private ``redis-server`` (no persistence) on a free port: (url, process)."""
+def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    """``redis-server`` on ``port`` (loopback, no persistence: a restart loses every stream and
+    group), once it accepts connections."""
     if not Path(REDIS_SERVER).exists() and shutil.which("redis-server") is None:
         # A failure, not a skip: `make test` installs redis-server, so its absence is a bug.
         pytest.fail("redis-server is not installed (make system-deps installs it)")
     binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else str(shutil.which("redis-server"))
-    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+         "--dir", str(folder)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return process
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private ``redis-server`` (no persistence) on a free port: (url, process)."""
+    port = free_port()
+    process = start_redis(workdir, port)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0", process
     finally:
         process.terminate()

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from conftest import free_port, start_redis
 from servers import Server, Worker, running_server, start_worker
 
 from latentsieve.index.build import BuildOptions, build_version
@@ -86,30 +87,12 @@ class Cluster:
         return redis.Redis.from_url(self.redis_url)
 
 
-def start_redis(workdir: Path, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        with contextlib.suppress(redis.ConnectionError):
-            if redis.Redis(port=port).ping():
-                return process
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def cluster(
     store: Path, workdir: Path, workers: int, env: dict[str, str] | None = None,
     worker_args: tuple[str, ...] = (), prepare: Callable[[Cluster], None] | None = None,
 ) -> Iterator[Cluster]:
     """Redis, ``workers`` workers and a gateway; ``prepare`` runs before the gateway starts."""
-    from conftest import free_port
-
     port = free_port()
     process = start_redis(workdir, port)
     url = f"redis://127.0.0.1:{port}/0"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis.asyncio as redis
+from conftest import free_port, start_redis
 
 from latentsieve.index.build import BuildOptions, build_version
 from latentsieve.index.store import LatentStore
@@ -25,7 +26,7 @@ from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
-from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, job_stream
+from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, job_stream, live_key
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 600, 6, 1.2
@@ -61,16 +62,18 @@ def store(tmp_path_factory: pytest.TempPathFactory, training: np.ndarray) -> Pat
 @contextlib.asynccontextmanager
 async def worker(store: Path, redis_url: str, **options: object) -> AsyncIterator[StreamWorker]:
     """A StreamWorker running as a task of this loop until the block ends."""
+    defaults: dict[str, object] = {"heartbeat_ttl_s": 2.0, "claim_idle_ms": 300,
+                                   "max_wait_ms": 5.0}
     running = StreamWorker(WorkerOptions(
-        store=str(store), redis_url=redis_url, heartbeat_ttl_s=2.0, claim_idle_ms=300,
-        max_wait_ms=5.0, **options,  # type: ignore[arg-type]
+        store=str(store), redis_url=redis_url, **{**defaults, **options},  # type: ignore[arg-type]
     ))
+    last = live_key(*running.assignments()[-1])
     stop = asyncio.Event()
     task = asyncio.create_task(running.run(stop))
     try:
         client = redis.Redis.from_url(redis_url)
-        for _ in range(200):  # its first heartbeat
-            if await client.zcard("latentsieve:live:split:2"):
+        for _ in range(200):  # its first heartbeat on the last stream it serves
+            if await client.zcard(last):
                 break
             await asyncio.sleep(0.02)
         await client.aclose()
@@ -449,3 +452,113 @@ async def test_readiness_is_per_model_and_expired_heartbeats_do_not_count(
                 assert (await client.get("/readyz")).status_code == 503
     finally:
         await client_redis.aclose()
+
+
+async def test_a_job_that_expires_in_the_workers_queue_is_dropped_not_computed(
+    store: Path, redis_url: str
+) -> None:
+    """Read in time, the job waits in the worker's batcher for a batch to fill (max_wait_ms 2 s)
+    and its deadline passes there: it is acknowledged and counted expired, never computed, and
+    no reply is sent (the gateway has already answered 504)."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    replies, stream = "latentsieve:replies:expiry", job_stream("plain", 0)
+    version = LatentStore(store).newest("plain")
+    assert version is not None
+    async with worker(store, redis_url, models=("plain",), max_wait_ms=2000.0) as running:
+        sent = time.monotonic()
+        job = Job("late", replies, time.time() + 0.8, "plain", version, 0, SIGMA, (), False,
+                  ShardQuery(np.zeros((2, DIM), dtype=np.float32)))
+        await client_redis.xadd(stream, job.to_fields())  # type: ignore[arg-type]
+        for _ in range(200):
+            if jobs_count(running, "plain", "expired"):
+                break
+            await asyncio.sleep(0.02)
+        assert jobs_count(running, "plain", "expired") == 1
+        assert time.monotonic() - sent < 2.0  # dropped at its deadline, not after the wait
+        await asyncio.sleep(max(0.0, 2.4 - (time.monotonic() - sent)))  # past max_wait_ms
+        assert jobs_count(running, "plain", "done") == 0
+        computed = running.metrics.registry.get_sample_value(
+            "latentsieve_batch_size_count", {"model": "plain"})
+        assert computed == 0
+        assert await client_redis.xlen(replies) == 0
+        assert await client_redis.xlen(stream) == 0  # acknowledged and deleted
+        assert (await client_redis.xpending(stream, GROUP))["pending"] == 0
+    await client_redis.aclose()
+
+
+async def test_descriptors_travel_through_the_streams(
+    store_root: Path, redis_url: str, serve: object
+) -> None:
+    """psi, nu and delta asked of a model with a generator come back from its worker (shard 0
+    computes them) equal to the embedded engine's, with the same log densities."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    await client_redis.aclose()
+    latents = np.random.default_rng(11).standard_normal((3, 8)).astype(np.float32)
+    body = {"model": "digits-vae", "latents": latents.tolist(),
+            "descriptors": ["psi", "nu", "delta"]}
+    local = Settings(store=store_root, reload_interval_s=60.0, cache_bytes=0)
+    async with serve(local) as client:  # type: ignore[operator]
+        embedded = await client.post("/score", json=body)
+    assert embedded.status_code == 200, embedded.text
+    async with (
+        worker(store_root, redis_url, models=("digits-vae",)),
+        serve(settings(store_root, redis_url, request_timeout_s=30.0)) as client,  # type: ignore[operator]
+    ):
+        remote = await client.post("/score", json=body)
+    assert remote.status_code == 200, remote.text
+    for got, want in zip(remote.json()["results"], embedded.json()["results"], strict=True):
+        assert set(got["descriptors"]) == set(want["descriptors"]) >= {"psi", "nu", "delta"}
+        for name in want["descriptors"]:
+            assert got["descriptors"][name] == pytest.approx(want["descriptors"][name],
+                                                             rel=1e-4, abs=1e-6)
+        assert got["log_density"] == pytest.approx(want["log_density"], abs=1e-4)
+
+
+async def test_a_redis_restart_is_survived_by_gateway_and_worker(
+    store: Path, tmp_path: Path, serve: object, training: np.ndarray
+) -> None:
+    """Redis goes away under a running gateway and worker: requests fail fast with 503 naming
+    Redis, and once a fresh Redis (no streams, no groups) is back on the same port the worker
+    re-creates its group and heartbeat and the gateway answers again, float64-exact."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(tmp_path, port)
+    latents = np.random.default_rng(12).standard_normal((2, DIM)).astype(np.float32)
+    body = {"model": "plain", "latents": latents.tolist()}
+    try:
+        async with (
+            worker(store, url, models=("plain",)) as running,
+            serve(settings(store, url, request_timeout_s=10.0)) as client,  # type: ignore[operator]
+        ):
+            assert (await client.post("/score", json=body)).status_code == 200
+            server.terminate()
+            server.wait(timeout=10)
+            started = time.monotonic()
+            during = await client.post("/score", json=body)
+            assert during.status_code == 503 and "Redis" in during.json()["detail"], during.text
+            assert time.monotonic() - started < 5
+            server = start_redis(tmp_path, port)
+            after = during
+            for _ in range(150):
+                after = await client.post("/score", json=body)
+                if after.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert after.status_code == 200, after.text
+            np.testing.assert_allclose(
+                [r["log_density"] for r in after.json()["results"]],
+                log_density_reference(latents, training, SIGMA), atol=1e-4, rtol=0)
+            for _ in range(100):  # counted once its reply is written, maybe after we read it
+                if jobs_count(running, "plain", "done") == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert jobs_count(running, "plain", "done") == 2
+            fresh = redis.Redis.from_url(url)
+            groups = await fresh.xinfo_groups(job_stream("plain", 0))
+            await fresh.aclose()
+            assert [group["name"] for group in groups] == [GROUP.encode()]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
