@@ -99,6 +99,15 @@ async def test_every_score_is_inside_its_bound_and_the_cache_keeps_bounds_apart(
         for result in results:
             assert result["error_bound"] <= 0.2
             assert abs(result["log_density"] - exact[result["seed"]]) <= result["error_bound"]
+        # Asked for exact scores (below the index's default bound), /select keeps the best three.
+        exact_pick = await client.post("/select", json={
+            "model": MODEL, "count": 6, "keep": 3, "max_error": 0.0})
+        assert exact_pick.status_code == 200, exact_pick.text
+        best = sorted(range(6), key=lambda seed: -exact[seed])[:3]
+        assert [r["seed"] for r in exact_pick.json()["results"]] == best
+        for result in exact_pick.json()["results"]:
+            assert result["error_bound"] <= 1e-6
+            assert abs(result["log_density"] - exact[result["seed"]]) <= 1e-6
 
 
 @pytest.mark.parametrize("bad", [-0.01, "0.1", True, None, [0.1], {"nats": 0.1}])

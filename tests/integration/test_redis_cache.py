@@ -102,6 +102,28 @@ async def test_roundtrip_counts_and_stored_format(_redis_server: RedisProcess) -
         await cache.close()
 
 
+async def test_descriptors_and_certified_bounds_roundtrip(_redis_server: RedisProcess) -> None:
+    """Every entry form comes back as stored: plain, with descriptors, with a certified bound,
+    and with both (a bound without descriptors keeps its place in the stored array)."""
+    forms = [
+        score(1),
+        CachedScore(log_density=-2.5, percentile=0.25, descriptors={"psi": 1.5, "nu": 3.0}),
+        CachedScore(log_density=-3.5, percentile=0.5, error_bound=0.0125),
+        CachedScore(log_density=-4.5, percentile=0.75, descriptors={"delta": 0.5},
+                    error_bound=0.03125),
+    ]
+    keys = [key(20_000 + i) for i in range(len(forms))]
+    cache = RedisCache(_redis_server.url, ttl_s=60)
+    try:
+        await cache.set_many(list(zip(keys, forms, strict=True)))
+        assert await cache.get_many(keys) == forms
+        raw = redis.Redis(port=_redis_server.port)
+        assert raw.get(keys[2]) == b"[-3.5,0.5,{},0.0125]"
+        raw.close()
+    finally:
+        await cache.close()
+
+
 async def test_unreadable_entry_is_a_miss(_redis_server: RedisProcess) -> None:
     raw = redis.Redis(port=_redis_server.port)
     raw.set(key(10_001), b"not json")

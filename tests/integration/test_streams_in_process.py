@@ -233,12 +233,32 @@ async def test_a_job_a_dead_consumer_held_is_reclaimed_and_answered(
             assert jobs_count(running, "plain", "reclaimed") == 1
             assert jobs_count(running, "plain", "done") == 1
             assert jobs_count(running, "plain", "dead_letter") == 0
+            sample = running.metrics.registry.get_sample_value
+            assert sample("latentsieve_batch_size_count", {"model": "plain"}) == 1
+            assert sample("latentsieve_batch_size_sum", {"model": "plain"}) == 1
+            assert sample("latentsieve_compute_seconds_count",
+                          {"model": "plain", "device": "cpu"}) == 1
     assert response.status_code == 200, response.text
     got = response.json()["results"][0]["log_density"]
     assert abs(got - log_density_reference(latent, training, SIGMA)[0]) <= 1e-4
     assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 0
     assert await client_redis.xlen(job_stream("plain", 0)) == 0  # acknowledged and deleted
     await client_redis.aclose()
+
+
+async def test_a_worker_serves_the_models_and_shards_it_is_given(
+    store: Path, redis_url: str
+) -> None:
+    def serves(**options: object) -> list[tuple[str, int]]:
+        return StreamWorker(WorkerOptions(
+            store=str(store), redis_url=redis_url, **options)).assignments()  # type: ignore[arg-type]
+
+    assert serves() == [("lists", 0), ("lists", 1), ("plain", 0), ("projected", 0),
+                        ("split", 0), ("split", 1), ("split", 2)]
+    assert serves(shards=(1,)) == [("lists", 1), ("split", 1)]
+    assert serves(models=("split", "plain"), shards=(0, 2)) == [
+        ("plain", 0), ("split", 0), ("split", 2)]
+    assert serves(models=("nothing-here",)) == []
 
 
 async def test_a_worker_checks_the_files_it_opens(
@@ -562,3 +582,34 @@ async def test_a_redis_restart_is_survived_by_gateway_and_worker(
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("limits", "second"), [
+    ({"model_queue_limit": 4}, "plain"),   # the model's own cap
+    ({"queue_limit": 4}, "split"),         # the gateway's cap over every model
+])
+async def test_a_full_queue_is_429_with_retry_after(
+    store: Path, redis_url: str, serve: object, limits: dict[str, int], second: str
+) -> None:
+    """Three latents wait for a worker that never reads (a live ghost); two more would pass the
+    cap of four: 429 at once with Retry-After, and the waiting request is unaffected."""
+    client_redis = await ghost_heartbeats(redis_url)
+    rows = np.random.default_rng(13).standard_normal((5, DIM)).astype(np.float32)
+    async with serve(settings(store, redis_url, request_timeout_s=1.0, **limits)) as client:  # type: ignore[operator]
+        waiting = asyncio.create_task(
+            client.post("/score", json={"model": "plain", "latents": rows[:3].tolist()}))
+        for _ in range(100):  # its job is in the stream: its three latents are queued
+            if await client_redis.xlen(job_stream("plain", 0)):
+                break
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        refused = await client.post("/score", json={"model": second,
+                                                    "latents": rows[3:].tolist()})
+        assert time.monotonic() - started < 1.0
+        assert refused.status_code == 429, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "queued" in refused.json()["detail"] and "4" in refused.json()["detail"]
+        assert (await waiting).status_code == 504  # nobody computed it; not refused
+        again = await client.post("/score", json={"model": second, "latents": rows[3:].tolist()})
+        assert again.status_code == 504, again.text  # the books are clear: queued, not refused
+    await client_redis.aclose()

@@ -15,7 +15,7 @@ from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
-from latentsieve.workers.log_sums import NO_ROW, merge_log_sums
+from latentsieve.workers.log_sums import NO_ROW, merge_intervals, merge_log_sums
 from latentsieve.workers.scoring import ModelScorer
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 from latentsieve.workers.streams import Job, Reply
@@ -111,6 +111,33 @@ def test_merged_log_sums_equal_the_whole_sum(shards: int, sigma: float, seed: in
     np.testing.assert_allclose(merge_log_sums(parts, None, 12), whole, atol=1e-9, rtol=0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_merged_intervals_hold_the_merged_density(seed: int) -> None:
+    """Parts known within +- bound (one exact, bound None): the merged interval holds the
+    density of every choice of part log-sums inside theirs, with N - 1 where a row is left out,
+    and is no wider than the widest part's."""
+    rng = np.random.default_rng(seed)
+    truth = [rng.normal(-10.0, 3.0, 5) for _ in range(3)]  # below the cap log_density <= 0
+    bounds = [rng.uniform(0.0, 0.5, 5), None, rng.uniform(0.0, 0.5, 5)]
+    shown = [part if bound is None else part + rng.uniform(-1, 1, 5) * bound
+             for part, bound in zip(truth, bounds, strict=True)]
+    exclude = np.array([NO_ROW, 3, NO_ROW, 0, NO_ROW])
+    middle, half = merge_intervals(shown, bounds, exclude, 40)
+    exact = merge_log_sums(truth, exclude, 40)
+    assert np.all(np.abs(exact - middle) <= half + 1e-9)
+    assert np.all(half <= 0.5 + 1e-12) and np.all(half >= 0)
+    # The ends are the merged ends: all lows, all highs (an exact part adds no width).
+    low = merge_log_sums([shown[0] - bounds[0], shown[1], shown[2] - bounds[2]], exclude, 40)
+    high = merge_log_sums([shown[0] + bounds[0], shown[1], shown[2] + bounds[2]], exclude, 40)
+    np.testing.assert_allclose(middle - half, low, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(middle + half, high, atol=1e-9, rtol=0)
+    # Leaving a row out divides by N - 1 instead of N.
+    kept, _ = merge_intervals(shown, bounds, None, 40)
+    np.testing.assert_allclose((middle - kept)[exclude != NO_ROW], np.log(40 / 39), atol=1e-9)
+    np.testing.assert_allclose((middle - kept)[exclude == NO_ROW], 0.0, atol=1e-12)
+
+
 def test_typed_batches_concatenate_and_split() -> None:
     a = ShardQuery(np.ones((2, 3), np.float32))
     b = ShardQuery(np.zeros((1, 3), np.float32), np.array([7]))
@@ -130,6 +157,14 @@ def test_typed_batches_concatenate_and_split() -> None:
                                  ShardScores(np.array([3.0]), {"psi": np.array([4.0])})])
     assert scores.take(1, 2).log_sum.tolist() == [3.0]
     assert scores.descriptors["psi"].tolist() == [2.0, 4.0]
+    assert scores.bound is None  # exact parts stay exact
+    # Certified parts keep their bounds in order; an exact part among them is bounded by 0.
+    certified = ShardScores.concat([ShardScores(np.array([1.0, 2.0]), bound=np.array([0.1, 0.2])),
+                                    ShardScores(np.array([3.0])),
+                                    ShardScores(np.array([4.0]), bound=np.array([0.4]))])
+    assert certified.bound is not None and certified.bound.tolist() == [0.1, 0.2, 0.0, 0.4]
+    assert certified.take(1, 3).bound.tolist() == [0.2, 0.0]  # type: ignore[union-attr]
+    assert certified.log_sum.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
 def test_jobs_and_replies_survive_the_wire() -> None:
