@@ -613,3 +613,75 @@ async def test_a_full_queue_is_429_with_retry_after(
         again = await client.post("/score", json={"model": second, "latents": rows[3:].tolist()})
         assert again.status_code == 504, again.text  # the books are clear: queued, not refused
     await client_redis.aclose()
+
+
+async def test_heartbeats_stay_fresh_and_leave_with_the_worker(
+    store: Path, redis_url: str
+) -> None:
+    """A worker's heartbeat expires one TTL after Redis's clock and is renewed well before
+    that, so its live entry never lapses while it runs; a clean stop removes it at once."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    live = live_key("plain", 0)
+    async with worker(store, redis_url, models=("plain",), heartbeat_ttl_s=0.6):
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            seconds, micros = await client_redis.time()
+            now_ms = seconds * 1000 + micros // 1000
+            entries = await client_redis.zrange(live, 0, -1, withscores=True)
+            assert len(entries) == 1, entries
+            ((member, expiry),) = entries
+            assert member.endswith(b"|cpu")
+            assert now_ms < expiry <= now_ms + 600 + 50, (expiry - now_ms)
+            await asyncio.sleep(0.05)
+    assert await client_redis.zcard(live) == 0  # gone before its TTL would have run out
+    await client_redis.aclose()
+
+
+async def test_a_worker_stops_cleanly_while_redis_is_down(store: Path, tmp_path: Path) -> None:
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    try:
+        async with worker(store, f"redis://127.0.0.1:{port}/0", models=("plain",)):
+            server.terminate()
+            server.wait(timeout=10)
+            await asyncio.sleep(0.2)
+        # Leaving the block stopped the worker: its goodbye to Redis failed and was let go.
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_a_model_published_after_the_start_is_served(
+    store: Path, redis_url: str, tmp_path: Path
+) -> None:
+    """The worker re-reads the store every refresh_interval_s: a model built while it runs gets
+    its consumer group and its jobs answered, float64-exact."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    rng = np.random.default_rng(14)
+    latents = rng.standard_normal((200, DIM)).astype(np.float32)
+    query = rng.standard_normal((2, DIM)).astype(np.float32)
+    replies = "latentsieve:replies:late"
+    async with worker(copy, redis_url, refresh_interval_s=0.2):
+        source = tmp_path / "late.npy"
+        np.save(source, latents)
+        version = build_version(LatentStore(copy), BuildOptions(
+            model="late", latents_file=source, sigma="1.0", space="raw", calibration_count=50,
+            progress=False), calibrate_build).name
+        for _ in range(150):  # picked up: it heartbeats for the new model
+            if await client_redis.zcard(live_key("late", 0)):
+                break
+            await asyncio.sleep(0.02)
+        job = Job("late-1", replies, time.time() + 30, "late", version, 0, 1.0, (), False,
+                  ShardQuery(query))
+        await client_redis.xadd(job_stream("late", 0), job.to_fields())  # type: ignore[arg-type]
+        answer = await client_redis.xread({replies: "0-0"}, block=5000)
+        assert answer, "no reply for the new model's job"
+        reply = Reply.from_fields(answer[0][1][0][1])
+        assert reply.status == "ok" and reply.scores is not None, reply.detail
+        expected = log_density_reference(query, latents, 1.0) + np.log(len(latents))
+        np.testing.assert_allclose(reply.scores.log_sum, expected, atol=1e-4, rtol=0)
+    await client_redis.aclose()
