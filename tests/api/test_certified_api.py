@@ -130,3 +130,38 @@ async def test_exact_models_meet_any_bound(app_client: httpx.AsyncClient) -> Non
         "model": "digits-vae", "seeds": [1, 2], "max_error": 0.0})
     assert response.status_code == 200, response.text
     assert [r["error_bound"] for r in response.json()["results"]] == [0.0, 0.0]
+
+
+async def test_select_with_descriptor_rules_keeps_the_asked_bound(
+    tmp_path: Path, serve: object
+) -> None:
+    """A certified model with a generator and the demo's psi rule: /select recomputes the kept
+    seeds with descriptors, and those scores keep the bound the request asked for (0: exact),
+    not the index's default (0.5 nats here, so the two differ)."""
+    from latentsieve.demo import DEMO_GENERATOR, DEMO_POLICY
+    from latentsieve.workers.calibration import draw_mapped_queries
+    from latentsieve.workers.demo_models.digits_vae import LATENT_DIM, training_latents
+
+    root = tmp_path / "store"
+    source = tmp_path / "digits.npy"
+    np.save(source, training_latents())
+    build_version(LatentStore(root), BuildOptions(
+        model="digits-ivf", latents_file=source, sigma="1.0", space="raw", kind="ivf", nlist=16,
+        sampler=f"torch-cpu:float32:{LATENT_DIM}", generator=DEMO_GENERATOR,
+        policy=DEMO_POLICY, max_error=0.5, calibration_count=200, progress=False,
+    ), calibrate_build, draw_mapped_queries)
+    lists = LatentStore(root).load("digits-ivf").shards[0].lists
+    assert lists is not None
+    async with serve(Settings(store=root, reload_interval_s=60.0)) as client:  # type: ignore[operator]
+        picked = await client.post("/select", json={
+            "model": "digits-ivf", "count": 8, "keep": 3, "max_error": 0.0})
+    assert picked.status_code == 200, picked.text
+    results = picked.json()["results"]
+    assert results and all("psi" in r["descriptors"] for r in results)
+    draws = torch.stack([
+        torch.randn(LATENT_DIM, generator=torch.Generator("cpu").manual_seed(r["seed"]))
+        for r in results]).numpy()
+    exact = log_density_reference(draws, lists.reconstruct(), 1.0)
+    for result, want in zip(results, exact, strict=True):
+        assert result["error_bound"] <= 1e-6
+        assert abs(result["log_density"] - want) <= 1e-6
