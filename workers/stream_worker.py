@@ -306,14 +306,16 @@ class StreamWorker:
             except (QueueFull, StoreError, ValueError, RuntimeError) as exc:
                 reply = Reply(job.id, job.shard, "error", detail=str(exc))
                 outcome = "error"
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(job.reply, reply.to_fields())  # type: ignore[arg-type]
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+            # The reply first, the acknowledgement only once it is written: Redis runs every
+            # command of a pipeline even when an earlier one fails, so one round trip for
+            # both could acknowledge a job whose answer was never written.
+            await self.redis.xadd(job.reply, reply.to_fields())  # type: ignore[arg-type]
+            await self._ack(stream, entry_id)
             self.metrics.jobs.labels(model=model, outcome=outcome).inc()
         except (RedisError, OSError) as exc:
-            # Unacknowledged: another worker (or this one) reclaims it after claim_idle_ms.
+            # Unacknowledged: another worker (or this one) reclaims it after claim_idle_ms. If
+            # only the acknowledgement failed, the job is computed and answered again; the
+            # gateway ignores a reply for a request it has already answered.
             log.warning("could not reply; the job stays pending", extra={"error": str(exc)})
         finally:
             self._handling.discard(entry_id)

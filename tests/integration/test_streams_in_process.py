@@ -91,6 +91,16 @@ def jobs_count(running: StreamWorker, model: str, outcome: str) -> float:
     return 0.0 if value is None else value
 
 
+async def counted(running: StreamWorker, model: str, outcome: str, value: float) -> float:
+    """``jobs_count`` once it reaches ``value`` (or after 2 s): a worker counts a job after
+    acknowledging it, which may be after its gateway has answered."""
+    for _ in range(100):
+        if jobs_count(running, model, outcome) >= value:
+            break
+        await asyncio.sleep(0.02)
+    return jobs_count(running, model, outcome)
+
+
 def settings(store: Path, redis_url: str, **extra: object) -> Settings:
     return Settings(store=store, redis_url=redis_url, compute="workers",  # type: ignore[arg-type]
                     reload_interval_s=60.0, cache_bytes=0, **extra)
@@ -149,7 +159,7 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
         models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
         assert (await client.get("/readyz")).status_code == 200
-        done = jobs_count(running, "split", "done")
+        done = await counted(running, "split", "done", 3 * 2)
         assert done >= 3 * 2  # every request and calibration block, on each of 3 shards
 
 
@@ -197,7 +207,7 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
         assert taken
         async with worker(store, redis_url, max_deliveries=1) as running:
             response = await asyncio.wait_for(request, 15)
-            assert jobs_count(running, "plain", "dead_letter") == 1
+            assert await counted(running, "plain", "dead_letter", 1) == 1
     assert response.status_code == 502 and "dead-letter" in response.json()["detail"]
     assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 1
     # What an operator finds there: the job without its latents, where it came from, how often
@@ -231,7 +241,7 @@ async def test_a_job_a_dead_consumer_held_is_reclaimed_and_answered(
         async with worker(store, redis_url, max_deliveries=2) as running:
             response = await asyncio.wait_for(request, 15)
             assert jobs_count(running, "plain", "reclaimed") == 1
-            assert jobs_count(running, "plain", "done") == 1
+            assert await counted(running, "plain", "done", 1) == 1
             assert jobs_count(running, "plain", "dead_letter") == 0
             sample = running.metrics.registry.get_sample_value
             assert sample("latentsieve_batch_size_count", {"model": "plain"}) == 1
@@ -278,12 +288,14 @@ async def test_a_worker_checks_the_files_it_opens(
     await client_redis.flushdb()
     await client_redis.aclose()
     async with (
-        worker(copy, redis_url, models=("plain",)),
+        worker(copy, redis_url, models=("plain",)) as running,
         serve(settings(copy, redis_url, request_timeout_s=20.0)) as client,  # type: ignore[operator]
     ):
         response = await client.post("/score", json={"model": "plain", "latents": [[0.1] * DIM]})
         assert response.status_code == 502, response.text
         assert "index.faiss: checksum mismatch" in response.json()["detail"]
+        assert await counted(running, "plain", "error", 1) == 1
+        assert jobs_count(running, "plain", "done") == 0
 
 
 async def test_a_malformed_job_is_acknowledged_counted_and_logged(
@@ -570,11 +582,7 @@ async def test_a_redis_restart_is_survived_by_gateway_and_worker(
             np.testing.assert_allclose(
                 [r["log_density"] for r in after.json()["results"]],
                 log_density_reference(latents, training, SIGMA), atol=1e-4, rtol=0)
-            for _ in range(100):  # counted once its reply is written, maybe after we read it
-                if jobs_count(running, "plain", "done") == 2:
-                    break
-                await asyncio.sleep(0.02)
-            assert jobs_count(running, "plain", "done") == 2
+            assert await counted(running, "plain", "done", 2) == 2
             fresh = redis.Redis.from_url(url)
             groups = await fresh.xinfo_groups(job_stream("plain", 0))
             await fresh.aclose()
@@ -684,4 +692,34 @@ async def test_a_model_published_after_the_start_is_served(
         assert reply.status == "ok" and reply.scores is not None, reply.detail
         expected = log_density_reference(query, latents, 1.0) + np.log(len(latents))
         np.testing.assert_allclose(reply.scores.log_sum, expected, atol=1e-4, rtol=0)
+    await client_redis.aclose()
+
+
+async def test_a_job_whose_reply_cannot_be_written_is_retried_then_dead_lettered(
+    store: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reply stream's key holds a string, so every XADD of a reply fails: the job stays
+    pending, the same worker reclaims it after claim_idle_ms, and past max_deliveries it goes
+    to the dead-letter stream (at-least-once: a failed reply is never a lost job)."""
+    client_redis = redis.Redis.from_url(redis_url)
+    await client_redis.flushdb()
+    replies = "latentsieve:replies:broken"
+    await client_redis.set(replies, "not a stream")
+    version = LatentStore(store).newest("plain")
+    assert version is not None
+    job = Job("unanswerable", replies, time.time() + 30, "plain", version, 0, SIGMA, (), False,
+              ShardQuery(np.zeros((1, DIM), dtype=np.float32)))
+    with caplog.at_level(logging.WARNING, logger="latentsieve.workers.stream_worker"):
+        async with worker(store, redis_url, models=("plain",), max_deliveries=2) as running:
+            await client_redis.xadd(job_stream("plain", 0), job.to_fields())  # type: ignore[arg-type]
+            for _ in range(250):
+                if await client_redis.xlen(dead_letter_stream("plain", 0)):
+                    break
+                await asyncio.sleep(0.02)
+            assert await client_redis.xlen(dead_letter_stream("plain", 0)) == 1
+            assert jobs_count(running, "plain", "reclaimed") >= 1
+            assert jobs_count(running, "plain", "done") == 0
+    failed = [r for r in caplog.records if r.getMessage().startswith("could not reply")]
+    assert len(failed) >= 2 and "WRONGTYPE" in failed[0].error  # type: ignore[attr-defined]
+    assert await client_redis.xlen(job_stream("plain", 0)) == 0
     await client_redis.aclose()
