@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import socket
 import subprocess
 import time
@@ -15,48 +14,25 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from conftest import free_port, start_redis
 
 from latentsieve.service.cache import CachedScore, RedisCache, _Throttled, cache_key, make_cache
 from latentsieve.service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RedisProcess:
-    """One ``redis-server`` without persistence on a fixed loopback port."""
+    """One ``redis-server`` without persistence on a fixed loopback port, stopped and started
+    again by the tests (``conftest.start_redis``)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, folder: Path) -> None:
         self.port = port
+        self.folder = folder
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.02)
-            finally:
-                client.close()
+        self.process = start_redis(self.folder, self.port)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -66,10 +42,8 @@ class RedisProcess:
 
 
 @pytest.fixture(scope="module")
-def _redis_server() -> Iterator[RedisProcess]:
-    if not shutil.which(REDIS_SERVER):
-        pytest.fail("redis-server is not installed (make system-deps installs it)")
-    server = RedisProcess(free_port())
+def _redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port(), tmp_path_factory.mktemp("redis-cache"))
     server.start()
     try:
         yield server
