@@ -1,4 +1,9 @@
-"""The manifest of one immutable index version, and the recipes it records."""
+"""The manifest of one immutable index version, and the recipes it records.
+
+A manifest is input like any other: reading one refuses a file name that is not one plain
+name inside its version folder (``check_file_name``), and version names read from a job or a
+request must be what ``index build`` writes (``check_version_name``) before they choose a path.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,17 @@ import re
 from datetime import datetime
 from typing import Literal, get_args
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latentsieve.index.errors import StoreError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# What ``index build`` names a version: its UTC build time and a digest of its files.
+VERSION_NAME_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{12}Z-[0-9a-f]{8}$")
+# A file of a version: one path segment inside the version folder (no '/', '\\', '..', '.x').
+FILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 IndexKind = Literal["flat", "ivf", "hnsw"]
 KNOWN_KINDS: tuple[str, ...] = get_args(IndexKind)
 # What ``index build --kind`` makes: hnsw is retired (its scores cannot be certified); versions
@@ -45,6 +54,28 @@ def check_model_name(name: str) -> str:
         raise StoreError(
             f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
+        )
+    return name
+
+
+def check_version_name(name: str) -> str:
+    """Version names are what ``index build`` writes (``20261123T121314123456Z-1a2b3c4d``):
+    one path segment, so a name read from a job or a request never leaves the model's folder."""
+    if not VERSION_NAME_PATTERN.fullmatch(name):
+        raise StoreError(
+            f"invalid version name {name!r}: expected the build time and digest "
+            "'YYYYMMDDTHHMMSSffffffZ-xxxxxxxx' of a version in the store"
+        )
+    return name
+
+
+def check_file_name(name: str) -> str:
+    """A file named by a manifest is one path segment inside its version folder; else
+    ValueError (a manifest naming ``../x`` or ``/etc/x`` is refused when read)."""
+    if not FILE_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"file name {name!r} is not one plain name inside the version folder "
+            "(letters, digits, '.', '_', '-'; no '/', '..' or leading '.')"
         )
     return name
 
@@ -303,6 +334,27 @@ class IndexManifest(_Frozen):
     files: dict[str, str]  # file name in the version directory -> sha256
     # Row-disjoint shards (``--shards K``, K >= 2); empty: one shard, ``index.faiss``.
     shards: tuple[IndexShard, ...] = ()
+
+    @model_validator(mode="after")
+    def _files_inside_the_version(self) -> IndexManifest:
+        """Every file this manifest names stays inside its version folder."""
+        for name in self.file_names():
+            check_file_name(name)
+        return self
+
+    def file_names(self) -> list[str]:
+        """Every file name the manifest records: checksummed files, shards, calibration,
+        projection, descriptor calibration and TorchScript module copies."""
+        names = [*self.files, *(shard.file for shard in self.shards)]
+        names += [self.calibration.scores_file]
+        names += [name for name in (
+            self.calibration.indices_file,
+            self.projection.file if self.projection is not None else None,
+            self.descriptors.calibration_file if self.descriptors is not None else None,
+            self.generator.file if self.generator is not None else None,
+            self.mapping.file if self.mapping is not None else None,
+        ) if name is not None]
+        return names
 
     def shard_layout(self) -> tuple[IndexShard, ...]:
         """Every shard of this version, unsharded versions as one shard over all N rows."""

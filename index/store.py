@@ -7,14 +7,22 @@
 
 A version becomes visible only by an atomic rename of its finished folder, and the manifest (with
 the sha256 of every other file) is the last file written, so a reader never sees half a version.
+
+Names that choose a path are checked before they do: model and version names by their patterns
+(index/manifest.py), so a name read from a job or a request never leaves the store, and a
+manifest whose model or version is not its folder's is refused. ``load`` verifies every
+checksum it can before anything is opened or imported: the files it maps, and the generator's
+and mapping's sources (found without importing them) against their recorded sha256.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -32,8 +40,11 @@ from latentsieve.index.ivf_lists import IvfLists, StoredRows, lists_file
 from latentsieve.index.manifest import (
     IVF_OFFSETS_FILE,
     MANIFEST_NAME,
+    VERSION_NAME_PATTERN,
     IndexManifest,
+    ModuleReference,
     check_model_name,
+    check_version_name,
 )
 from latentsieve.index.projection import project
 
@@ -112,14 +123,17 @@ class LatentStore:
         )
 
     def versions(self, model: str) -> list[str]:
-        """Complete versions of ``model``, oldest first (names sort by build time)."""
+        """Complete versions of ``model``, oldest first (names sort by build time); a folder
+        not named as ``index build`` names versions is none."""
         folder = self.root / check_model_name(model)
         if not folder.is_dir():
             return []
         return sorted(
             entry.name
             for entry in folder.iterdir()
-            if entry.is_dir() and (entry / MANIFEST_NAME).is_file()
+            if VERSION_NAME_PATTERN.fullmatch(entry.name)
+            and entry.is_dir()
+            and (entry / MANIFEST_NAME).is_file()
         )
 
     def newest(self, model: str) -> str | None:
@@ -127,9 +141,11 @@ class LatentStore:
         return versions[-1] if versions else None
 
     def read_manifest(self, model: str, version: str) -> IndexManifest:
-        path = self.root / check_model_name(model) / version / MANIFEST_NAME
+        """The manifest of ``model/version``; StoreError for a name that is not a model or
+        version name, a missing or invalid manifest, or one that names another version."""
+        path = self.root / check_model_name(model) / check_version_name(version) / MANIFEST_NAME
         try:
-            return IndexManifest.model_validate_json(path.read_bytes())
+            manifest = IndexManifest.model_validate_json(path.read_bytes())
         except FileNotFoundError as exc:
             raise StoreError(f"{model}/{version}: no manifest at {path}") from exc
         except ValidationError as exc:
@@ -137,6 +153,12 @@ class LatentStore:
             raise StoreError(
                 f"{path}: invalid manifest ({'.'.join(map(str, first['loc']))}: {first['msg']})"
             ) from exc
+        if (manifest.model, manifest.version) != (model, version):
+            raise StoreError(
+                f"{path}: the manifest is of {manifest.model}/{manifest.version}, not of its "
+                "folder; versions are never moved or renamed"
+            )
+        return manifest
 
     def load(
         self,
@@ -145,7 +167,8 @@ class LatentStore:
         verify: bool = True,
         shards: Collection[int] | None = None,
     ) -> LoadedVersion:
-        """Load ``version`` (default: newest) after checking the sha256 of every file it opens;
+        """Load ``version`` (default: newest) after checking the sha256 of every file it opens
+        and of its generator's and mapping's sources (before anything imports them);
         ``shards`` names the shard numbers to open (default: all; empty: none)."""
         version = version or self.newest(model)
         if version is None:
@@ -165,6 +188,10 @@ class LatentStore:
         ))
         if verify:
             verify_files(folder, {k: v for k, v in manifest.files.items() if k not in skipped})
+            for role, reference in (("generator", manifest.generator),
+                                    ("mapping", manifest.mapping)):
+                if reference is not None:
+                    verify_module(folder, role, reference)
         opened = tuple(_open_shard(folder, manifest, number) for number in wanted)
         calibration = manifest.calibration
         scores = np.load(folder / calibration.scores_file, allow_pickle=False)
@@ -317,6 +344,70 @@ def verify_files(folder: Path, files: dict[str, str]) -> None:
                 f"{path}: checksum mismatch (manifest {expected[:12]}..., file {actual[:12]}...); "
                 "the version is corrupted, rebuild it"
             )
+
+
+def verify_module(folder: Path, role: str, reference: ModuleReference) -> None:
+    """Raise StoreError unless the recorded module matches its sha256: a TorchScript copy in
+    ``folder``, or an import path's source file, found without importing the module or its
+    packages (nothing runs before it is trusted; its weights are checked once it is built)."""
+    if reference.source == "torchscript":
+        if reference.file is None:
+            raise StoreError(f"{folder}: the {role} {reference.spec!r} names no file")
+        verify_files(folder, {reference.file: reference.sha256})
+        return
+    module_name = reference.spec.split(":", 1)[0]
+    source = module_source(module_name)
+    if source is None:
+        raise StoreError(
+            f"{folder}: the {role} {reference.spec!r}: no source file of module "
+            f"{module_name!r} is installed"
+        )
+    if sha256_file(source) != reference.sha256:
+        raise StoreError(
+            f"{reference.spec}: the module source changed since the index was built "
+            "(sha256 differs); rebuild the index"
+        )
+
+
+def module_source(name: str) -> Path | None:
+    """The source file that ``import name`` would run, found by the import system's finders
+    without executing the module or any package above it (``importlib.util.find_spec`` imports
+    the parents); None for a module without one (built-in, frozen, missing)."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    path: list[str] | None = None
+    spec = None
+    for depth in range(1, len(parts) + 1):
+        fullname = ".".join(parts[:depth])
+        if depth > 1:
+            parent = sys.modules.get(".".join(parts[: depth - 1]))
+            parent_path = getattr(parent, "__path__", None)
+            if parent_path is not None:
+                path = list(parent_path)
+            elif spec is None or spec.submodule_search_locations is None:
+                return None  # a module, not a package: nothing below it
+            else:
+                path = list(spec.submodule_search_locations)
+        spec = _find_spec(fullname, path)
+        if spec is None:
+            return None
+    if spec is None or not spec.has_location or spec.origin is None:
+        return None
+    origin = Path(spec.origin)
+    return origin if origin.is_absolute() and origin.is_file() else None
+
+
+def _find_spec(fullname: str, path: list[str] | None) -> importlib.machinery.ModuleSpec | None:
+    """Ask each finder of ``sys.meta_path`` in turn, as the import system does."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        spec = find(fullname, path, None)
+        if spec is not None:
+            return spec
+    return None
 
 
 def manifest_json(manifest: IndexManifest) -> dict[str, object]:

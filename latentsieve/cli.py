@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="processes sharing the port (see docs/service.md, 'Workers')")
     _add(serve, "compute", default="embedded", choices=("embedded", "workers"),
          help="embedded: score in this process; workers: over Redis Streams (needs --redis)")
+    _add(serve, "allow-request-sigma", action=argparse.BooleanOptionalAction, default=None,
+         shown=_env("allow-request-sigma") or "on",
+         help="take a request's own sigma (off: a sigma other than the index's is 422, and "
+              "no request makes the service rescore a calibration set)")
 
     worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
     _add(worker, "store", required=True, help="the store folder (read only)")
@@ -254,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(worker, "device", default="auto", help=DEVICES)
     _add(worker, "metrics-port", type=int, default=None,
          help="serve Prometheus /metrics on this port")
+    _add(worker, "metrics-host", default="127.0.0.1",
+         help="address /metrics listens on (0.0.0.0: every interface, e.g. in a container "
+              "whose network is the boundary)")
     _add(worker, "max-batch-size", type=int, default=1024, help="latents per computed batch")
     _add(worker, "max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
     _add(worker, "read-count", type=int, default=64, help="jobs read from Redis at once")
@@ -466,6 +473,10 @@ def _serve(args: argparse.Namespace) -> int:
         store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
         workers=None if args.workers is None else int(args.workers), log_level=args.log_level,
         device=args.device, compute=args.compute,
+        # given on the command line: over the variable (Settings reads it otherwise)
+        allow_request_sigma=(
+            args.allow_request_sigma if isinstance(args.allow_request_sigma, bool) else None
+        ),
     )
     return 0
 
@@ -504,7 +515,7 @@ def _worker(args: argparse.Namespace) -> int:
         heartbeat_ttl_s=float(args.heartbeat_ttl),
     )
     port = None if args.metrics_port is None else int(args.metrics_port)
-    asyncio.run(run_worker(options, port))
+    asyncio.run(run_worker(options, port, metrics_host=args.metrics_host))
     return 0
 
 

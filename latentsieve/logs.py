@@ -7,11 +7,14 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from latentsieve.redaction import redact
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    """Timestamp, level, logger, message and every ``extra=`` field as JSON."""
+    """Timestamp, level, logger, message and every ``extra=`` field as JSON, with the
+    credentials of any URL in the line redacted (latentsieve/redaction.py)."""
 
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, object] = {
@@ -23,7 +26,7 @@ class JsonFormatter(logging.Formatter):
         payload.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return redact(json.dumps(payload, default=str))
 
 
 def configure_logging(level: str = "info") -> None:

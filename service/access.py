@@ -9,6 +9,10 @@ timer and one ``send`` wrapper:
   errors included, so a caller can quote it and an operator can find the log line;
 - one ``latentsieve.access`` log line (``logs.JsonFormatter``: method, path, status,
   duration_ms, request_id, client) when ``Settings.access_log`` is on (the default).
+
+A client that disconnects before its body has arrived is nobody's error: it is logged and
+counted with status ``499`` (nginx's "client closed request"), without a traceback, and kept
+out of the 5xx that the server-error alert watches.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import re
 import secrets
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from latentsieve.service.runtime import Runtime
 
+CLIENT_CLOSED = 499
 ROUTES = frozenset({"/score", "/select", "/models", "/healthz", "/readyz", "/metrics"})
 REQUEST_ID_HEADER = b"x-request-id"
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -65,6 +71,8 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED  # nothing to answer: the client is gone
         finally:
             seconds = time.perf_counter() - started
             runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None

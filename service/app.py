@@ -25,6 +25,7 @@ from latentsieve.service.access import RequestObserver
 from latentsieve.service.auth import OPEN_PATHS, ApiKeyMiddleware
 from latentsieve.service.cache import make_cache
 from latentsieve.service.direct_routes import install_direct_routes
+from latentsieve.service.drain import Drain, DrainMiddleware
 from latentsieve.service.engine import Compute, ScoringEngine
 from latentsieve.service.errors import install_error_handlers
 from latentsieve.service.metrics import (
@@ -143,8 +144,12 @@ def _make_compute(
     return LocalCompute(batchers)
 
 
-def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI:
-    """The gateway for ``settings``; ``reload_on_sighup`` when it owns the process."""
+def create_app(
+    settings: Settings, *, reload_on_sighup: bool = False, drain_on_signals: bool = False
+) -> FastAPI:
+    """The gateway for ``settings``. When it owns the process: ``reload_on_sighup``, and
+    ``drain_on_signals`` (SIGTERM/SIGINT drain the requests in flight: service/drain.py)."""
+    drain = Drain(settings.drain_linger_s, settings.drain_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -180,7 +185,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
                     for (model, shard), devices in _every_shard(registry, compute).items()
                 }
             )
-        app.state.runtime = Runtime(settings, engine, metrics)
+        app.state.runtime = Runtime(settings, engine, metrics, drain)
         watcher = asyncio.create_task(registry.watch(settings.reload_interval_s), name="reload")
         flusher = (
             asyncio.create_task(_flush_metrics(metrics), name="metrics-flush")
@@ -195,8 +200,10 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
         gc.freeze()
         log.info("gateway ready", extra={
             "models": sorted(loaded), "device": device, "compute": settings.compute})
+        signals = drain.signals() if drain_on_signals else contextlib.nullcontext()
         try:
-            yield
+            with signals:
+                yield
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
@@ -231,5 +238,7 @@ def create_app(settings: Settings, *, reload_on_sighup: bool = False) -> FastAPI
     # Innermost, so that auth and the request metrics wrap the direct routes too.
     install_direct_routes(app, scoring.router, get_runtime)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    # Inside the observer, so that a drained request's 503 is timed and logged like any other.
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestObserver, log_requests=settings.access_log)
     return app

@@ -34,6 +34,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from latentsieve.redaction import redact
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ls:v1:"
@@ -354,7 +356,7 @@ class RedisCache:
                 "redis cache unavailable; serving without it",
                 operation=operation,
                 error=f"{type(exc).__name__}: {exc}",
-                url=_redacted(self.url),
+                url=redact(self.url),
             )
 
     def _deadline_s(self) -> float:
@@ -409,14 +411,6 @@ class RedisCache:
             await self._client.aclose()
         except (RedisError, OSError) as exc:
             log.debug("closing the redis cache client failed", extra={"error": str(exc)})
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}"
 
 
 def make_cache(

@@ -5,14 +5,19 @@ way: the model's served version (404), what it can compute (422), the score cach
 transport for the misses (in process, or Redis workers), calibrations at the request's sigma,
 the policy's decisions and the metric hooks. Routers and ``latentsieve score`` both call it;
 failures are ``ServiceError`` with the status a router answers.
+
+Long work is bounded: a model calibrates one sigma at a time (a request needing another sigma
+meanwhile is 429), and a calibration or a ``/select`` proceeds in pieces of ``work_rows``
+latents, so when its request gives up (deadline or cancellation) it stops at the next piece.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -89,6 +94,29 @@ class SelectJob:
     max_error: float | None = None  # nats, certified ivf (None: the index's)
 
 
+@dataclass
+class Calibrating:
+    """The one calibration a model runs at a time: its version and sigma, and its progress
+    (loop-time seconds, blocks of the calibration set) to tell others when to come back."""
+
+    version: str
+    sigma: float
+    started: float
+    deadline: float
+    blocks: int
+    blocks_done: int = 0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def retry_after(self, now: float) -> str:
+        """Whole seconds until it is likely done (its pace so far), at least 1, at most until
+        its request's deadline."""
+        left = 1.0
+        if self.blocks_done:
+            pace = (now - self.started) / self.blocks_done
+            left = pace * (self.blocks - self.blocks_done)
+        return str(max(1, math.ceil(min(left, self.deadline - now))))
+
+
 def bound_asked(manifest: IndexManifest, max_error: float | None) -> float | None:
     """The bound a certified ivf version scores to (the request's, else its own); None for
     exact kinds, whose scores meet any (so their batches and cache entries stay shared)."""
@@ -149,7 +177,7 @@ class ScoringEngine:
         self.cache = cache
         self.compute = compute
         self.hooks = hooks
-        self._calibrating: dict[tuple[str, str, float], asyncio.Lock] = {}
+        self._calibrating: dict[str, Calibrating] = {}  # by model name
 
     def deadline(self) -> float:
         """Loop time by which a request started now must be answered."""
@@ -169,6 +197,31 @@ class ScoringEngine:
         if count > limit:
             raise ServiceError(413, f"{count} {what} in one request; at most {limit} are allowed")
 
+    def work_rows(self) -> int:
+        """Latents in one piece of long work (a calibration block, a ``/select`` chunk): within
+        the queue limits, so it neither fills the queue for other requests nor is refused by
+        it; the work checks its deadline between pieces."""
+        return min(BLOCK, self.settings.queue_limit, self.settings.model_queue_limit)
+
+    def calibrations_in_flight(self) -> dict[str, tuple[str, float]]:
+        """Model -> (version, sigma) of the calibration it is computing now."""
+        return {model: (run.version, run.sigma) for model, run in self._calibrating.items()}
+
+    def sigma_of(self, manifest: IndexManifest, asked: float | None) -> float:
+        """The sigma a request scores at: the index's, or the request's own when this
+        deployment takes one (LATENTSIEVE_ALLOW_REQUEST_SIGMA); 422 otherwise."""
+        own = manifest.bandwidth.sigma
+        if asked is None or asked == own:
+            return own
+        if not self.settings.allow_request_sigma:
+            raise ServiceError(
+                422,
+                f"this deployment scores at each index's own sigma "
+                f"(LATENTSIEVE_ALLOW_REQUEST_SIGMA is off): leave sigma out, or send {own!r}, "
+                f"the sigma of model {manifest.model!r}; {asked!r} is not taken",
+            )
+        return asked
+
     def queue_depth_by_model(self) -> dict[str, int]:
         """Queued latents per model (0 for idle served models)."""
         depth = dict.fromkeys(self.registry.snapshot(), 0)
@@ -185,7 +238,7 @@ class ScoringEngine:
             self.check_batch(len(job.seeds or ()), "seeds")
         else:
             self.check_batch(len(job.latents), "latents")
-        sigma = manifest.bandwidth.sigma if job.sigma is None else job.sigma
+        sigma = self.sigma_of(manifest, job.sigma)
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, job.descriptors, policy)
         latents = job.latents
@@ -219,7 +272,7 @@ class ScoringEngine:
         if job.count > limit:
             raise ServiceError(413, f"count {job.count} is over the limit of {limit} seeds")
         self.check_batch(job.keep, "kept seeds")
-        sigma = manifest.bandwidth.sigma if job.sigma is None else job.sigma
+        sigma = self.sigma_of(manifest, job.sigma)
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, None, policy)
         seeds = range(job.start, job.start + job.count)
@@ -227,9 +280,8 @@ class ScoringEngine:
         deadline = self.deadline()
         try:
             async with asyncio.timeout_at(deadline):
-                latents = await self._draw(view, seeds)
-                batch, cached = await self._score_latents(
-                    served, latents, sigma, deadline, max_error=bound
+                latents, batch, cached = await self._score_seeds(
+                    served, seeds, sigma, deadline, bound
                 )
                 # Best first; equal scores keep the lower seed first: deterministic answers.
                 order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
@@ -273,29 +325,82 @@ class ScoringEngine:
         except JobFailed as exc:
             raise ServiceError(502, str(exc)) from exc
 
+    async def _score_seeds(
+        self, served: ServedModel, seeds: range, sigma: float, deadline: float,
+        max_error: float | None,
+    ) -> tuple[np.ndarray, ScoredBatch, list[bool]]:
+        """``seeds`` drawn and scored ``work_rows`` at a time: latents (n, d), scores and hit
+        flags. A request that gives up stops at the next chunk; no thread goes on drawing or
+        scoring the rest of the range for nobody."""
+        drawn: list[np.ndarray] = []
+        parts: list[ScoredBatch] = []
+        cached: list[bool] = []
+        size = self.work_rows()
+        for start in range(0, len(seeds), size):
+            latents = await self._draw(served.view, seeds[start : start + size])
+            batch, hits = await self._score_latents(
+                served, latents, sigma, deadline, max_error=max_error
+            )
+            drawn.append(latents)
+            parts.append(batch)
+            cached.extend(hits)
+        return np.concatenate(drawn), _joined(parts), cached
+
     async def calibration(self, served: ServedModel, sigma: float, deadline: float) -> None:
         """Make sure the calibration at ``sigma`` is known: another sigma than the build's is
-        scored once per model version (same calibration set, same transport as requests)."""
+        scored once per model version (same calibration set, same transport as requests).
+
+        One calibration per model at a time: a request for the sigma being computed waits for
+        it (until its own deadline; it takes over if that one gives up), a request for another
+        sigma is 429 with the expected wait as ``Retry-After``. TimeoutError past ``deadline``.
+        """
         view = served.view
         if view.cached_calibration(sigma) is not None:
             return
         manifest = view.manifest
-        lock = self._calibrating.setdefault((manifest.model, manifest.version, sigma),
-                                            asyncio.Lock())
-        async with lock:
-            if view.cached_calibration(sigma) is not None:
-                return
-            # One block at a time, each within the queue limits: calibrating a new sigma must
-            # neither fill the queue for other requests nor be refused by it.
-            size = min(BLOCK, self.settings.queue_limit,
-                       self.settings.model_queue_limit)
-            blocks = await asyncio.to_thread(lambda: list(view.calibration_blocks(size)))
-            scores = []
-            for block in blocks:
-                work = _work(served, sigma, NO_DESCRIPTORS, block.query, block.index_space)
-                scores.append((await self._compute(served, work, deadline)).log_density)
-            view.keep_calibration(sigma, np.concatenate(scores))
-        self._calibrating.pop((manifest.model, manifest.version, sigma), None)
+        if sigma == manifest.calibration.sigma:  # the build's, pushed out by other sigmas
+            view.keep_calibration(sigma, view.loaded.calibration_scores)
+            return
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(deadline):
+            while (running := self._calibrating.get(manifest.model)) is not None:
+                if (running.version, running.sigma) != (manifest.version, sigma):
+                    retry = running.retry_after(loop.time())
+                    raise ServiceError(
+                        429,
+                        f"model {manifest.model!r} is calibrating sigma {running.sigma!r}; "
+                        f"one sigma is calibrated at a time per model, so sigma {sigma!r} "
+                        f"must wait: retry after {retry} s, or leave sigma out to score at "
+                        f"the index's {manifest.bandwidth.sigma!r}",
+                        {"Retry-After": retry},
+                    )
+                await running.finished.wait()
+                if view.cached_calibration(sigma) is not None:
+                    return
+            size = self.work_rows()
+            run = Calibrating(manifest.version, sigma, loop.time(), deadline,
+                              math.ceil(manifest.calibration.count / size))
+            self._calibrating[manifest.model] = run
+            try:
+                await self._calibrate(served, run, size, deadline)
+            finally:
+                # Done, failed or given up: the next request for the model starts afresh.
+                del self._calibrating[manifest.model]
+                run.finished.set()
+
+    async def _calibrate(
+        self, served: ServedModel, run: Calibrating, size: int, deadline: float
+    ) -> None:
+        """Score the calibration set at ``run.sigma`` block by block: each block drawn in a
+        thread and scored through the transport, so giving up stops at a block boundary."""
+        view = served.view
+        blocks = view.calibration_blocks(size)
+        scores = []
+        while (block := await asyncio.to_thread(next, blocks, None)) is not None:
+            work = _work(served, run.sigma, NO_DESCRIPTORS, block.query, block.index_space)
+            scores.append((await self._compute(served, work, deadline)).log_density)
+            run.blocks_done += 1
+        view.keep_calibration(run.sigma, np.concatenate(scores))
 
     async def _score_latents(
         self,
@@ -405,6 +510,18 @@ def _work(
     manifest = served.view.manifest
     return Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
                 index_space, len(manifest.shard_layout()), max_error)
+
+
+def _joined(parts: Sequence[ScoredBatch]) -> ScoredBatch:
+    """Density scores of consecutive chunks (no descriptors) as one batch, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    bounds = [part.error_bound for part in parts if part.error_bound is not None]
+    return ScoredBatch(
+        np.concatenate([part.log_density for part in parts]),
+        np.concatenate([part.percentile for part in parts]),
+        error_bound=np.concatenate(bounds) if len(bounds) == len(parts) else None,
+    )
 
 
 def _cached(batch: ScoredBatch, row: int) -> CachedScore:

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from latentsieve.redaction import redact
 from latentsieve.service.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def error_response(
     status: int, detail: str, headers: Mapping[str, str] | None = None
 ) -> FastJSONResponse:
-    """The one error body."""
-    return FastJSONResponse({"detail": detail}, status_code=status, headers=dict(headers or {}))
+    """The one error body (credentials in any URL it quotes redacted)."""
+    return FastJSONResponse(
+        {"detail": redact(detail)}, status_code=status, headers=dict(headers or {})
+    )
 
 
 def describe_validation_errors(

@@ -52,7 +52,7 @@ def worker_app() -> FastAPI:
     from latentsieve.logs import configure_logging
 
     configure_logging(os.environ.get(LOG_LEVEL_ENV, "warning"))
-    return create_app(Settings())  # type: ignore[call-arg]
+    return create_app(Settings(), drain_on_signals=True)  # type: ignore[call-arg]
 
 
 @contextlib.contextmanager
@@ -127,7 +127,7 @@ def _worker_ready_timeout() -> dict[str, Any]:
 def run_server(
     store: str | Path, host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None,
     workers: int | None = None, log_level: str = "warning", device: str | None = None,
-    compute: str | None = None,
+    compute: str | None = None, allow_request_sigma: bool | None = None,
 ) -> None:
     """Serve the store until SIGINT/SIGTERM; SIGHUP checks the store for new versions now.
 
@@ -140,6 +140,8 @@ def run_server(
         overrides["workers"] = workers
     if compute is not None:
         overrides["compute"] = compute
+    if allow_request_sigma is not None:
+        overrides["allow_request_sigma"] = allow_request_sigma
     if device is not None:
         resolve_device(device)  # one line for a bad or absent device, before Settings
         overrides["device"] = device
@@ -156,7 +158,7 @@ def run_server(
     # an earlier run's files are removed, as ``--workers`` removes them.
     folder = metrics_folder() if os.environ.get(MULTIPROC_ENV) else contextlib.nullcontext()
     with folder:
-        app = create_app(settings, reload_on_sighup=True)
+        app = create_app(settings, reload_on_sighup=True, drain_on_signals=True)
         config = uvicorn.Config(
             app, host=settings.host, port=settings.port, log_level=log_level, access_log=False,
             log_config=uvicorn_log_config(), timeout_graceful_shutdown=10,

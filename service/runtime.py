@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from latentsieve.service.drain import Drain
 from latentsieve.service.engine import ScoringEngine
 from latentsieve.service.errors import ServiceError
 from latentsieve.service.metrics import ServiceMetrics
@@ -16,11 +17,12 @@ from latentsieve.service.settings import Settings
 
 @dataclass
 class Runtime:
-    """Built by the lifespan of one app: its settings, engine and metrics."""
+    """Built by the lifespan of one app: its settings, engine, metrics and drain."""
 
     settings: Settings
     engine: ScoringEngine
     metrics: ServiceMetrics
+    drain: Drain | None = None
 
 
 def current_runtime(request: Request) -> Runtime | None:

@@ -32,10 +32,17 @@ class Settings(BaseSettings):
     # Latents one model may have queued: one busy model cannot take the whole queue.
     model_queue_limit: int = Field(default=65_536, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
+    # At SIGTERM/SIGINT (service/drain.py): serve on with ``Connection: close`` and a 503
+    # /readyz for the linger, then give requests in flight up to the timeout before a JSON 503.
+    drain_linger_s: float = Field(default=0.5, ge=0)
+    drain_timeout_s: float = Field(default=8.0, ge=0)
     reload_interval_s: float = Field(default=2.0, gt=0)
     cache_bytes: int = Field(default=64 * MIB, ge=0)
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
+    # False: a request's ``sigma`` other than the index's is 422, so no request can make the
+    # service rescore a calibration set (docs/service.md, "Bounded work").
+    allow_request_sigma: bool = True
     workers: int = Field(default=1, ge=1, le=64)
     # embedded: score in this process; workers: send uncached batches to ``latentsieve worker``
     # processes over Redis Streams (needs redis_url).

@@ -5,7 +5,9 @@ reader task per gateway process reads this process's reply stream and resolves t
 requests; a liveness task reads the workers' heartbeats every ``LIVENESS_INTERVAL_S``, so a
 request for a shard with no live worker fails at once (503) instead of at its deadline.
 A lost Redis connection fails the requests waiting on it with 503; the tasks reconnect with
-backoff, so later requests succeed once Redis is back.
+backoff, so later requests succeed once Redis is back. Every liveness read also renews the reply
+stream's expiry (``REPLY_TTL_S``, which each worker reply sets too): the stream of a gateway
+that is gone, or the one a late reply re-creates after ``stop`` deleted it, expires.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from latentsieve.redaction import redact
 from latentsieve.workers.batcher import QueueFull
 from latentsieve.workers.local_compute import Computed, Work, merge
 from latentsieve.workers.shard_scoring import ShardScorer, ShardScores
 from latentsieve.workers.streams import (
+    REPLY_TTL_S,
     Job,
     JobFailed,
     Reply,
@@ -40,7 +44,6 @@ log = logging.getLogger(__name__)
 
 LIVENESS_INTERVAL_S = 0.5
 REPLY_BLOCK_MS = 1000
-REPLY_STREAM_TTL_S = 3600  # a gone gateway's reply stream expires
 BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 # model -> number of shards of the version served now
@@ -71,7 +74,7 @@ class StreamCompute:
         model_queue_limit: int,
         socket_timeout_s: float = 2.0,
     ) -> None:
-        self.redis_url = redis_url
+        self.redis_url = redact(redis_url)  # for messages: the connections keep the password
         self.shard_counts = shard_counts
         self.queue_limit = queue_limit
         self.model_queue_limit = model_queue_limit
@@ -178,7 +181,9 @@ class StreamCompute:
             await pipe.execute()
         except (RedisError, OSError) as exc:
             self._forget(job_id)
-            raise WorkersUnavailable(f"Redis at {self.redis_url} is unreachable ({exc})") from exc
+            raise WorkersUnavailable(
+                f"Redis at {self.redis_url} is unreachable ({redact(str(exc))})"
+            ) from exc
         try:
             async with asyncio.timeout_at(deadline):
                 parts = await asyncio.shield(waiting.future)
@@ -263,7 +268,7 @@ class StreamCompute:
             for model, shard in keys:
                 pipe.zremrangebyscore(live_key(model, shard), "-inf", now_ms)
                 pipe.zrange(live_key(model, shard), 0, -1)
-            pipe.expire(self.replies, REPLY_STREAM_TTL_S)
+            pipe.expire(self.replies, REPLY_TTL_S)  # kept alive while this gateway runs
             answers = await pipe.execute()
         except (RedisError, OSError) as exc:
             stopping(exc)

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -29,6 +29,21 @@ from latentsieve.workers.calibration import calibrate_build
 NOSAMPLER = "nosampler"
 NOSAMPLER_DIM = 6
 REDIS_SERVER = "/usr/bin/redis-server"
+STARTED: list[subprocess.Popen[bytes]] = []  # every redis-server this session started
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """Tests stop what they start: a redis-server still running at the end fails the session
+    (and is stopped here, so a failing run leaves nothing behind either)."""
+    yield
+    left = [process for process in STARTED if process.poll() is None]
+    for process in left:
+        process.kill()
+        process.wait(timeout=10)
+    if left:
+        pytest.fail(f"{len(left)} redis-server process(es) left running by the tests: "
+                    f"{[process.args for process in left]}")
 
 
 @pytest.fixture(scope="session")
@@ -112,18 +127,22 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
+def start_redis(
+    folder: Path, port: int, extra_args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     """``redis-server`` on ``port`` (loopback, no persistence: a restart loses every stream and
-    group), once it accepts connections."""
+    group), once it accepts connections; ``extra_args`` are more server options (e.g.
+    ``--aclfile FILE``)."""
     if not Path(REDIS_SERVER).exists() and shutil.which("redis-server") is None:
         # A failure, not a skip: `make test` installs redis-server, so its absence is a bug.
         pytest.fail("redis-server is not installed (make system-deps installs it)")
     binary = REDIS_SERVER if Path(REDIS_SERVER).exists() else str(shutil.which("redis-server"))
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(folder)],
+         "--dir", str(folder), *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    STARTED.append(process)
     deadline = time.monotonic() + 10
     while True:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):

@@ -6,12 +6,22 @@ loops, all on one event loop:
 - **read**: XREADGROUP up to ``read_count`` jobs at once from every assigned stream; each job
   goes through the model's ``DynamicBatcher`` (the gateway's own, ``max_batch_size`` and
   ``max_wait_ms``), so jobs from many requests and gateways become one GEMM. The result is
-  XADDed to the job's reply stream, then the job is XACKed and XDELed.
-- **claim**: XAUTOCLAIM jobs idle longer than ``claim_idle_ms`` in any consumer's pending list
-  (a worker killed mid-batch); a job delivered more than ``max_deliveries`` times goes to the
-  dead-letter stream and its gateway gets a ``dead_letter`` reply at once.
+  XADDed to the job's reply stream (with its expiry, workers/streams.py), then the job is
+  XACKed and XDELed.
+- **claim**: XCLAIM jobs idle longer than ``claim_idle_ms`` in the pending list of a consumer
+  whose heartbeat has lapsed (a worker killed mid-batch), never of a live one that is only
+  slow (its own, when this process no longer holds them: a reply that could not be written);
+  a job delivered more than ``max_deliveries`` times goes to the dead-letter stream and its
+  gateway gets a ``dead_letter`` reply at once.
 - **heartbeat**: every ``heartbeat_ttl_s / 3`` each (model, shard) gets this worker's expiry
   (Redis server time) in its live set; gateways count the members that have not expired.
+
+Every job is checked against its stream first (``read_job``): its model and shard are the
+stream's, its version a version name, its reply key a gateway's reply stream. One that fails
+is acknowledged, deleted, counted as an error, logged and recorded in the dead-letter stream:
+it never names a file, a module or a key. A version is loaded only through
+``LatentStore.load``, which verifies every checksum (module sources included) before anything
+is imported; a job whose version fails is answered with the error and dead-lettered too.
 
 Jobs past their deadline are acknowledged and dropped, not computed. Any Redis error (a
 restart) sends the loop into backoff; consumer groups are created again when it returns.
@@ -29,7 +39,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -39,15 +49,19 @@ from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
 from latentsieve.workers.batcher import QueueFull
 from latentsieve.workers.local_compute import ModelBatchers
+from latentsieve.workers.modules import ModuleLoadError
 from latentsieve.workers.shard_scoring import ShardKey, ShardScorer, open_shards
 from latentsieve.workers.streams import (
     GROUP,
-    Job,
+    REPLY_TTL_S,
+    Fields,
     Reply,
+    check_reply_stream,
     dead_letter_stream,
     job_stream,
     live_key,
     parse_job_stream,
+    read_job,
     stopping,
 )
 
@@ -59,6 +73,25 @@ OUTCOMES = ("done", "expired", "reclaimed", "dead_letter", "error")
 # Shared with the gateway's metrics (service/metrics.py): one set of buckets per name.
 BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PENDING_PAGE = 256  # pending entries read at once when looking for orphaned jobs
+# What a dead-letter record keeps of a job: its protocol's text fields, each cut to this length.
+RECORD_FIELDS = frozenset(name.encode() for name in (
+    "id", "reply", "deadline", "model", "version", "shard", "sigma", "descriptors", "space",
+    "shape", "max_error",
+))
+RECORD_VALUE_BYTES = 256
+
+
+def _reply_key(fields: Fields) -> str | None:
+    """A job's reply key if it is a gateway's reply stream (``check_reply_stream``), else
+    None: no other key is ever written."""
+    raw = fields.get(b"reply")
+    if raw is None:
+        return None
+    try:
+        return check_reply_stream(raw.decode())
+    except ValueError:  # UnicodeDecodeError included
+        return None
 
 
 @dataclass(frozen=True)
@@ -126,8 +159,10 @@ class StreamWorker:
             options.max_batch_size, options.max_wait_ms, options.queue_limit,
             options.queue_limit, on_batch=self._observe_batch,
         )
+        # Keyed by model: a job reaches them only once its model is its stream's (read_job),
+        # so both hold at most the served models, each at most VERSIONS_KEPT versions.
         self._versions: dict[str, OrderedDict[str, dict[int, ShardScorer]]] = {}
-        self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+        self._loading: dict[str, asyncio.Lock] = {}  # one load at a time per model
         self._assigned: list[tuple[str, int]] = []
         self._groups_ready = False
         self._inflight = asyncio.Semaphore(options.read_count * 4)
@@ -160,7 +195,7 @@ class StreamWorker:
         if shards is not None and shard in shards:
             kept.move_to_end(version)
             return shards[shard]
-        lock = self._loading.setdefault((model, version), asyncio.Lock())
+        lock = self._loading.setdefault(model, asyncio.Lock())
         async with lock:
             shards = kept.get(version)
             if shards is None or shard not in shards:
@@ -261,6 +296,7 @@ class StreamWorker:
             raise
         for stream, entries in answer or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
+            self._handling.update(entry_id for entry_id, _ in entries)  # held while queued here
             for entry_id, fields in entries:
                 await self._inflight.acquire()
                 self._spawn(self._handle(name, entry_id, fields, reclaimed=False))
@@ -271,18 +307,21 @@ class StreamWorker:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(
-        self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], reclaimed: bool
+        self, stream: str, entry_id: bytes, fields: Fields, reclaimed: bool
     ) -> None:
-        """Compute one job (unless it expired), reply, then acknowledge it."""
+        """Check one job against its stream, compute it (unless it expired), reply, then
+        acknowledge it. A job that fails the check, or whose version does not load, is
+        dead-lettered instead (``_give_up``)."""
         model, _ = parse_job_stream(stream)
         self._handling.add(entry_id)
         try:
             try:
-                job = Job.from_fields(fields)
+                job = read_job(stream, fields)
             except (KeyError, ValueError) as exc:
-                log.error("malformed job dropped", extra={"stream": stream, "error": repr(exc)})
-                await self._ack(stream, entry_id)
+                await self._give_up(stream, entry_id, fields, f"invalid job: {exc}", "error")
                 self.metrics.jobs.labels(model=model, outcome="error").inc()
+                log.error("malformed job dropped", extra={
+                    "stream": stream, "error": repr(exc), "dead_letter": True})
                 return
             if reclaimed:
                 self.metrics.jobs.labels(model=model, outcome="reclaimed").inc()
@@ -292,6 +331,13 @@ class StreamWorker:
                 return
             try:
                 scorer = await self._scorer(job.model, job.version, job.shard)
+            except (StoreError, ModuleLoadError) as exc:  # missing, corrupted, modules changed
+                await self._give_up(stream, entry_id, fields, str(exc), "error")
+                self.metrics.jobs.labels(model=model, outcome="error").inc()
+                log.error("job for a version that does not load dead-lettered", extra={
+                    "stream": stream, "version": job.version, "error": str(exc)})
+                return
+            try:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + (job.deadline - time.time())
                 key = ShardKey(job.model, job.version, job.shard, job.sigma, job.descriptors,
@@ -309,17 +355,27 @@ class StreamWorker:
             # The reply first, the acknowledgement only once it is written: Redis runs every
             # command of a pipeline even when an earlier one fails, so one round trip for
             # both could acknowledge a job whose answer was never written.
-            await self.redis.xadd(job.reply, reply.to_fields())  # type: ignore[arg-type]
+            pipe = self.redis.pipeline(transaction=False)
+            self._queue_reply(pipe, job.reply, reply)
+            await pipe.execute()
             await self._ack(stream, entry_id)
             self.metrics.jobs.labels(model=model, outcome=outcome).inc()
         except (RedisError, OSError) as exc:
-            # Unacknowledged: another worker (or this one) reclaims it after claim_idle_ms. If
-            # only the acknowledgement failed, the job is computed and answered again; the
-            # gateway ignores a reply for a request it has already answered.
+            # Unacknowledged: this worker reclaims it after claim_idle_ms (another one does
+            # once this one's heartbeat lapses). If only the acknowledgement failed, the job is
+            # computed and answered again; the gateway ignores a reply it has already had.
             log.warning("could not reply; the job stays pending", extra={"error": str(exc)})
         finally:
             self._handling.discard(entry_id)
             self._inflight.release()
+
+    @staticmethod
+    def _queue_reply(pipe: Any, reply_key: str, reply: Reply) -> None:
+        """Queue ``reply`` on ``pipe`` with its stream's expiry: a gateway keeps its own stream
+        alive, so only the stream of a gateway that is gone (or one a late reply re-creates
+        after its gateway deleted it) runs out, REPLY_TTL_S after its last reply."""
+        pipe.xadd(reply_key, reply.to_fields())
+        pipe.pexpire(reply_key, REPLY_TTL_S * 1000)
 
     async def _ack(self, stream: str, entry_id: bytes) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -328,59 +384,98 @@ class StreamWorker:
         await pipe.execute()
 
     async def _claim_loop(self) -> None:
-        """Take over jobs idle past ``claim_idle_ms``; dead-letter the over-delivered."""
+        """Take over jobs idle past ``claim_idle_ms`` that no live worker holds (``_orphans``);
+        dead-letter the over-delivered."""
         await asyncio.sleep(max(self.options.claim_idle_ms / 2000, 0.05))
         await self._ensure_groups()
         for model, shard in self._assigned:
             stream = job_stream(model, shard)
             try:
-                answer: Any = await self.redis.xautoclaim(
-                    stream, GROUP, self.name, self.options.claim_idle_ms, "0-0",
-                    count=self.options.read_count,
+                orphans = await self._orphans(model, shard, stream)
+                if not orphans:
+                    continue
+                # XCLAIM checks the idle time again: of two workers, only one takes each job.
+                answer: Any = await self.redis.xclaim(
+                    stream, GROUP, self.name, self.options.claim_idle_ms, list(orphans)
                 )
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
                     self._groups_ready = False
                     return
                 raise
-            claimed = [entry for entry in answer[1] if entry[1]]
-            for entry_id, fields in claimed:
-                if entry_id in self._handling:
-                    continue  # our own job, idle only because this process was paused
-                pending = await self.redis.xpending_range(
-                    stream, GROUP, min=entry_id, max=entry_id, count=1
-                )
-                deliveries = int(pending[0]["times_delivered"]) if pending else 1
+            for entry in answer:
+                entry_id, fields = entry[0], entry[1]
+                if entry_id is None or not fields or entry_id in self._handling:
+                    continue  # deleted meanwhile, or already ours
+                deliveries = orphans.get(entry_id, 0) + 1  # XCLAIM delivered it once more
                 if deliveries > self.options.max_deliveries:
-                    await self._dead_letter(model, shard, stream, entry_id, fields, deliveries)
+                    detail = (
+                        f"delivered {deliveries} times (limit {self.options.max_deliveries}); "
+                        f"see {dead_letter_stream(model, shard)}"
+                    )
+                    await self._give_up(stream, entry_id, fields, detail, "dead_letter",
+                                        deliveries)
+                    self.metrics.jobs.labels(model=model, outcome="dead_letter").inc()
+                    log.error("job dead-lettered", extra={"model": model, "shard": shard,
+                                                          "deliveries": deliveries})
                     continue
+                self._handling.add(entry_id)
                 await self._inflight.acquire()
                 self._spawn(self._handle(stream, entry_id, fields, reclaimed=True))
 
-    async def _dead_letter(
-        self, model: str, shard: int, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
-        deliveries: int,
+    async def _orphans(self, model: str, shard: int, stream: str) -> dict[bytes, int]:
+        """Entries of ``stream`` pending longer than ``claim_idle_ms`` that no live worker is
+        working on, with their deliveries so far: those of a consumer whose heartbeat in
+        ``live_key(model, shard)`` has lapsed (Redis server time; a slow live worker keeps
+        its jobs), and this worker's own that this process no longer holds."""
+        seconds, micros = await self.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        members: Any = await self.redis.zrangebyscore(live_key(model, shard), f"({now_ms}", "+inf")
+        live = {member.decode(errors="replace").rsplit("|", 1)[0] for member in members}
+        live.discard(self.name)
+        orphans: dict[bytes, int] = {}
+        start = "-"
+        while len(orphans) < self.options.read_count:
+            page: Any = await self.redis.xpending_range(
+                stream, GROUP, min=start, max="+", count=PENDING_PAGE,
+                idle=self.options.claim_idle_ms,
+            )
+            for entry in page:
+                consumer = entry["consumer"].decode(errors="replace")
+                if consumer not in live and entry["message_id"] not in self._handling:
+                    orphans[entry["message_id"]] = int(entry["times_delivered"])
+            if len(page) < PENDING_PAGE:
+                break
+            start = "(" + page[-1]["message_id"].decode()
+        return dict(list(orphans.items())[: self.options.read_count])
+
+    async def _give_up(
+        self, stream: str, entry_id: bytes, fields: Fields, detail: str,
+        status: Literal["error", "dead_letter"], deliveries: int | None = None,
     ) -> None:
-        """Move a job to its dead-letter stream and tell its gateway at once."""
-        detail = (
-            f"delivered {deliveries} times (limit {self.options.max_deliveries}); "
-            f"see {dead_letter_stream(model, shard)}"
-        )
+        """Record a job in its stream's dead-letter stream (its protocol fields, never its
+        latents), tell its gateway when its reply key is a gateway's reply stream (no other key
+        is written), then acknowledge and delete it."""
+        model, shard = parse_job_stream(stream)
         record: dict[Any, Any] = {
-            key: value for key, value in fields.items() if key != b"latents"
+            key: value[:RECORD_VALUE_BYTES] for key, value in fields.items()
+            if key in RECORD_FIELDS
         }
-        record.update({"stream_id": entry_id, "deliveries": str(deliveries), "worker": self.name})
+        record.update({"stream_id": entry_id, "worker": self.name, "reason": detail})
+        if deliveries is not None:
+            record["deliveries"] = str(deliveries)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(dead_letter_stream(model, shard), record, maxlen=10_000, approximate=True)
-        if b"reply" in fields and b"id" in fields:
-            reply = Reply(fields[b"id"].decode(), shard, "dead_letter", detail=detail)
-            pipe.xadd(fields[b"reply"].decode(), reply.to_fields())  # type: ignore[arg-type]
-        pipe.xack(stream, GROUP, entry_id)
-        pipe.xdel(stream, entry_id)
-        await pipe.execute()
-        self.metrics.jobs.labels(model=model, outcome="dead_letter").inc()
-        log.error("job dead-lettered", extra={"model": model, "shard": shard,
-                                              "deliveries": deliveries})
+        reply_key = _reply_key(fields)
+        if reply_key is not None and b"id" in fields:
+            reply = Reply(fields[b"id"].decode(errors="replace"), shard, status, detail=detail)
+            self._queue_reply(pipe, reply_key, reply)
+        recorded, *replied = await pipe.execute(raise_on_error=False)
+        if isinstance(recorded, Exception):
+            raise recorded  # not recorded: the job stays pending and comes back
+        if replied and isinstance(replied[0], Exception):  # the record is what counts
+            log.warning("could not tell the gateway", extra={"error": str(replied[0])})
+        await self._ack(stream, entry_id)
 
     async def _heartbeat_loop(self) -> None:
         ttl_ms = int(self.options.heartbeat_ttl_s * 1000)
@@ -417,19 +512,24 @@ class StreamWorker:
             self._groups_ready = False
 
 
-def serve_metrics(metrics: WorkerMetrics, port: int | None, host: str = "0.0.0.0") -> None:
-    """The worker's ``/metrics`` on ``port`` (prometheus_client's own HTTP server)."""
+def serve_metrics(metrics: WorkerMetrics, port: int | None, host: str = "127.0.0.1") -> None:
+    """The worker's ``/metrics`` on ``host:port`` (prometheus_client's own HTTP server).
+
+    Loopback unless the operator names an address: the metrics carry no secret, but every
+    other host has no business reading them (compose opens 0.0.0.0 inside its network)."""
     if port is not None:
         start_http_server(port, addr=host, registry=metrics.registry)
 
 
 async def run_worker(options: WorkerOptions, metrics_port: int | None = None,
-                     stop: asyncio.Event | None = None) -> None:
-    """Run one worker until SIGINT/SIGTERM (or ``stop``)."""
+                     stop: asyncio.Event | None = None,
+                     metrics_host: str = "127.0.0.1") -> None:
+    """Run one worker until SIGINT/SIGTERM (or ``stop``); ``/metrics`` on
+    ``metrics_host:metrics_port`` when a port is given."""
     import signal
 
     metrics = WorkerMetrics()
-    serve_metrics(metrics, metrics_port)
+    serve_metrics(metrics, metrics_port, metrics_host)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

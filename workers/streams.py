@@ -11,20 +11,46 @@
 A worker reads several jobs at once, batches them, writes each result to its job's reply stream,
 then XACKs and XDELs the job (at-least-once compute; the gateway keeps the first reply).
 Arrays travel as raw little-endian bytes next to their shape.
+
+A job is input: :func:`read_job` decodes it and checks it against the stream it was read from
+before it chooses anything. Its model and shard must be the stream's, its version a version
+name (``check_version_name``: one path segment, never a path out of the store), its reply stream
+``latentsieve:replies:`` and a gateway id (``GATEWAY_ID_PATTERN``: no other key is ever written),
+its sigma, deadline, bound and descriptor names in range. A job that fails is acknowledged,
+deleted and recorded (without its latents) in its stream's dead-letter stream, never computed.
+
+Every reply stream a worker writes expires ``REPLY_TTL_S`` after its last reply (XADD and
+PEXPIRE together): a gateway refreshes its own stream's expiry while it runs (every liveness
+read), so only the stream of a gateway that is gone, or one deleted at its shutdown and
+re-created by a late reply, runs out; neither outlives its last reply by more than that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from latentsieve.index.errors import StoreError
+from latentsieve.index.manifest import (
+    DESCRIPTOR_NAMES,
+    check_model_name,
+    check_sigma,
+    check_version_name,
+)
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 
 GROUP = "latentsieve-workers"
+REPLY_PREFIX = "latentsieve:replies:"
+# A gateway process's id (service/stream_compute.py: 16 hex digits): one key segment.
+GATEWAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Far past any reply's use (a request's deadline) and the gateway's refresh (every 0.5 s).
+REPLY_TTL_S = 600
 Fields = dict[bytes, bytes]
 ReplyStatus = Literal["ok", "error", "dead_letter"]
 
@@ -50,7 +76,22 @@ def live_key(model: str, shard: int) -> str:
 
 
 def reply_stream(gateway: str) -> str:
-    return f"latentsieve:replies:{gateway}"
+    """The reply stream of gateway process ``gateway``; ValueError for an id that is not one."""
+    if not GATEWAY_ID_PATTERN.fullmatch(gateway):
+        raise ValueError(f"invalid gateway id {gateway!r}: 1-64 letters, digits, '_' or '-'")
+    return f"{REPLY_PREFIX}{gateway}"
+
+
+def check_reply_stream(name: str) -> str:
+    """``name`` if it is a gateway's reply stream (``latentsieve:replies:{gateway}``), the only
+    keys a worker writes a reply to; else ValueError."""
+    if not (name.startswith(REPLY_PREFIX)
+            and GATEWAY_ID_PATTERN.fullmatch(name.removeprefix(REPLY_PREFIX))):
+        raise ValueError(
+            f"reply stream {name!r} is not {REPLY_PREFIX}{{gateway}} with a gateway id of 1-64 "
+            "letters, digits, '_' or '-'"
+        )
+    return name
 
 
 def parse_job_stream(name: str) -> tuple[str, int]:
@@ -128,6 +169,33 @@ class Job:
             query=ShardQuery(latents, exclude),
             max_error=float(_text(fields, "max_error")) if b"max_error" in fields else None,
         )
+
+
+def read_job(stream: str, fields: Fields) -> Job:
+    """The job of one entry of ``stream``, checked before it chooses a path, a module or a
+    key (see the module docstring); KeyError or ValueError naming what is wrong."""
+    job = Job.from_fields(fields)
+    model, shard = parse_job_stream(stream)
+    if (job.model, job.shard) != (model, shard):
+        raise ValueError(
+            f"job for {job.model!r} shard {job.shard} read from {stream}, the stream of "
+            f"{model!r} shard {shard}"
+        )
+    try:
+        check_model_name(job.model)
+        check_version_name(job.version)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from exc
+    check_reply_stream(job.reply)
+    check_sigma(job.sigma)
+    if not math.isfinite(job.deadline):
+        raise ValueError(f"deadline {job.deadline!r} is not a time")
+    if job.max_error is not None and not (math.isfinite(job.max_error) and job.max_error >= 0):
+        raise ValueError(f"max_error {job.max_error!r} is not a bound in nats >= 0")
+    unknown = sorted(set(job.descriptors) - set(DESCRIPTOR_NAMES))
+    if unknown:
+        raise ValueError(f"unknown descriptors {unknown}; known: {', '.join(DESCRIPTOR_NAMES)}")
+    return job
 
 
 @dataclass(frozen=True)

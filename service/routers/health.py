@@ -27,6 +27,8 @@ async def readyz(request: Request) -> FastJSONResponse:
     runtime = current_runtime(request)
     if runtime is None:
         raise ServiceError(503, "not ready: the service is starting")
+    if runtime.drain is not None and runtime.drain.draining:
+        raise ServiceError(503, "not ready: the service is shutting down")
     served = sorted(runtime.engine.registry.snapshot())
     if not served:
         raise ServiceError(

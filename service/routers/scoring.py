@@ -30,9 +30,10 @@ def declared_batch(data: Any) -> int:
         return len(latents)
     if isinstance(latents, dict):
         shape = latents.get("shape")
-        if isinstance(shape, list) and shape and type(shape[0]) is int:
-            return max(shape[0], 0)
-        return 0
+        first = shape[0] if isinstance(shape, list) and shape else None
+        if type(first) is float and first.is_integer():  # 5000.0 is the integer 5000 (schemas)
+            first = int(first)
+        return max(first, 0) if type(first) is int else 0
     return len(seeds) if isinstance(seeds, list) else 0
 
 

@@ -85,6 +85,11 @@ CASES: list[tuple[str, Any, str, int]] = [
      "/score", 422),
     ("declared batch over the limit", {"model": MODEL, "latents": {
         "dtype": "float32", "shape": [10**9, 8], "data": ""}}, "/score", 413),
+    # Found by the audit: a float first axis skipped the check made before decoding anything.
+    ("declared batch over the limit as a float", {"model": MODEL, "latents": {
+        "dtype": "float32", "shape": [5000.0, 8], "data": "not base64!"}}, "/score", 413),
+    ("adversarial string after deep brackets", raw("[" * 40 + '"' + '\\"' * 4096), "/score",
+     422),
     # Found by schemathesis: sigma^2 underflows to 0 although sigma > 0.
     ("sigma subnormal", {**GOOD, "sigma": 5e-324}, "/score", 422),
     ("sigma below range", {**GOOD, "sigma": 1e-101}, "/score", 422),

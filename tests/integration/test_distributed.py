@@ -112,8 +112,8 @@ def cluster(
     finally:
         for worker in running.workers:
             worker.stop()
-        process.terminate()
-        process.wait(timeout=10)
+        running.redis.terminate()  # the one running now: a test may have restarted it
+        running.redis.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +329,8 @@ def test_queue_cap_is_429_and_expired_jobs_are_dropped(store: Path, tmp_path: Pa
 
 def ghost_worker(running: Cluster) -> None:
     """A worker that registered, will read a job and die: heartbeats for every shard (valid
-    for a minute) and the consumer groups, written straight to Redis."""
+    for a minute, until the test lets one lapse as a dead worker's does) and the consumer
+    groups, written straight to Redis."""
     client = running.client()
     seconds, micros = client.time()
     expiry = seconds * 1000 + micros // 1000 + 60_000
@@ -352,6 +353,7 @@ def test_a_job_delivered_too_often_is_dead_lettered_and_its_caller_told(
                 taken = client.xreadgroup(GROUP, "ghost", {job_stream(PLAIN, 0): ">"},
                                           count=10, block=200) or []
             assert taken, "the gateway never queued the job"
+            client.zrem(f"latentsieve:live:{PLAIN}:0", "ghost|cpu")  # dead: heartbeat lapses
             worker = running.add_worker("--max-deliveries", "1", "--claim-idle-ms", "300")
             response = pending.result()
             elapsed = time.monotonic() - started

@@ -205,6 +205,7 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
             if taken:
                 break
         assert taken
+        await client_redis.zrem(live_key("plain", 0), "ghost|cpu")  # dead: its heartbeat lapses
         async with worker(store, redis_url, max_deliveries=1) as running:
             response = await asyncio.wait_for(request, 15)
             assert await counted(running, "plain", "dead_letter", 1) == 1
@@ -224,8 +225,9 @@ async def test_a_job_delivered_too_often_is_dead_lettered(
 async def test_a_job_a_dead_consumer_held_is_reclaimed_and_answered(
     store: Path, redis_url: str, serve: object, training: np.ndarray
 ) -> None:
-    # A consumer reads the job and dies; a live worker claims it once it has been idle past
-    # claim_idle_ms (its second delivery, within max_deliveries 2) and computes it.
+    # A consumer reads the job and dies (its heartbeat lapses); a live worker claims it once it
+    # has been idle past claim_idle_ms (its second delivery, within max_deliveries 2) and
+    # computes it.
     client_redis = await ghost_heartbeats(redis_url)
     latent = np.full((1, DIM), 0.5, dtype=np.float32)
     async with serve(settings(store, redis_url, request_timeout_s=20.0)) as client:  # type: ignore[operator]
@@ -238,6 +240,7 @@ async def test_a_job_a_dead_consumer_held_is_reclaimed_and_answered(
             if taken:
                 break
         assert taken
+        await client_redis.zrem(live_key("plain", 0), "ghost|cpu")  # dead: its heartbeat lapses
         async with worker(store, redis_url, max_deliveries=2) as running:
             response = await asyncio.wait_for(request, 15)
             assert jobs_count(running, "plain", "reclaimed") == 1
@@ -565,6 +568,8 @@ async def test_a_redis_restart_is_survived_by_gateway_and_worker(
             serve(settings(store, url, request_timeout_s=10.0)) as client,  # type: ignore[operator]
         ):
             assert (await client.post("/score", json=body)).status_code == 200
+            # Acknowledged (after its reply) before Redis goes, or the restart loses the ack.
+            assert await counted(running, "plain", "done", 1) == 1
             server.terminate()
             server.wait(timeout=10)
             started = time.monotonic()

@@ -4,6 +4,7 @@ version while requests keep flowing, without dropping one."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -129,4 +130,67 @@ def check_sighup(server: Server, tmp_path: Path) -> None:
         time.sleep(0.1)
         current = httpx.get(f"{server.url}/models").json()["models"][0]["index_version"]
     assert current == new
+    assert server.process.poll() is None
+
+
+def test_an_adversarial_body_does_not_stall_the_gateway(server: Server) -> None:
+    """The audit's body (over 32 brackets, then an unclosed run of escaped quotes: 6.3 s of CPU
+    each at 32 KB under the old regex, stalling ``/healthz`` for seconds) sent in a loop for
+    2 s: ``/healthz`` latency meanwhile, against an idle ``/healthz`` in this same test."""
+    body = b"[" * 40 + b'"' + b'\\"' * (16 * 1024)  # 32 KB
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+
+        def healthz_seconds(count: int) -> list[float]:
+            times = []
+            for _ in range(count):
+                started = time.perf_counter()
+                assert client.get("/healthz").status_code == 200
+                times.append(time.perf_counter() - started)
+                time.sleep(0.01)
+            return times
+
+        idle = float(np.median(healthz_seconds(30)))
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def attack() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as attacker:
+                while not stop.is_set():
+                    statuses.append(attacker.post(
+                        "/score", content=body, headers={"content-type": "application/json"}
+                    ).status_code)
+
+        thread = threading.Thread(target=attack)
+        thread.start()
+        try:
+            time.sleep(0.1)
+            during = healthz_seconds(60)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+    assert statuses and set(statuses) == {422}
+    ratio = float(np.median(during)) / idle
+    assert ratio < 10, (ratio, idle, sorted(during)[-5:])
+    assert max(during) < 100 * idle + 0.5, (max(during), idle)
+
+
+def test_a_client_leaving_mid_upload_is_no_server_error(server: Server) -> None:
+    """Headers announcing 100 KB, 10 bytes of body, then the connection closes: logged and
+    counted as 499 (client closed), no traceback, no 500 for the server-error alert."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100000\r\nx-request-id: leaving-early\r\n\r\n"
+                     b'{"model": ')
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "leaving-early" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log.read_text()
+    line = next(line for line in log.splitlines() if "leaving-early" in line)
+    assert '"status": 499' in line, line
+    assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'latentsieve_request_duration_seconds_count{route="/score",status="499"} 1.0' in metrics
+    assert 'route="/score",status="500"' not in metrics
     assert server.process.poll() is None

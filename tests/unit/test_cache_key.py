@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from latentsieve.service.cache import _redacted, cache_key, cache_keys
+from latentsieve.service.cache import cache_key, cache_keys
 
 DESCRIPTORS = ("psi", "nu", "delta")
 LATENT = np.arange(8, dtype="<f4").tobytes()
@@ -93,9 +93,3 @@ def test_array_rows_hash_like_their_bytes() -> None:
     assert cache_keys("m", "v", 1.0, (), changed)[1] != by_array[1]
     assert cache_keys("m", "v", 1.0, (), rows[2:])[0] == by_array[2]
     assert cache_keys("m", "v", 1.0, (), np.empty((0, 8), np.float32)) == []
-
-
-def test_logged_redis_urls_hide_the_password() -> None:
-    assert _redacted("redis://localhost:6379/0") == "redis://localhost:6379/0"
-    assert _redacted("redis://:secret@cache:6379/0") == "redis://***@cache:6379/0"
-    assert _redacted("rediss://user:p@ss://word@cache:6380/1") == "rediss://***@cache:6380/1"

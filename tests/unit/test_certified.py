@@ -405,8 +405,12 @@ def test_far_from_the_origin_the_interval_holds_without_slack() -> None:
 
 
 def test_a_score_does_not_depend_on_its_batch() -> None:
-    # The rounding path is chosen per (query, list): a far query batched with a near one does
-    # not change the near one's estimate or bound.
+    # The rounding path is chosen per (query, list): a far query batched with near ones does not
+    # move them to another path, so their bounds stay what they were alone (a batch-wide choice
+    # moved them by orders of magnitude, float32's ~1e-5 nats to float64's ~1e-12). What the
+    # GEMM itself rounds may depend on the batch's shape with some BLAS kernels (OpenBLAS's
+    # Haswell, Zen and Prescott kernels moved an estimate by 1e-8 nats here): that part is
+    # guaranteed only within the bound, and both answers hold the float64 reference.
     rng = np.random.default_rng(12)
     centres = rng.normal(0.0, 5.0, (6, 8))
     latents = blobs(rng, centres, 3000)
@@ -416,8 +420,13 @@ def test_a_score_does_not_depend_on_its_batch() -> None:
     for sigma in (0.5, 3.0):
         alone = ivf.score(near, sigma, max_error=0.01)
         batched = ivf.score(np.concatenate([far, near]), sigma, max_error=0.01)
-        np.testing.assert_array_equal(batched.estimate[1:], alone.estimate)
-        np.testing.assert_array_equal(batched.half_width[1:], alone.half_width)
+        np.testing.assert_allclose(batched.half_width[1:], alone.half_width, rtol=1e-6)
+        assert np.all(np.abs(batched.estimate[1:] - alone.estimate)
+                      <= batched.half_width[1:] + alone.half_width)
+        want = log_density_reference(near, ivf.reconstruct(), sigma)
+        for got in (alone, batched):
+            rows = slice(got.low.size - near.shape[0], None)
+            assert np.all((got.low[rows] <= want) & (want <= got.high[rows]))
 
 
 def test_float16_offsets_out_of_range_are_refused() -> None:

@@ -4,10 +4,12 @@ each option's default, environment variable and choices (issue 11, packaging).""
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +95,36 @@ def test_defaults_shown_for_later_decided_options_are_the_real_ones() -> None:
 def test_a_variable_becomes_the_shown_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LATENTSIEVE_HEARTBEAT_TTL", "7.5")
     assert shown_default(("worker",), "--heartbeat-ttl") == "7.5"
+
+
+def test_worker_metrics_listen_on_loopback_unless_told(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker's /metrics is not on every interface by default (issue 22): the CLI's default
+    is the functions' own, and --metrics-host reaches the metrics server."""
+    from latentsieve.workers import stream_worker
+
+    assert shown_default(("worker",), "--metrics-host") == "127.0.0.1"
+    assert inspect.signature(stream_worker.serve_metrics).parameters["host"].default == (
+        "127.0.0.1")
+    assert inspect.signature(stream_worker.run_worker).parameters["metrics_host"].default == (
+        "127.0.0.1")
+    called: dict[str, object] = {}
+
+    async def run_worker(options: object, metrics_port: int | None = None,
+                         stop: object = None, metrics_host: str = "") -> None:
+        called.update(port=metrics_port, host=metrics_host)
+
+    monkeypatch.setattr(stream_worker, "run_worker", run_worker)
+    worker = ["worker", "--store", str(tmp_path), "--redis", "redis://127.0.0.1:1/0",
+              "--device", "cpu", "--metrics-port", "9100"]
+    assert cli.main(worker) == 0
+    assert called == {"port": 9100, "host": "127.0.0.1"}
+    assert cli.main([*worker, "--metrics-host", "0.0.0.0"]) == 0
+    assert called == {"port": 9100, "host": "0.0.0.0"}
+    monkeypatch.setenv("LATENTSIEVE_METRICS_HOST", "10.0.0.5")
+    assert cli.main(worker) == 0
+    assert called["host"] == "10.0.0.5"
 
 
 def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
