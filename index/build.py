@@ -62,6 +62,7 @@ DEFAULT_CALIBRATION_COUNT = 10_000
 # Sampler calibration draws seeds far from the small seeds upstream pipelines usually send.
 CALIBRATION_SEED_START = 1_000_000_000
 CALIBRATION_INDEX_SEED = 0
+CALIBRATION_LATENTS_FILE = "calibration_latents.npy"
 _ADD_BLOCK = 65_536
 # Chosen by docs/evidence.md: dropping inactive coordinates is what made the demo VAE's score
 # predict quality at all, and it is the identity on latents whose coordinates are all active.
@@ -75,7 +76,7 @@ class CalibrationRequest:
 
     latents: np.ndarray  # (N, d) float32 training latents
     sigma: float
-    source: str  # "sampler" | "leave_one_out"
+    source: str  # "sampler" | "leave_one_out" | "latents"
     count: int
     seed_start: int | None
     indices: np.ndarray | None  # leave-one-out rows (count,)
@@ -91,6 +92,8 @@ class CalibrationRequest:
     shards: tuple[IndexShard, ...] = ()  # ivf with --shards K: one set of lists per shard
     projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
     source_latents: np.ndarray | None = None  # (N, d) before PCA, for descriptors
+    # --calibration-latents: (count, d) float32 as sent (before PCA), the calibration set
+    calibration_latents: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class BuildOptions:
     generator: str | None = None
     mapping: str | None = None
     calibration_count: int = DEFAULT_CALIBRATION_COUNT
+    # Latents the user's pipeline sends (x0-predictions at step K, finished latents...): the
+    # percentile reference instead of sampler draws or leave-one-out; all of them are scored.
+    calibration_latents: Path | None = None
     min_percentile: float = Policy().min_percentile
     policy: Policy | None = None  # the whole default policy (--policy JSON); wins over the above
     descriptors: DescriptorOptions = DescriptorOptions()
@@ -373,6 +379,21 @@ def write_descriptor_calibration(
     return settings
 
 
+def _calibration_latents(path: Path | None, dim: int) -> np.ndarray | None:
+    """``--calibration-latents``: (count, dim) float32 (any trailing shape of ``dim`` numbers,
+    finite, at least 2), or None; StoreError saying what is wrong."""
+    if path is None:
+        return None
+    given = load_latents(path)
+    flat = np.ascontiguousarray(given.reshape(given.shape[0], -1), dtype=np.float32)
+    if flat.shape[1] != dim:
+        raise StoreError(
+            f"--calibration-latents {path}: each latent has {flat.shape[1]} numbers, the index "
+            f"latents have {dim}; give latents as the pipeline sends them to /score"
+        )
+    return flat
+
+
 def build_version(
     store: LatentStore,
     options: BuildOptions,
@@ -403,6 +424,7 @@ def build_version(
     parse_sigma(options.sigma)  # refused before the staging folder is made
     generator = resolve_module_spec(options.generator, "generator") if options.generator else None
     mapping = resolve_module_spec(options.mapping, "mapping") if options.mapping else None
+    given = _calibration_latents(options.calibration_latents, dim)
     source_sha = sha256_file(options.latents_file)
     created = datetime.now(UTC)
     with store.staging(options.model) as staged:
@@ -410,7 +432,9 @@ def build_version(
             if reference is not None:
                 copy_module_file(reference, staged)
         query_variance: np.ndarray | float | None = None
-        if sampler is not None and mapping is None:
+        if given is not None:  # what upstream sends, given outright
+            query_variance = coordinate_variances(given)[1]
+        elif sampler is not None and mapping is None:
             query_variance = 1.0  # N(0, I) draws scored as drawn
         elif sampler is not None and mapping is not None and draw_queries is not None:
             seeds = range(CALIBRATION_SEED_START, CALIBRATION_SEED_START + SPACE_REFERENCE_DRAWS)
@@ -438,7 +462,11 @@ def build_version(
             np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
         wanted = options.descriptors if generator is not None else None
         rows: np.ndarray | None = None
-        if sampler is not None:
+        source = "sampler" if sampler is not None else "leave_one_out"
+        if given is not None:
+            source, count = "latents", given.shape[0]
+            np.save(staged / CALIBRATION_LATENTS_FILE, given)
+        elif sampler is not None:
             count = options.calibration_count
         else:
             count = min(options.calibration_count, n)
@@ -448,9 +476,9 @@ def build_version(
         request = CalibrationRequest(
             latents=latents,
             sigma=bandwidth.sigma,
-            source="sampler" if sampler is not None else "leave_one_out",
+            source=source,
             count=count,
-            seed_start=CALIBRATION_SEED_START if sampler is not None else None,
+            seed_start=CALIBRATION_SEED_START if source == "sampler" else None,
             indices=rows,
             sampler=sampler,
             mapping=mapping,
@@ -464,6 +492,7 @@ def build_version(
             shards=shards if certified is not None else (),
             projection=pca_arrays,
             source_latents=source_latents,
+            calibration_latents=given,
         )
         result = calibrate(request)
         if generator is not None and generator.source == "import":
@@ -500,6 +529,13 @@ def build_version(
             sigma=bandwidth.sigma,
             seed_start=request.seed_start,
             indices_file="calibration_indices.npy" if request.indices is not None else None,
+            latents_file=CALIBRATION_LATENTS_FILE if given is not None else None,
+            latents_source=(
+                str(options.calibration_latents) if options.calibration_latents else None
+            ),
+            latents_source_sha256=(
+                sha256_file(options.calibration_latents) if options.calibration_latents else None
+            ),
             log_density_min=float(scores[0]),
             log_density_max=float(scores[-1]),
             quantiles=summarise(scores),

@@ -153,11 +153,16 @@ class Bandwidth(_Frozen):
 class Calibration(_Frozen):
     """Where the percentile reference scores came from (CONTRACT §1)."""
 
-    source: Literal["sampler", "leave_one_out"]
+    source: Literal["sampler", "leave_one_out", "latents"]
     count: int = Field(ge=1)
     sigma: float = Field(gt=0)
     seed_start: int | None = None  # sampler: seeds seed_start .. seed_start + count - 1
     indices_file: str | None = None  # leave-one-out: the training rows scored
+    # latents (``--calibration-latents``): the user's latents as sent, float32 (count, d), and
+    # where they came from (the file given at build and its sha256)
+    latents_file: str | None = None
+    latents_source: str | None = None
+    latents_source_sha256: str | None = None
     scores_file: str = "calibration.npy"  # sorted float64 log densities at ``sigma``
     log_density_min: float
     log_density_max: float
@@ -349,6 +354,7 @@ class IndexManifest(_Frozen):
         names += [self.calibration.scores_file]
         names += [name for name in (
             self.calibration.indices_file,
+            self.calibration.latents_file,
             self.projection.file if self.projection is not None else None,
             self.descriptors.calibration_file if self.descriptors is not None else None,
             self.generator.file if self.generator is not None else None,

@@ -80,6 +80,8 @@ class LoadedVersion:
     # Sorted calibration values per descriptor (psi, nu, delta) when the model has a generator.
     descriptor_calibration: dict[str, np.ndarray] | None = None
     projection: tuple[np.ndarray, np.ndarray] | None = None  # mean (d,), components (d', d)
+    # ``--calibration-latents``: the user's latents as sent (count, d), memory-mapped
+    calibration_latents: np.ndarray | None = None
 
     @property
     def latents(self) -> np.ndarray:
@@ -208,8 +210,13 @@ class LatentStore:
         if manifest.projection is not None:
             with np.load(folder / manifest.projection.file) as stored:
                 projection = (stored["mean"], stored["components"])
+        given = (
+            np.load(folder / calibration.latents_file, mmap_mode="r", allow_pickle=False)
+            if calibration.latents_file
+            else None
+        )
         return LoadedVersion(
-            manifest, folder, opened, scores, indices, descriptors, projection
+            manifest, folder, opened, scores, indices, descriptors, projection, given
         )
 
     @contextlib.contextmanager

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="seed latent -> index space: TorchScript file or package.module:factory")
     _add(build, "calibration-count", type=int, default=None, shown="10000",
          help="sampler draws that calibrate percentiles")
+    _add(build, "calibration-latents", default=None, shown="none",
+         help="FILE of latents as your pipeline sends them (e.g. x0-predictions at step K): "
+              "percentiles are calibrated on these instead of sampler draws")
     _add(build, "min-percentile", type=float, default=None, shown="0.05",
          help="the default policy's lowest accepted percentile")
     _add(build, "policy", default=None,
@@ -318,6 +321,9 @@ def _build(args: argparse.Namespace) -> int:
         generator=args.generator,
         mapping=args.mapping,
         calibration_count=int(args.calibration_count or DEFAULT_CALIBRATION_COUNT),
+        calibration_latents=(
+            Path(args.calibration_latents) if args.calibration_latents else None
+        ),
         min_percentile=float(
             args.min_percentile
             if args.min_percentile is not None

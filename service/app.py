@@ -55,6 +55,7 @@ def _document_limits(components: dict[str, Any], settings: Settings) -> None:
     select = components["SelectRequest"]["properties"]
     select["count"]["maximum"] = settings.select_max_count
     select["keep"]["maximum"] = settings.max_batch
+    select["latents"]["oneOf"][0]["maxItems"] = settings.max_batch
 
 
 def _install_openapi(app: FastAPI, settings: Settings) -> None:

@@ -54,6 +54,7 @@ class ScoreResult(_Answer):
     accept: bool
     reasons: list[str] = []
     seed: int | None = None
+    index: int | None = None  # position in a posted batch (``select`` over latents)
     descriptors: dict[str, float] | None = None
     error_bound: float | None = 0.0
     cached: bool = False
@@ -84,6 +85,8 @@ class ModelInfo(_Answer):
     descriptors: bool = False
     policy: dict[str, Any] = {}
     latent_shape: list[int] = []
+    # source (sampler | leave_one_out | latents), count, sigma, and for latents their file
+    calibration: dict[str, Any] = {}
 
 
 def encode_latents(latents: np.ndarray) -> dict[str, Any]:
@@ -141,18 +144,24 @@ def _score_call(
 
 def _select_call(
     model: str,
-    start: int,
-    count: int,
-    keep: int,
+    start: int | None,
+    count: int | None,
+    keep: int | None,
     min_distance: float | None,
     sigma: float | None,
+    latents: np.ndarray | None = None,
 ) -> _Call:
-    body: dict[str, Any] = {
-        "model": model,
-        "start": int(start),
-        "count": int(count),
-        "keep": int(keep),
-    }
+    if keep is None:
+        raise ValueError("pass keep, the number of seeds or latents to keep")
+    body: dict[str, Any] = {"model": model, "keep": int(keep)}
+    if latents is not None:
+        if count is not None or start is not None:
+            raise ValueError("pass a seed range (start, count) or latents, not both")
+        body["latents"] = encode_latents(latents)
+    elif count is None:
+        raise ValueError("pass count (seeds start .. start + count - 1) or latents")
+    else:
+        body.update({"start": int(start or 0), "count": int(count)})
     if min_distance is not None:
         body["min_distance"] = float(min_distance)
     if sigma is not None:
@@ -192,9 +201,12 @@ class LatentSieveClient:
     """Blocking client; use as a context manager or call ``close()``. Timeouts in seconds."""
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+        self, base_url: str = "", api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S, *, transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+        """``transport``: httpx's, e.g. ``httpx.WSGITransport`` or a mounted proxy."""
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout,
+                                  transport=transport)
 
     def _send(self, call: _Call) -> Any:
         return _payload(self._http.request(call.method, call.path, json=call.body))
@@ -215,14 +227,17 @@ class LatentSieveClient:
     def select(
         self,
         model: str,
-        start: int,
-        count: int,
-        keep: int,
+        start: int | None = None,
+        count: int | None = None,
+        keep: int | None = None,
         min_distance: float | None = None,
         sigma: float | None = None,
+        *,
+        latents: np.ndarray | None = None,
     ) -> ScoreResponse:
-        """The ``keep`` best seeds of ``start .. start + count - 1``, best first."""
-        call = _select_call(model, start, count, keep, min_distance, sigma)
+        """The ``keep`` best seeds of ``start .. start + count - 1``, or of ``latents``
+        (n, ...) (each result's ``index`` is its row), best first."""
+        call = _select_call(model, start, count, keep, min_distance, sigma, latents)
         return ScoreResponse.model_validate(self._send(call))
 
     def models(self) -> list[ModelInfo]:
@@ -252,10 +267,13 @@ class AsyncLatentSieveClient:
     """The asyncio twin of ``LatentSieveClient``: same methods, awaited."""
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S
+        self, base_url: str = "", api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S, *, transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport``: httpx's, e.g. ``httpx.ASGITransport(app)`` to call an app in
+        process (its lifespan entered by the caller)."""
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
     async def _send(self, call: _Call) -> Any:
@@ -277,14 +295,16 @@ class AsyncLatentSieveClient:
     async def select(
         self,
         model: str,
-        start: int,
-        count: int,
-        keep: int,
+        start: int | None = None,
+        count: int | None = None,
+        keep: int | None = None,
         min_distance: float | None = None,
         sigma: float | None = None,
+        *,
+        latents: np.ndarray | None = None,
     ) -> ScoreResponse:
-        """The ``keep`` best seeds of ``start .. start + count - 1``, best first."""
-        call = _select_call(model, start, count, keep, min_distance, sigma)
+        """As ``LatentSieveClient.select``."""
+        call = _select_call(model, start, count, keep, min_distance, sigma, latents)
         return ScoreResponse.model_validate(await self._send(call))
 
     async def models(self) -> list[ModelInfo]:

@@ -82,7 +82,9 @@ class ScoreJob:
 
 @dataclass(frozen=True)
 class SelectJob:
-    """A validated ``POST /select``: the best ``keep`` of ``count`` seeds from ``start``."""
+    """A validated ``POST /select``: the best ``keep`` of ``count`` seeds from ``start``, or
+    of a posted batch of ``latents`` (n, d) when given (then ``start`` and ``count`` are
+    unused)."""
 
     model: str
     start: int
@@ -92,6 +94,7 @@ class SelectJob:
     sigma: float | None = None
     policy: Policy | None = None
     max_error: float | None = None  # nats, certified ivf (None: the index's)
+    latents: np.ndarray | None = None
 
 
 @dataclass
@@ -242,12 +245,8 @@ class ScoringEngine:
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, job.descriptors, policy)
         latents = job.latents
-        if latents is not None and latents.shape[1] != manifest.dim:
-            raise ServiceError(
-                422,
-                f"each latent has {latents.shape[1]} numbers; model {manifest.model!r} "
-                f"takes {manifest.dim} (latent shape {list(manifest.latent_shape)})",
-            )
+        if latents is not None:
+            self._check_dim(manifest, latents)
         deadline = self.deadline()
         try:
             if latents is None:
@@ -263,14 +262,23 @@ class ScoringEngine:
         return self._report(view, batch, cached, sigma, policy, job.seeds)
 
     async def select(self, job: SelectJob) -> dict[str, Any]:
-        """The ``keep`` best seeds by log density, best first; with ``min_distance``, greedily
-        diverse (fewer than ``keep`` when diversity runs out)."""
+        """The ``keep`` best seeds (or posted latents) by log density, best first; with
+        ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
         served = self.resolve(job.model)
         view = served.view
         manifest = view.manifest
-        limit = self.settings.select_max_count
-        if job.count > limit:
-            raise ServiceError(413, f"count {job.count} is over the limit of {limit} seeds")
+        posted = job.latents
+        if posted is None:
+            limit = self.settings.select_max_count
+            if job.count > limit:
+                raise ServiceError(413, f"count {job.count} is over the limit of {limit} seeds")
+        else:
+            self.check_batch(len(posted), "latents")
+            self._check_dim(manifest, posted)
+            if job.keep > len(posted):
+                raise ServiceError(
+                    422, f"keep ({job.keep}) must be <= the {len(posted)} latents posted"
+                )
         self.check_batch(job.keep, "kept seeds")
         sigma = self.sigma_of(manifest, job.sigma)
         policy = effective_policy(manifest.policy, job.policy)
@@ -280,26 +288,46 @@ class ScoringEngine:
         deadline = self.deadline()
         try:
             async with asyncio.timeout_at(deadline):
-                latents, batch, cached = await self._score_seeds(
-                    served, seeds, sigma, deadline, bound
-                )
-                # Best first; equal scores keep the lower seed first: deterministic answers.
-                order = np.lexsort((np.arange(len(seeds)), -batch.log_density))
+                if posted is None:
+                    latents, batch, cached = await self._score_seeds(
+                        served, seeds, sigma, deadline, bound
+                    )
+                else:
+                    latents = posted
+                    batch, cached = await self._score_latents(
+                        served, latents, sigma, deadline, max_error=bound
+                    )
+                # Best first; equal scores keep the lower seed (or position) first:
+                # deterministic answers.
+                order = np.lexsort((np.arange(len(latents)), -batch.log_density))
                 kept = await asyncio.to_thread(
                     pick_diverse, latents, order, job.keep, job.min_distance
                 )
                 chosen = batch.rows(kept)
                 kept_cached = [cached[row] for row in kept]
-                if names:  # the policy bounds descriptors: compute them for the kept seeds
+                if names:  # the policy bounds descriptors: compute them for the kept rows
                     chosen, kept_cached = await self._score_latents(
                         served, latents[kept], sigma, deadline, names, bound
                     )
         except TimeoutError as exc:
             raise self._timed_out() from exc
-        # ``accepted`` lists the kept seeds the policy accepts, best first; a kept seed it
-        # rejects stays in ``results`` with its reasons.
+        # ``accepted`` lists the kept seeds (or batch positions) the policy accepts, best
+        # first; a kept one it rejects stays in ``results`` with its reasons.
+        if posted is not None:
+            return self._report(view, chosen, kept_cached, sigma, policy, None,
+                                positions=[int(row) for row in kept])
         kept_seeds = [seeds[row] for row in kept]
         return self._report(view, chosen, kept_cached, sigma, policy, kept_seeds)
+
+    @staticmethod
+    def _check_dim(manifest: IndexManifest, latents: np.ndarray) -> None:
+        """422 when the latents do not have the model's dimension."""
+        if latents.shape[1] != manifest.dim:
+            raise ServiceError(
+                422,
+                f"each latent has {latents.shape[1]} numbers; model {manifest.model!r} "
+                f"takes {manifest.dim} (latent shape {list(manifest.latent_shape)})",
+            )
 
     async def _draw(self, view: ModelView, seeds: Sequence[int]) -> np.ndarray:
         """Seeds -> (n, d) float32 with the model's recorded sampler; 422 without one."""
@@ -479,9 +507,11 @@ class ScoringEngine:
         sigma: float,
         policy: Policy,
         seeds: Sequence[int] | None,
+        positions: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """The CONTRACT §3 body; decisions are recomputed from the scores for this policy."""
-        report = score_report(view, batch, sigma, policy, seeds, cached)
+        """The CONTRACT §3 body; decisions are recomputed from the scores for this policy.
+        ``positions``: each row's place in a posted batch (``/select`` over latents)."""
+        report = score_report(view, batch, sigma, policy, seeds, cached, positions)
         if self.hooks is not None:
             results: list[dict[str, Any]] = report["results"]  # type: ignore[assignment]
             self.hooks.observe_results(

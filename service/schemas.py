@@ -202,10 +202,18 @@ def _finite_float32(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _one_of_latents_or_seeds(schema: dict[str, Any]) -> None:
-    """The spec says what validation enforces: exactly one of the two, neither null, at least
-    one seed, and only the known descriptor names."""
-    for name in ("latents", "seeds"):
+def decoded_latents(latents: Any) -> np.ndarray | None:
+    """A ``latents`` field as (n, d) float32, decoded and checked (rectangular, finite, the
+    base64 length matching the shape), or None when absent; ValueError says what is wrong.
+    Called after the model is known, so an unknown model is a 404 whatever the latents."""
+    if isinstance(latents, EncodedLatents):
+        return encoded_latents(latents)
+    return None if latents is None else nested_latents(latents)
+
+
+def _not_nullable(schema: dict[str, Any], *names: str) -> None:
+    """Fields that may be left out but not sent as null: their spec without the null branch."""
+    for name in names:
         field = schema["properties"][name]
         branches = [branch for branch in field.pop("anyOf", []) if branch.get("type") != "null"]
         field.pop("default", None)
@@ -213,14 +221,37 @@ def _one_of_latents_or_seeds(schema: dict[str, Any]) -> None:
             field.update(branches[0])
         elif branches:
             field["anyOf"] = branches
-    schema["properties"]["seeds"]["minItems"] = 1
-    descriptors = schema["properties"]["descriptors"]["anyOf"][0]
-    descriptors["items"] = {"type": "string", "enum": list(DESCRIPTOR_NAMES)}
-    # Nested latents: a batch of at least one latent, each a (possibly nested) list of numbers.
+
+
+def _nested_latents(schema: dict[str, Any]) -> None:
+    """Nested latents: a batch of at least one latent, each a (possibly nested) list of
+    numbers."""
     schema["properties"]["latents"]["oneOf"][0] = {
         "type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1},
     }
+
+
+def _one_of_latents_or_seeds(schema: dict[str, Any]) -> None:
+    """The spec says what validation enforces: exactly one of the two, neither null, at least
+    one seed, and only the known descriptor names."""
+    _not_nullable(schema, "latents", "seeds")
+    schema["properties"]["seeds"]["minItems"] = 1
+    descriptors = schema["properties"]["descriptors"]["anyOf"][0]
+    descriptors["items"] = {"type": "string", "enum": list(DESCRIPTOR_NAMES)}
+    _nested_latents(schema)
     schema["oneOf"] = [{"required": ["latents"]}, {"required": ["seeds"]}]
+
+
+def _select_schema(schema: dict[str, Any]) -> None:
+    """The spec says what validation enforces: a seed range or a posted batch, not both, and
+    none of the three null."""
+    _not_nullable(schema, "latents", "start", "count")
+    _nested_latents(schema)
+    schema["oneOf"] = [
+        {"required": ["count"], "not": {"required": ["latents"]}},
+        {"required": ["latents"], "not": {"anyOf": [{"required": ["count"]},
+                                                     {"required": ["start"]}]}},
+    ]
 
 
 class ErrorResponse(BaseModel):
@@ -269,34 +300,57 @@ class ScoreRequest(_Body):
         return self
 
     def decode_latents(self) -> np.ndarray | None:
-        """The latents (n, d) float32, decoded and checked (rectangular, finite, the base64
-        length matching the shape), or None for a seed request; ValueError says what is wrong.
-        Called after the model is known, so an unknown model is a 404 whatever the latents."""
-        if isinstance(self.latents, EncodedLatents):
-            return encoded_latents(self.latents)
-        return None if self.latents is None else nested_latents(self.latents)
+        """The latents (n, d) float32, or None for a seed request (``decoded_latents``)."""
+        return decoded_latents(self.latents)
 
 
 class SelectRequest(_Body):
-    """``POST /select``: the ``keep`` best of seeds ``start .. start + count - 1``."""
+    """``POST /select``: the ``keep`` best of seeds ``start .. start + count - 1``, or of a
+    posted batch of ``latents`` (a back end ranking its own previews in one call)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_select_schema)
 
     model: str = Field(min_length=1, max_length=256)
-    start: Seed = 0
-    count: Count
+    start: Seed | None = None
+    count: Count | None = None
+    latents: LatentsField | None = None
     keep: Count
     min_distance: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
     sigma: Sigma | None = None
     policy: Policy | None = None
     max_error: MaxError | None = None
 
+    @field_validator("latents", "start", "count", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:  # only an explicit null reaches here: leave the field out instead
+            raise ValueError("must not be null; send a seed range ('start', 'count') or "
+                             "'latents'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SelectRequest:
+        if self.latents is not None and (self.count is not None or self.start is not None):
+            raise ValueError("send a seed range ('start', 'count') or 'latents', not both")
+        if self.latents is None and self.count is None:
+            raise ValueError("send 'count' (seeds start .. start + count - 1) or 'latents'")
+        return self
+
     def range_problem(self) -> str | None:
         """What is wrong across fields (JSON Schema cannot say it), or None. Checked after
         the model is known, so an unknown model is a 404 whatever the range."""
+        if self.count is None:
+            return None  # a batch: ``keep`` against its length once it is decoded
+        start = self.start or 0
         if self.keep > self.count:
             return f"keep ({self.keep}) must be <= count ({self.count})"
-        if self.start + self.count - 1 > MAX_SEED:
+        if start + self.count - 1 > MAX_SEED:
             return "seeds start .. start + count - 1 must stay below 2^64"
         return None
+
+    def decode_latents(self) -> np.ndarray | None:
+        """The posted batch (n, d) float32, or None for a seed range (``decoded_latents``)."""
+        return decoded_latents(self.latents)
 
 
 class ScoreResult(BaseModel):
@@ -307,6 +361,7 @@ class ScoreResult(BaseModel):
     accept: bool
     reasons: list[str]
     seed: int | None = None
+    index: int | None = None  # position in the posted batch (``/select`` over latents)
     error_bound: float | None
     cached: bool
 
@@ -340,6 +395,19 @@ class ComputeInfo(BaseModel):
     shards: list[ShardWorkers] | None = None
 
 
+class CalibrationInfo(BaseModel):
+    """The set the model's percentiles are calibrated on: ``sampler`` draws (seeds from
+    ``seed_start``), ``leave_one_out`` training latents, or ``latents`` the user supplied at
+    build (``--calibration-latents``, named by ``latents_source`` and its sha256)."""
+
+    source: Literal["sampler", "leave_one_out", "latents"]
+    count: int
+    sigma: float
+    seed_start: int | None = None
+    latents_source: str | None = None
+    latents_source_sha256: str | None = None
+
+
 class ModelInfo(BaseModel):
     """One served model as ``GET /models`` lists it."""
 
@@ -357,6 +425,7 @@ class ModelInfo(BaseModel):
     policy: Policy
     shards: int
     compute: ComputeInfo
+    calibration: CalibrationInfo
 
 
 class ModelsResponse(BaseModel):

@@ -1,4 +1,5 @@
-"""Percentile reference scores (CONTRACT §1): sampler draws, or leave-one-out training scores."""
+"""Percentile reference scores (CONTRACT §1): sampler draws, latents the user supplies
+(``--calibration-latents``), or leave-one-out training scores."""
 
 from __future__ import annotations
 
@@ -116,7 +117,18 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
     draw: Draw | None = None  # seeds -> the index's space
     states: dict[str, str] = {}
-    if request.sampler is not None:
+    first = request.seed_start
+    if request.calibration_latents is not None:  # rows 0 .. count - 1 play the seeds
+        given = request.calibration_latents
+        first = 0
+
+        def draw_given(rows: Sequence[int]) -> np.ndarray:
+            return np.ascontiguousarray(given[np.asarray(rows, dtype=np.int64)])
+
+        draw_source = draw_given
+        projection = request.projection
+        draw = draw_source if projection is None else _projected(draw_source, projection)
+    elif request.sampler is not None:
         mapping = (
             load_module(request.mapping, request.version_dir) if request.mapping else None
         )
@@ -129,16 +141,16 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         engine,
         request.sigma,
         count=request.count,
-        seed_start=request.seed_start,
-        indices=request.indices,
+        seed_start=first,
+        indices=request.indices if draw is None else None,
         draw=draw,
         progress=request.progress,
     )
     measured = None
     if certified is not None:
         sample = min(ERROR_SAMPLE, request.count)
-        if draw is not None and request.seed_start is not None:
-            queries, rows = draw(range(request.seed_start, request.seed_start + sample)), None
+        if draw is not None and first is not None:
+            queries, rows = draw(range(first, first + sample)), None
         else:
             assert request.indices is not None
             rows = request.indices[:sample]
@@ -148,8 +160,8 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     if request.generator is None or request.descriptors is None:
         return CalibrationResult(scores, measured=measured, module_states=states)
     count = min(request.descriptors.calibration_count, request.count)
-    if draw_source is not None and request.seed_start is not None:
-        latents = draw_source(range(request.seed_start, request.seed_start + count))
+    if draw_source is not None and first is not None:
+        latents = draw_source(range(first, first + count))
     else:
         assert request.indices is not None
         source = request.source_latents if request.source_latents is not None else request.latents

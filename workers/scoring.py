@@ -125,8 +125,9 @@ class ModelView:
         return ordered
 
     def calibration_blocks(self, block: int = BLOCK) -> Iterator[CalibrationBlock]:
-        """The calibration set (CONTRACT §1) in blocks of ``block`` latents: sampler draws as
-        sent, or the leave-one-out training rows in the index's space, each leaving itself out."""
+        """The calibration set (CONTRACT §1) in blocks of ``block`` latents: sampler draws or
+        the user's ``--calibration-latents`` as sent, or the leave-one-out training rows in the
+        index's space, each leaving itself out."""
         spec = self.manifest.calibration
         for start in range(0, spec.count, block):
             stop = min(start + block, spec.count)
@@ -134,6 +135,10 @@ class ModelView:
                 assert spec.seed_start is not None
                 seeds = range(spec.seed_start + start, spec.seed_start + stop)
                 yield CalibrationBlock(ShardQuery(self.draw(seeds)), index_space=False)
+            elif spec.source == "latents":  # the user's latents, scored as they were sent
+                assert self.loaded.calibration_latents is not None
+                rows = np.array(self.loaded.calibration_latents[start:stop], dtype=np.float32)
+                yield CalibrationBlock(ShardQuery(rows), index_space=False)
             else:
                 assert self.loaded.calibration_indices is not None
                 rows = self.loaded.calibration_indices[start:stop].astype(np.int64)
@@ -291,9 +296,12 @@ def score_report(
     policy: Policy,
     seeds: Sequence[int] | None = None,
     cached: Sequence[bool] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> dict[str, object]:
     """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch; ``cached``
-    marks the rows served from the score cache (all ``False`` when omitted)."""
+    marks the rows served from the score cache (all ``False`` when omitted); ``positions``
+    gives each row's place in a posted batch (``/select`` over latents: each result's
+    ``index``, and what ``accepted`` lists)."""
     reasons = decide(batch.percentile, policy, batch.descriptor_percentiles)
     count = len(batch.log_density)
     # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined in);
@@ -316,6 +324,9 @@ def score_report(
     if seeds is not None:
         for result, seed in zip(results, seeds, strict=True):
             result["seed"] = int(seed)
+    if positions is not None:
+        for result, position in zip(results, positions, strict=True):
+            result["index"] = int(position)
     if batch.descriptors:
         columns = {
             name: values.astype(np.int64).tolist() if name == "delta" else values.tolist()
@@ -328,8 +339,9 @@ def score_report(
                 described[name] = columns[name][row]
                 described[f"{name}_percentile"] = ranks[name][row]
             result["descriptors"] = described
+    labels = seeds if seeds is not None else positions
     accepted = [
-        (int(seeds[row]) if seeds is not None else row) for row, why in enumerate(reasons)
+        (int(labels[row]) if labels is not None else row) for row, why in enumerate(reasons)
         if not why
     ]
     return {

@@ -54,6 +54,9 @@ def describe_model(runtime: Runtime, served: ServedModel) -> dict[str, Any]:
         "policy": manifest.policy.model_dump(exclude_none=True),
         "shards": len(manifest.shard_layout()),
         "compute": describe_compute(runtime, served),
+        "calibration": manifest.calibration.model_dump(include={
+            "source", "count", "sigma", "seed_start", "latents_source", "latents_source_sha256",
+        }),
     }
 
 

@@ -79,13 +79,27 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
 )
 @direct
 async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
-    """The ``keep`` best seeds of ``start .. start + count - 1`` by log density, best first;
-    with ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
-    body = validate_body(SelectRequest, await read_json(request, runtime.settings))
-    runtime.engine.resolve(body.model)
+    """The ``keep`` best seeds of ``start .. start + count - 1`` (or of a posted batch of
+    ``latents``, each result with its ``index`` in it) by log density, best first; with
+    ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
+    engine = runtime.engine
+    data = await read_json(request, runtime.settings)
+    declared = declared_batch(data)
+    engine.check_batch(declared, "latents")  # before decoding anything
+    threaded = declared > INLINE_VALIDATION_LATENTS
+    body = await asyncio.to_thread(validate_body, SelectRequest, data) if threaded else (
+        validate_body(SelectRequest, data)
+    )
+    engine.resolve(body.model)
     problem = body.range_problem()
     if problem is not None:
         raise ServiceError(422, problem)
-    job = SelectJob(body.model, body.start, body.count, body.keep, body.min_distance,
-                    body.sigma, body.policy, body.max_error)
-    return FastJSONResponse(await runtime.engine.select(job))
+    try:
+        latents = await asyncio.to_thread(body.decode_latents) if threaded else (
+            body.decode_latents()
+        )
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from exc
+    job = SelectJob(body.model, body.start or 0, body.count or 0, body.keep, body.min_distance,
+                    body.sigma, body.policy, body.max_error, latents)
+    return FastJSONResponse(await engine.select(job))

@@ -100,7 +100,13 @@ async def test_models_lists_every_served_model(
         "policy": {"min_percentile": 0.1, "psi": {"max_percentile": 0.9}},  # DEMO_POLICY
         "shards": 1,
         "compute": {"mode": "embedded", "device": resolve_device("auto")},
+        "calibration": {
+            "source": "sampler", "count": scorer.manifest.calibration.count,
+            "sigma": scorer.manifest.calibration.sigma, "seed_start": 1_000_000_000,
+            "latents_source": None, "latents_source_sha256": None,
+        },
     }
+    assert models["nosampler"]["calibration"]["source"] == "leave_one_out"
     assert models["nosampler"]["sampler"] is None
     assert models["nosampler"]["generator"] is False
     assert models["nosampler"]["sigma"] == 1.0
