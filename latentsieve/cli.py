@@ -285,6 +285,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add(report, "bootstrap", type=int, default=1000, help="bootstrap resamples")
     _add(report, "no-progress", action="store_true", help="no progress bar")
 
+    study = commands.add_parser(
+        "study", help="what each best-of-G strategy buys on your own diffusers pipeline"
+    )
+    scored_by = study.add_mutually_exclusive_group(
+        required=_env("store") is None and _env("url") is None
+    )
+    _add(scored_by, "store", default=None, help="score in process over this store; or --url")
+    _add(scored_by, "url", default=None, help="score through a running service; or --store")
+    _add(study, "api-key", default=None, help="--url: the service's API key")
+    _add(study, "model", default=None, shown="digits-ldm for --pipeline digits-ldm",
+         help="the index built from the pipeline's latents (required for your own pipeline)")
+    _add(study, "pipeline", default="digits-ldm",
+         help="digits-ldm (the bundled model) or package.module:factory returning a diffusers "
+              "pipeline")
+    _add(study, "prompts", default=None, shown="one empty prompt",
+         help="FILE, one prompt per line (blank lines skipped); group g renders prompt g mod P")
+    _add(study, "groups", type=int, default=50, help="N groups of candidates")
+    _add(study, "group-size", type=int, default=16, help="G candidates per group")
+    _add(study, "keep", type=int, default=4, help="M kept per group")
+    _add(study, "seeds", default=None, shown="10000 onward, N x G seeds",
+         help="A-B, inclusive: group g uses the G seeds from A + g*G")
+    _add(study, "strategies", default="noise,prefix:10,preview:10,final",
+         help="comma-separated: noise, prefix:K, preview:S, final")
+    _add(study, "steps", type=int, default=25, help="T inference steps")
+    _add(study, "guidance-scale", type=float, default=None,
+         shown="1.0 for digits-ldm, else 7.5", help="classifier-free guidance")
+    _add(study, "quality", default=None, shown="digits-ldm: the digits classifier's confidence",
+         help="package.module:fn (fn(images, prompts) -> scores or (scores, labels)) or a CSV "
+              "'seed,quality' covering every candidate seed")
+    _add(study, "training-latents", default=None, shown="the store's index",
+         help="FILE of the index's training latents for the baselines (needed with --url)")
+    _add(study, "out", required=True, help="folder for study.json, study.html, candidates.csv")
+    _add(study, "bootstrap", type=int, default=1000, help="bootstrap resamples over groups")
+    _add(study, "bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
+    _add(study, "device", default="auto", help=f"--store: where scores compute; {DEVICES}")
+    _add(study, "no-progress", action="store_true", help="no progress bar")
+
     demo = commands.add_parser(
         "demo", help="build the bundled demo indexes (digits-vae, digits-ldm) if missing"
     )
@@ -547,6 +584,39 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from latentsieve.study import StudyError, StudyOptions, run_study, write_study
+
+    options = StudyOptions(
+        pipeline=args.pipeline, out=Path(args.out),
+        store=Path(args.store) if args.store else None, url=args.url or None,
+        api_key=args.api_key, model=args.model,
+        prompts_file=Path(args.prompts) if args.prompts else None,
+        groups=int(args.groups), group_size=int(args.group_size), keep=int(args.keep),
+        seeds=parse_seed_range(args.seeds) if args.seeds is not None else None,
+        strategies=args.strategies, steps=int(args.steps),
+        guidance_scale=None if args.guidance_scale is None else float(args.guidance_scale),
+        quality=args.quality,
+        training_latents=Path(args.training_latents) if args.training_latents else None,
+        resamples=int(args.bootstrap), bootstrap_seed=int(args.bootstrap_seed),
+        device=args.device, progress=not args.no_progress,
+    )
+    try:
+        result = run_study(options)
+    except StudyError as exc:
+        raise CliError(str(exc)) from exc
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in ("diffusers", "transformers"):
+            raise
+        raise CliError(f"'study' needs {exc.name}, which this install lacks: pip install "
+                       "'latentsieve[diffusers]'") from exc
+    write_study(result, options.out)
+    print(json.dumps({"pipeline": options.pipeline, "out": str(options.out),
+                      "page": str(options.out / "study.html"),
+                      "frontier": result.numbers["frontier"]}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from latentsieve.demo import ensure_demo_indexes
 
@@ -572,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "study":
+            return _study(args)
         return _worker(args)
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] not in SERVER_MODULES:

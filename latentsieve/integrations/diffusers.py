@@ -302,7 +302,7 @@ def _generator_argument(generators: list[torch.Generator]) -> Any:
 
 
 @dataclass
-class _Loop:
+class DenoisingLoop:
     """Stable Diffusion's denoising loop over candidates of one prompt, counting the work."""
 
     pipe: Any
@@ -435,7 +435,7 @@ def _x0_from_alphas(
 # --- checks before any work --------------------------------------------------------------------
 
 
-def _latent_shape(pipe: Any, height: int | None, width: int | None) -> tuple[int, ...]:
+def pipeline_latent_shape(pipe: Any, height: int | None, width: int | None) -> tuple[int, ...]:
     """``(channels, height / f, width / f)`` as ``StableDiffusionPipeline`` derives it."""
     missing = [name for name in ("unet", "scheduler", "vae", "encode_prompt", "vae_scale_factor",
                                  "image_processor") if not hasattr(pipe, name)]
@@ -466,7 +466,7 @@ def _latent_shape(pipe: Any, height: int | None, width: int | None) -> tuple[int
     return (int(config.in_channels), height // factor, width // factor)
 
 
-def _x0_from_step(scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> bool:
+def scheduler_gives_x0(scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> bool:
     """Whether ``scheduler.step`` returns ``pred_original_sample`` (probed on a copy, so the
     pipeline's scheduler is untouched); False when the ``alphas_cumprod`` formula will stand in
     for it; a ``ValueError`` when neither is available."""
@@ -497,7 +497,7 @@ def _x0_from_step(scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> 
     return False
 
 
-def _check_shrinkable(scheduler: Any, strategy: Strategy) -> None:
+def check_shrinkable(scheduler: Any, strategy: Strategy) -> None:
     names = {cls.__name__ for cls in type(scheduler).__mro__}
     if not names & SHRINKABLE_SCHEDULERS:
         raise ValueError(
@@ -508,7 +508,7 @@ def _check_shrinkable(scheduler: Any, strategy: Strategy) -> None:
         )
 
 
-def _check_request(
+def check_request(
     strategy: Strategy, seeds: list[int], keep: int, steps: int, batch_size: int | None,
     output_type: str,
 ) -> None:
@@ -533,7 +533,7 @@ def _check_request(
 # --- best of G ---------------------------------------------------------------------------------
 
 
-def _score(
+def score_group(
     scorer: LatentScorer, latents: torch.Tensor, accepted_only: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One scoring call for the group: (log densities (G,), accept (G,) or None)."""
@@ -558,7 +558,7 @@ def _score(
     return density, (None if accept is None else np.asarray(accept, dtype=bool))
 
 
-def _ranked(density: np.ndarray, accept: np.ndarray | None, keep: int) -> list[int]:
+def ranked(density: np.ndarray, accept: np.ndarray | None, keep: int) -> list[int]:
     """Positions of the best ``keep`` candidates, best first (ties: the earlier seed); only
     accepted ones when ``accept`` is given."""
     order = np.lexsort((np.arange(len(density)), -np.nan_to_num(density, nan=-np.inf)))
@@ -604,12 +604,12 @@ def best_of_g(
     if not isinstance(plan, Strategy):
         raise ValueError(f"strategy must be a string or a Strategy, got {strategy!r}")
     candidates = [int(seed) for seed in seeds]
-    _check_request(plan, candidates, keep, num_inference_steps, batch_size, output_type)
-    latent_shape = _latent_shape(pipe, height, width)
+    check_request(plan, candidates, keep, num_inference_steps, batch_size, output_type)
+    latent_shape = pipeline_latent_shape(pipe, height, width)
     x0_from_step = True
     if plan.kind == "prefix":
-        x0_from_step = _x0_from_step(pipe.scheduler, num_inference_steps, latent_shape)
-        _check_shrinkable(pipe.scheduler, plan)
+        x0_from_step = scheduler_gives_x0(pipe.scheduler, num_inference_steps, latent_shape)
+        check_shrinkable(pipe.scheduler, plan)
     if accepted_only and not isinstance(scorer, PolicyScorer):
         raise ValueError(
             "accepted_only needs a scorer that applies a policy (one with verdicts(), such as "
@@ -627,7 +627,7 @@ def best_of_g(
         device = pipe.device
         guided = guidance_scale > 1.0
         embeds, negative = pipe.encode_prompt(prompt, device, 1, guided, negative_prompt)
-        loop = _Loop(pipe, guidance_scale, eta, batch_size, latent_shape, embeds,
+        loop = DenoisingLoop(pipe, guidance_scale, eta, batch_size, latent_shape, embeds,
                      negative if guided else None, x0_from_step)
         scheduler = pipe.scheduler
         if plan.kind == "preview":
@@ -645,9 +645,9 @@ def best_of_g(
             loop.denoise(group, scheduler.timesteps)
             scored = group.latents
         scoring_started = time.perf_counter()
-        density, accept = _score(scorer, scored, accepted_only)
+        density, accept = score_group(scorer, scored, accepted_only)
         scoring_s = time.perf_counter() - scoring_started
-        picks = _ranked(density, accept, keep)
+        picks = ranked(density, accept, keep)
 
         if plan.kind == "preview":
             scheduler.set_timesteps(num_inference_steps, device=device)
