@@ -17,10 +17,13 @@ multiply and the only elementwise passes left are ``exp`` and a row sum. The row
 form of clamping distances at 0 (every kernel term is <= 1).
 
 Precision is chosen per query from an a-priori rounding bound (see :func:`rounding_bound`):
-float32 when the bound is under the tolerance, float64 otherwise, and an exact re-computation of
-the dominant terms by direct differences when even float64 cannot meet it (tiny ``sigma``, where
-every ``exp`` underflows). The streaming log-sum-exp keeps memory at one
-``query_block x latent_block`` buffer for any ``N``.
+float32 when the bound is under the tolerance. Otherwise, where few terms carry the sum, a float32
+GEMM picks them and they are recomputed from direct float64 differences, with a *proven* bound on
+what the float32 rest can add (:func:`float32_logit_bound`, :func:`log_sum_certificate`); else
+float64, and an exact re-computation of the dominant terms by direct differences when even
+float64 cannot meet it (tiny ``sigma``, where every ``exp`` underflows). The streaming
+log-sum-exp keeps memory at one ``query_block x latent_block`` buffer for any ``N``; the float64
+GEMM centres the latents tile by tile into one reused buffer of ``FLOAT64_TILE_BYTES``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,32 @@ DEFAULT_TOLERANCE = 2.5e-5
 EXACT_WINDOW_NATS = 60.0
 # Largest trusted sum of shifted exps, by dtype size: past it the float32/64 sum may overflow.
 _SUM_LIMIT = {4: 1e37, 8: 1e300}
+# Bytes of the float64 tile the latents are centred into before the float64 GEMM (cache-sized:
+# a latent block of 4096 x 16,384 in float64 would be half a gigabyte per call).
+FLOAT64_TILE_BYTES = 32 * 2**20
+# Dominant-terms path: tried from this dimension up (below it its elementwise passes cost as
+# much as the float64 GEMM they replace: measured 0.55x at d = 512 on a 2-core CPU),
+# where the proven float32 term bound is at most this many nats; given up for a query once
+# more than this fraction of N (at least the minimum) must be recomputed (a direct difference
+# costs ~130 GEMM terms: at the limit the recomputation costs ~1/4 of the float32 pass), and
+# predicted before the full pass from every latent's logit estimated on
+# 1/DOMINANT_PROBE_SHARE of the coordinates (chunks of DOMINANT_PROBE_CHUNK, spread out).
+DOMINANT_MIN_DIM = 1024
+DOMINANT_MAX_TERM_ERROR = 32.0
+DOMINANT_FRACTION = 1.0 / 512.0
+DOMINANT_MIN_TERMS = 64
+DOMINANT_PROBE_SHARE = 64
+DOMINANT_PROBE_CHUNK = 16
+# float32 values past this are not trusted to stay finite through the GEMM.
+_F32_SAFE_MAGNITUDE = 1e30
+# Rows of recomputed terms per direct-differences chunk: chunk elements (float64).
+_DIRECT_CHUNK_ELEMENTS = 2**21
+
+# Paths of DensityScores.precision.
+PRECISION_FLOAT32 = 32
+PRECISION_FLOAT64 = 64
+PRECISION_EXACT = 0
+PRECISION_DOMINANT = 1
 
 Backend = Literal["auto", "numpy", "torch"]
 FloatArray = np.ndarray
@@ -98,6 +127,114 @@ def rounding_bound(
     return np.asarray(ROUNDING_SAFETY * unit_roundoff * scale / (sigma * sigma), dtype=np.float64)
 
 
+def gamma(n: float, unit_roundoff: float) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: a sum of n products computed in *any* order
+    (blocked, threaded, with or without FMA) errs by at most ``gamma_n * sum |x_k y_k|``."""
+    return n * unit_roundoff / (1.0 - n * unit_roundoff)
+
+
+def float32_logit_bound(
+    query_norm: np.ndarray, radius: float, dim: int, sigma: float
+) -> np.ndarray:
+    """Proven bound e (nats) on every term of the dominant-terms path: (Q,) -> (Q,).
+
+    That path takes the float32 GEMM value ``l^_j = fl32([q_c/s2, 1/s2] . [z_c, -|z_c|^2/2])``
+    and adds ``c = -|q_c|^2 / (2 s2)`` in float64; the claim is ``|l^_j + c - L_j| <= e`` with
+    ``L_j = -||q - z_j||^2 / (2 sigma^2)`` exactly, for every j and any summation order.
+
+    Derivation (u = 2^-24, IEEE arithmetic with gradual underflow; ``x_k`` the exact products
+    ``(q - mean)_k (z - mean)_k / sigma^2`` and ``-|z - mean|^2 / (2 sigma^2)``, whatever float64
+    ``mean`` the operand was centred on; ``|q_c|`` and ``R`` the float64 norms):
+
+    1. Inputs. ``q_c / s2`` went through four roundings (``q - mean``, ``sigma * sigma``, the
+       division, the float32 cast), ``z_c`` through two (``z - mean``, the cast); the norm
+       column through the float64 norm (``gamma64_{d+3}``, under u for d < 2^28) and the cast,
+       ``1 / s2`` through three. Each GEMM product is then ``x_k (1 + theta_6)``, |theta_n| <=
+       gamma_n, plus underflow terms.
+    2. The GEMM sums ``d + 1`` products (the zero shift column adds exactly 0) in some order
+       (blocked, threaded, FMA or not): ``theta_{d+1}`` more, so
+       ``|l^_j - l_j| <= gamma_{d+7} sum_k |x_k|``; by Cauchy-Schwarz
+       ``sum_k |x_k| <= |q - mean| |z - mean| / sigma^2 + |z - mean|^2 / (2 sigma^2)``, which
+       is ``(|q_c| R + R^2 / 2) / s2`` up to the float64 roundings of the norms (one more
+       gamma: ``gamma_{d+8}``).
+    3. Underflow: each rounding adds at most 2^-150 absolute, times the other factor where it
+       rounds an input: under ``2^-149 (sqrt(d) (R + |q_c| / s2) + R^2 + 1 / s2 + d + 2)``.
+    4. Float64: ``c``, the differences to the running maximum and the rescaling round values
+       under ``(|q_c| + R)^2 / s2`` fewer than d + 8 times: ``gamma64_{d+8} (|q_c| + R)^2 / s2``.
+
+    At d = 16,384, sigma = 20 and unit variance, e = 0.06 nats (measured errors there: 5e-7):
+    the float32 GEMM alone cannot be certified at 1e-4 nats, so the path recomputes the terms
+    that carry the sum.
+    """
+    s2 = sigma * sigma
+    q = np.asarray(query_norm, dtype=np.float64)
+    magnitude = (q * radius + 0.5 * radius * radius) / s2
+    underflow = 2.0**-149 * (
+        math.sqrt(dim) * (radius + q / s2) + radius * radius + 1.0 / s2 + dim + 2.0
+    )
+    float64 = gamma(dim + 8, UNIT_ROUNDOFF_F64) * (q + radius) ** 2 / s2
+    return np.asarray(
+        gamma(dim + 8, UNIT_ROUNDOFF_F32) * magnitude + float64 + underflow, dtype=np.float64
+    )
+
+
+def dominant_window(term_error: np.ndarray, count: int, tolerance: float) -> np.ndarray:
+    """Nats below the largest float32 logit within which terms are recomputed: (Q,) -> (Q,).
+
+    Terms further down (set R) are each at most ``e^-W`` of the largest, whose exact value is
+    within ``e`` of its float32 one, so ``S_R / S <= count e^(2e - W)``; their errors can move
+    the sum by at most ``(e^e - 1) S_R / S`` (see :func:`log_sum_certificate`). This W makes
+    that at most ``tolerance / 2``, leaving the other half to the recomputed terms.
+    """
+    e = np.asarray(term_error, dtype=np.float64)
+    window = math.log(count) + np.log(np.expm1(e)) + 2.0 * e + math.log(2.0 / tolerance)
+    return np.maximum(window, 0.0)
+
+
+def log_sum_certificate(
+    term_error: np.ndarray,
+    exact_error: np.ndarray,
+    rest_sum: np.ndarray,
+    dominant_sum: np.ndarray,
+    count: int,
+) -> np.ndarray:
+    """Proven bound (nats) on ``|log S^ - log S|`` of the dominant-terms path: (Q,) -> (Q,).
+
+    ``S = sum_j exp(L_j)`` exactly; ``S^ = S^_D + S^_R`` where the dominant terms D are
+    recomputed with ``|L~_j - L_j| <= exact_error`` (``eps``) and the rest R keep float32
+    values with ``|L^_j - L_j| <= term_error`` (``e``, :func:`float32_logit_bound`);
+    ``dominant_sum`` = ``S^_D`` and ``rest_sum`` >= ``S^_R``, in the same units.
+
+    Each term's relative error is at most ``e^e - 1`` (R) or ``e^eps - 1`` (D), so
+    ``|S^ - S| <= (e^e - 1) S_R + (e^eps - 1) S_D``. With ``S_R <= e^e S^_R`` and
+    ``S >= S_D >= e^-eps S^_D``: ``|S^ - S| / S <= delta = (e^e - 1) e^(e + eps) S^_R / S^_D
+    + (e^eps - 1)``, plus ``gamma64_{count+32}`` for the float64 exps and sums. Then
+    ``S^ / S`` lies in ``[1 - delta, 1 + delta]`` and ``|log S^ - log S| <= -log(1 - delta)``
+    (infinite when delta >= 1).
+    """
+    e = np.asarray(term_error, dtype=np.float64)
+    eps = np.asarray(exact_error, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = np.asarray(rest_sum, dtype=np.float64) / np.asarray(dominant_sum, np.float64)
+        delta = np.expm1(e) * np.exp(e + eps) * ratio + np.expm1(eps)
+        delta = delta + gamma(count + 32, UNIT_ROUNDOFF_F64)
+        bound = -np.log1p(-np.minimum(delta, 1.0))
+    return np.asarray(np.where(np.isfinite(delta) & (delta < 1.0), bound, np.inf))
+
+
+def direct_term_error(terms: np.ndarray, dim: int, sigma: float) -> np.ndarray:
+    """Bound (nats) on the float64 rounding of ``-||q - z||^2 / (2 sigma^2)`` summed from
+    direct differences: (P,) -> (P,). Each difference, square and the final division round
+    once and the sum of d non-negative squares adds ``gamma_{d-1}``: a relative
+    ``gamma_{d+5}`` of the exact value, so ``gamma_{2d+16}`` of the computed one, plus
+    underflowed squares (``2^-1075`` each)."""
+    return np.asarray(
+        gamma(2 * dim + 16, UNIT_ROUNDOFF_F64) * np.abs(terms)
+        + dim * 2.0**-1074 / (sigma * sigma),
+        dtype=np.float64,
+    )
+
+
 def _mask_excluded(logits: np.ndarray, exclude: np.ndarray, start: int) -> None:
     """Set logits[k, exclude[k] - start] = -inf where that latent lies in this block."""
     hit = np.flatnonzero((exclude >= start) & (exclude < start + logits.shape[1]))
@@ -111,7 +248,9 @@ class DensityScores:
     ``log_density +- error_bound``), None from exact engines."""
 
     log_density: np.ndarray
-    precision: np.ndarray  # (Q,) uint8: 32 = float32 GEMM, 64 = float64 GEMM, 0 = exact terms
+    # (Q,) uint8: 32 = float32 GEMM, 64 = float64 GEMM, 0 = exact terms, 1 = float32 GEMM with
+    # the dominant terms recomputed exactly, certified within the engine's tolerance (proven)
+    precision: np.ndarray
     error_bound: np.ndarray | None = None
 
 
@@ -148,7 +287,9 @@ class DensityEngine:
     float64 squared norms (N,) (:mod:`latentsieve.index.gemm_operand`): given as ``operand``
     (a stored one, memory-mapped), or made here, a second copy of the latents. The CPU GEMM
     goes through NumPy's BLAS (OpenBLAS), which on AMD CPUs runs markedly faster than the MKL
-    build inside the torch wheel; CUDA uses torch.
+    build inside the torch wheel; CUDA uses torch. The float64 and dominant-terms paths run on
+    the CPU with NumPy whatever the backend (a CUDA float32 GEMM may use TF32, outside the
+    dominant-terms proof).
     """
 
     def __init__(
@@ -175,6 +316,8 @@ class DensityEngine:
         self.query_block = query_block
         self.latent_block = latent_block
         self.tolerance = tolerance
+        # Rows of the float64 tile the latents are centred into (at most one latent block).
+        self._tile64 = max(1, min(latent_block, FLOAT64_TILE_BYTES // (8 * (self.dim + 2))))
 
         if operand is None:
             operand = gemm_operand(latents, latent_block)
@@ -215,7 +358,8 @@ class DensityEngine:
                 raise ValueError("exclude needs one index per query and N >= 2")
             if exclude.size and (exclude.min() < 0 or exclude.max() >= self.n):
                 raise ValueError("exclude indices must lie in [0, N)")
-        q_centred = q.astype(np.float64) - self.mean
+        q64 = q.astype(np.float64)
+        q_centred = q64 - self.mean
         if not np.all(np.isfinite(q_centred)):
             raise ValueError("queries contain NaN or Inf")
         q_sq = np.einsum("ij,ij->i", q_centred, q_centred)
@@ -225,11 +369,24 @@ class DensityEngine:
         bound64 = rounding_bound(q_norm, self.radius, self.dim, sigma, UNIT_ROUNDOFF_F64)
 
         out = np.empty(q.shape[0], dtype=np.float64)
-        precision = np.full(q.shape[0], 32, dtype=np.uint8)
+        precision = np.full(q.shape[0], PRECISION_FLOAT32, dtype=np.uint8)
         fast = np.flatnonzero(bound32 <= self.tolerance)
-        slow = np.flatnonzero((bound32 > self.tolerance) & (bound64 <= self.tolerance))
-        exact = np.flatnonzero(bound64 > self.tolerance)
-        slow_parts = [slow]
+        others = np.flatnonzero(bound32 > self.tolerance)
+        term_error = float32_logit_bound(q_norm, self.radius, self.dim, sigma)
+        tried = others[self._dominant_eligible(q_norm[others], term_error[others], sigma)]
+        certified = np.zeros(q.shape[0], dtype=bool)
+        for start in range(0, tried.size, self.query_block):
+            rows = tried[start : start + self.query_block]
+            values, ok = self._log_density_dominant(
+                q64[rows], q_centred[rows], q_sq[rows], sigma,
+                None if exclude is None else exclude[rows], term_error[rows],
+            )
+            out[rows[ok]] = values[ok]
+            certified[rows[ok]] = True
+        precision[certified] = PRECISION_DOMINANT
+        others = others[~certified[others]]
+        slow_parts = [others[bound64[others] <= self.tolerance]]
+        exact = others[bound64[others] > self.tolerance]
         for start in range(0, fast.size, self.query_block):
             rows = fast[start : start + self.query_block]
             out[rows], ok = self._lse_shifted(
@@ -237,7 +394,7 @@ class DensityEngine:
             )
             slow_parts.append(rows[~ok])
         slow = np.sort(np.concatenate(slow_parts))
-        precision[slow] = 64
+        precision[slow] = PRECISION_FLOAT64
         for start in range(0, slow.size, self.query_block):
             rows = slow[start : start + self.query_block]
             rows_exclude = None if exclude is None else exclude[rows]
@@ -247,14 +404,25 @@ class DensityEngine:
                 out[again] = self._lse_rescaled(
                     q_centred[again], sigma, None if exclude is None else exclude[again]
                 )[0]
-        out += -q_sq / (2.0 * sigma * sigma) - math.log(count)
+        gemm = np.union1d(fast, slow)
+        out[gemm] += -q_sq[gemm] / (2.0 * sigma * sigma) - math.log(count)
         if exact.size:
-            precision[exact] = 0
+            precision[exact] = PRECISION_EXACT
             out[exact] = self._log_density_exact(
                 q[exact], q_centred[exact], sigma, None if exclude is None else exclude[exact]
             )
         np.minimum(out, 0.0, out=out)
         return DensityScores(log_density=out, precision=precision)
+
+    def _augmented_query(self, q_centred: np.ndarray, sigma: float, dtype: type) -> np.ndarray:
+        """``[q_c / s2, 1 / s2, 0]`` in ``dtype``: (B, d) -> (B, d + 2); the last column is the
+        shift the streaming log-sum-exp sets (0: none)."""
+        s2 = sigma * sigma
+        q_aug: np.ndarray = np.empty((q_centred.shape[0], self.dim + 2), dtype=dtype)
+        q_aug[:, : self.dim] = q_centred / s2
+        q_aug[:, self.dim] = 1.0 / s2
+        q_aug[:, self.dim + 1] = 0.0
+        return q_aug
 
     def _lse_shifted(
         self, q_centred: np.ndarray, sigma: float, exclude: np.ndarray | None, dtype: type
@@ -265,18 +433,20 @@ class DensityEngine:
         The shift is the first block's row maximum; rows whose later blocks overflow it (or
         whose first block held no term) come back with ok = False.
         """
-        s2 = sigma * sigma
-        rows = q_centred.shape[0]
-        q_aug: np.ndarray = np.empty((rows, self.dim + 2), dtype=dtype)
-        q_aug[:, : self.dim] = q_centred / s2
-        q_aug[:, self.dim] = 1.0 / s2
-        q_aug[:, self.dim + 1] = 0.0
+        q_aug = self._augmented_query(q_centred, sigma, dtype)
+
+        def product32(start: int, out: np.ndarray) -> None:
+            np.matmul(q_aug, self._augmented_block(start).T, out=out)
+
         if dtype == np.float32 and self.backend == "torch":
             shift, sums = self._exp_sums_torch(q_aug, exclude)
         elif dtype == np.float32:
-            shift, sums = self._exp_sums_numpy(q_aug, exclude, self._augmented_block)
+            shift, sums = self._exp_sums_numpy(q_aug, exclude, product32)
         else:
-            shift, sums = self._exp_sums_numpy(q_aug, exclude, self._augmented_block64)
+            tile = np.empty((self._tile64, self.dim + 2))
+            shift, sums = self._exp_sums_numpy(
+                q_aug, exclude, lambda start, out: self._product64(q_aug, start, out, tile)
+            )
         limit = _SUM_LIMIT[np.dtype(dtype).itemsize]
         ok = np.isfinite(sums) & (sums > 0) & (sums < limit)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -287,15 +457,20 @@ class DensityEngine:
         """Rows [start, start + block) of the stored float32 [z_c, -|z_c|^2/2, 1]."""
         return self.augmented[start : start + self.latent_block]
 
-    def _augmented_block64(self, start: int) -> np.ndarray:
-        """The same rows in float64, centred from the raw float32 latents (no float32 rounding
-        of the centring)."""
-        centred, norms = self._centred_block(start)
-        block = np.empty((centred.shape[0], self.dim + 2))
-        block[:, : self.dim] = centred
-        block[:, self.dim] = -0.5 * norms
-        block[:, self.dim + 1] = 1.0
-        return block
+    def _product64(self, q_aug: np.ndarray, start: int, out: np.ndarray, tile: np.ndarray) -> None:
+        """``out`` (B, m) = ``q_aug`` (B, d + 2) . [z_c, -|z_c|^2/2, 1] of latents
+        [start, start + m) in float64, tile by tile: each tile of raw latents is centred into
+        ``tile`` (one ufunc pass, the exact float32 -> float64 cast then one rounding, as
+        ``astype(float64) - mean``) and multiplied while it is still in cache."""
+        rows = tile.shape[0]
+        for offset in range(0, out.shape[1], rows):
+            first = start + offset
+            block = tile[: min(rows, out.shape[1] - offset)]
+            stop = first + block.shape[0]
+            np.subtract(self.latents[first:stop], self.mean, out=block[:, : self.dim])
+            block[:, self.dim] = -0.5 * self.sq_norms[first:stop]
+            block[:, self.dim + 1] = 1.0
+            np.matmul(q_aug, block.T, out=out[:, offset : offset + block.shape[0]])
 
     def _blocks(self) -> range:
         return range(0, self.n, self.latent_block)
@@ -304,9 +479,10 @@ class DensityEngine:
         self,
         q_aug: np.ndarray,
         exclude: np.ndarray | None,
-        block_at: Callable[[int], np.ndarray],
+        product: Callable[[int, np.ndarray], None],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row shift (B,) and sum of exp(logit - shift) (B,), one GEMM per latent block.
+        """Per-row shift (B,) and sum of exp(logit - shift) (B,); ``product(start, out)``
+        writes one latent block's logits (B, m) into ``out``.
 
         The GEMM runs in ``q_aug``'s dtype (the logits' rounding is what needs float64); the
         shifted exponents, at most a few hundred nats, are exponentiated in float32, which adds
@@ -319,9 +495,8 @@ class DensityEngine:
         sums = np.zeros(rows, dtype=np.float64)
         shift = np.zeros(rows, dtype=np.float64)
         for start in self._blocks():
-            block = block_at(start)
-            logits = buffer[:, : block.shape[0]]
-            np.matmul(q_aug, block.T, out=logits)
+            logits = buffer[:, : min(self.latent_block, self.n - start)]
+            product(start, logits)
             if exclude is not None:
                 _mask_excluded(logits, exclude, start)
             if start == 0:
@@ -330,7 +505,7 @@ class DensityEngine:
                 logits -= top[:, None]
                 shift[:] = top
                 q_aug[:, self.dim + 1] = -top
-            terms = exps[:, : block.shape[0]]
+            terms = exps[:, : logits.shape[1]]
             with np.errstate(over="ignore"):  # overflow is detected by the caller (ok mask)
                 np.exp(logits, out=terms, dtype=np.float32, casting="same_kind")
             sums += terms.sum(axis=1)
@@ -360,38 +535,207 @@ class DensityEngine:
             sums += logits.exp_().sum(dim=1, dtype=torch.float64)
         return shift.double().cpu().numpy(), sums.cpu().numpy()
 
-    def _centred_block(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training latents [start, start + block) centred in float64, and their |z_c|^2."""
-        block = self.latents[start : start + self.latent_block].astype(np.float64) - self.mean
-        return block, self.sq_norms[start : start + block.shape[0]]
-
     def _logits64(
-        self, q_centred: np.ndarray, s2: float, start: int, exclude: np.ndarray | None
+        self, q_aug: np.ndarray, start: int, exclude: np.ndarray | None, tile: np.ndarray
     ) -> np.ndarray:
-        """(q_c.z_c - |z_c|^2/2)/s2 in float64 against block ``start``: (B, d) -> (B, block),
-        with each query's excluded training latent at -inf."""
-        block, norms = self._centred_block(start)
-        logits = (q_centred @ block.T - 0.5 * norms) / s2
+        """(q_c.z_c - |z_c|^2/2)/s2 in float64 against block ``start``: float64 ``q_aug``
+        (B, d + 2) -> (B, block), with each query's excluded training latent at -inf."""
+        logits = np.empty((q_aug.shape[0], min(self.latent_block, self.n - start)))
+        self._product64(q_aug, start, logits, tile)
         if exclude is not None:
             _mask_excluded(logits, exclude, start)
-        return np.asarray(logits)
+        return logits
 
     def _lse_rescaled(
         self, q_centred: np.ndarray, sigma: float, exclude: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Streaming float64 log-sum-exp of (q_c.z_c - |z_c|^2/2)/s2: (B, d) -> lse, max (B,)."""
-        s2 = sigma * sigma
+        q_aug = self._augmented_query(q_centred, sigma, np.float64)
+        tile = np.empty((self._tile64, self.dim + 2))
         rows = q_centred.shape[0]
         running_max = np.full(rows, -np.inf)
         sums = np.zeros(rows)
         for start in self._blocks():
-            logits = self._logits64(q_centred, s2, start, exclude)
+            logits = self._logits64(q_aug, start, exclude, tile)
             new_max = np.maximum(running_max, logits.max(axis=1))
             safe = np.where(np.isfinite(new_max), new_max, 0.0)
             with np.errstate(invalid="ignore"):
                 sums = sums * np.exp(running_max - safe) + np.exp(logits - safe[:, None]).sum(1)
             running_max = new_max
         return running_max + np.log(sums), running_max
+
+    def _direct_logits(
+        self, q: np.ndarray, rows: np.ndarray, cols: np.ndarray, s2: float
+    ) -> np.ndarray:
+        """``-||q[rows[p]] - z[cols[p]]||^2 / (2 s2)`` from float64 differences of the raw
+        latents: (B, d) float64 queries, (P,) pairs -> (P,) nats, query by query in chunks of
+        ``_DIRECT_CHUNK_ELEMENTS`` (error: :func:`direct_term_error`)."""
+        terms = np.empty(rows.size)
+        if not rows.size:
+            return terms
+        order = np.argsort(rows, kind="stable")
+        step = max(1, _DIRECT_CHUNK_ELEMENTS // self.dim)
+        buffer = np.empty((min(step, rows.size), self.dim))
+        for group in np.split(order, np.flatnonzero(np.diff(rows[order])) + 1):
+            query = q[rows[group[0]]]
+            for start in range(0, group.size, step):
+                part = group[start : start + step]
+                diff = buffer[: part.size]
+                np.subtract(self.latents[cols[part]], query, out=diff)
+                np.square(diff, out=diff)
+                terms[part] = diff.sum(axis=1)  # summed as log_density_reference sums
+        return -terms / (2.0 * s2)
+
+    def _dominant_eligible(
+        self, q_norm: np.ndarray, term_error: np.ndarray, sigma: float
+    ) -> np.ndarray:
+        """Rows (B,) bool the dominant-terms path may try: a CPU float32 GEMM whose inputs stay
+        finite and whose proven term error leaves the float32 logits worth ranking."""
+        s2 = sigma * sigma
+        if (self.backend != "numpy" or self.dim < DOMINANT_MIN_DIM
+                or 1.0 / s2 > _F32_SAFE_MAGNITUDE):
+            return np.zeros(q_norm.shape, dtype=bool)
+        return np.asarray(
+            (term_error <= DOMINANT_MAX_TERM_ERROR) & (q_norm / s2 <= _F32_SAFE_MAGNITUDE)
+        )
+
+    def _dominant_probe(
+        self, q_aug: np.ndarray, q_norm: np.ndarray, window: np.ndarray, sigma: float,
+        limit: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (B,) bool worth a full float32 pass, and a likely lower bound (B,) on each
+        row's largest float32 logit.
+
+        Every latent's logit is estimated from k = d / ``DOMINANT_PROBE_SHARE`` coordinates
+        (scaled up, plus the exact ``|z_c|^2`` column), with a typical error of
+        ``|q_c| R / (s2 sqrt(k))`` (coordinates that share the product evenly). A row is worth
+        the pass when at most ``limit`` estimates lie within ``window`` plus two such errors of
+        the largest; the largest minus four errors is the lower bound. Every latent is
+        scored, so a single near-duplicate is not missed; two cheap passes (maximum, then
+        count). Speed only: the certificate decides."""
+        rows_in = q_aug.shape[0]
+        width = DOMINANT_PROBE_CHUNK
+        chunks = max(1, self.dim // (DOMINANT_PROBE_SHARE * width))
+        stride = self.dim // chunks
+        if width * 4 > stride:
+            return np.ones(rows_in, dtype=bool), np.full(rows_in, -np.inf)
+        size = chunks * width
+        q_part = np.empty((q_aug.shape[0], size + 1), dtype=np.float32)
+        spread = q_aug[:, : chunks * stride].reshape(-1, chunks, stride)[:, :, :width]
+        q_part[:, :size] = spread.reshape(-1, size) * np.float32(self.dim / size)
+        q_part[:, size] = q_aug[:, self.dim]  # 1 / s2, against the exact -|z_c|^2 / 2
+        part = np.empty((min(self.latent_block, self.n), size + 1), dtype=np.float32)
+
+        def estimates(start: int) -> np.ndarray:
+            block = self._augmented_block(start)
+            rows = part[: block.shape[0]]
+            spread = block[:, : chunks * stride].reshape(block.shape[0], chunks, stride)
+            rows[:, :size].reshape(-1, chunks, width)[:] = spread[:, :, :width]
+            rows[:, size] = block[:, self.dim]
+            return np.asarray(q_part @ rows.T)
+
+        top = np.full(q_aug.shape[0], -np.inf, dtype=np.float32)
+        for start in self._blocks():
+            np.maximum(top, estimates(start).max(axis=1), out=top)
+        noise = q_norm * self.radius / (sigma * sigma * math.sqrt(size))
+        floor = (top - 2.0 * noise - window).astype(np.float32)
+        inside = np.zeros(rows_in, dtype=np.int64)
+        for start in self._blocks():
+            inside += np.count_nonzero(estimates(start) >= floor[:, None], axis=1)
+        return np.asarray(inside <= limit), np.asarray(top - 4.0 * noise, dtype=np.float64)
+
+    def _log_density_dominant(
+        self,
+        q: np.ndarray,
+        q_centred: np.ndarray,
+        q_sq: np.ndarray,
+        sigma: float,
+        exclude: np.ndarray | None,
+        term_error: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Eq. (1) with a proven error under ``tolerance``: (B, d) -> log densities (B,) nats,
+        ok (B,) (rows not ok are left to the float64 paths).
+
+        One float32 GEMM pass ranks the terms (each within ``e`` = :func:`float32_logit_bound`
+        of its exact value). Terms within ``W`` = :func:`dominant_window` of the running
+        maximum are kept and recomputed from direct float64 differences
+        (:meth:`_direct_logits`); the rest are summed from their float32 values, relative to
+        the running maximum in float64. A row is given up once it keeps more than
+        ``DOMINANT_FRACTION`` of N (or when the probe predicts so) and is accepted when
+        :func:`log_sum_certificate` is at most ``tolerance``.
+        """
+        s2 = sigma * sigma
+        rows = q.shape[0]
+        count = self.n - (0 if exclude is None else 1)
+        window = dominant_window(term_error, count, self.tolerance)
+        limit = max(DOMINANT_MIN_TERMS, int(count * DOMINANT_FRACTION))
+        q_aug = self._augmented_query(q_centred, sigma, np.float32)
+        alive, hint = self._dominant_probe(q_aug, np.sqrt(q_sq), window, sigma, limit)
+        top = np.full(rows, -np.inf)  # running maximum of the float32 logits
+        rest = np.zeros(rows)  # sum over unkept terms of exp(logit - top)
+        kept = np.zeros(rows, dtype=np.int64)
+        kept_rows: list[np.ndarray] = []
+        kept_cols: list[np.ndarray] = []
+        kept_logits: list[np.ndarray] = []
+        buffer = np.empty((rows, min(self.latent_block, self.n)))
+        for start in self._blocks():
+            live = np.flatnonzero(alive)
+            if not live.size:
+                break
+            q_live = q_aug if live.size == rows else q_aug[live]
+            logits = np.matmul(q_live, self._augmented_block(start).T)  # float32
+            if exclude is not None:
+                _mask_excluded(logits, exclude[live], start)
+            new_top = np.maximum(top[live], logits.max(axis=1))
+            finite = np.isfinite(new_top)
+            safe = np.where(finite, new_top, 0.0)
+            # which terms are kept only steers the work: the certificate holds for any split.
+            # The probe's likely maximum keeps a flat bulk seen before a near-duplicate out.
+            floor = np.where(finite, np.maximum(new_top, hint[live]) - window[live], np.inf)
+            floor = floor.astype(np.float32)
+            picked = logits >= floor[:, None]
+            r, c = np.nonzero(picked)
+            kept_rows.append(live[r])
+            kept_cols.append(c + start)
+            kept_logits.append(logits[r, c].astype(np.float64))
+            # float32 logit - float64 maximum: the exact cast, then one float64 rounding
+            terms = np.subtract(logits, safe[:, None], out=buffer[: live.size, : logits.shape[1]])
+            np.exp(terms, out=terms)
+            terms[picked] = 0.0
+            rest[live] = rest[live] * np.exp(top[live] - safe) + terms.sum(axis=1)
+            top[live] = new_top
+            kept[live] += np.bincount(r, minlength=live.size)
+            alive[live[kept[live] > limit]] = False
+
+        ok = alive & np.isfinite(top)
+        values = np.full(rows, np.nan)
+        if not ok.any():
+            return values, ok
+        r = np.concatenate(kept_rows)
+        c = np.concatenate(kept_cols)
+        logit = np.concatenate(kept_logits)
+        mine = ok[r]
+        r, c, logit = r[mine], c[mine], logit[mine]
+        inside = logit >= top[r] - window[r]  # kept before the maximum rose: to the rest
+        np.add.at(rest, r[~inside], np.exp(logit[~inside] - top[r[~inside]]))
+        r, c = r[inside], c[inside]
+        terms = self._direct_logits(q, r, c, s2)
+        best = np.full(rows, -np.inf)
+        np.maximum.at(best, r, terms)
+        dominant_sum = np.zeros(rows)
+        np.add.at(dominant_sum, r, np.exp(terms - best[r]))
+        exact_error = np.zeros(rows)
+        np.maximum.at(exact_error, r, direct_term_error(terms, self.dim, sigma))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            # the float32 maximum in exact units (row constant -|q_c|^2 / 2 s2), relative to best
+            scale = np.exp(top - q_sq / (2.0 * s2) - best)
+            rest_sum = rest * scale
+            rest_bound = (rest + count * 2.0**-1022) * scale  # + exps that underflowed to 0
+            values = best + np.log(dominant_sum + rest_sum) - math.log(count)
+        bound = log_sum_certificate(term_error, exact_error, rest_bound, dominant_sum, count)
+        bound += 4.0 * UNIT_ROUNDOFF_F64 * (np.abs(best) + math.log(count) + 1.0)  # the sum above
+        ok &= np.isfinite(values) & (bound <= self.tolerance)
+        return values, ok
 
     def _log_density_exact(
         self, q: np.ndarray, q_centred: np.ndarray, sigma: float, exclude: np.ndarray | None
@@ -408,20 +752,19 @@ class DensityEngine:
             np.sqrt((q_centred**2).sum(1)), self.radius, self.dim, sigma, UNIT_ROUNDOFF_F64
         )
         floor = top - EXACT_WINDOW_NATS - 2.0 * bound
-        q64 = q.astype(np.float64)
-        best = np.full(q.shape[0], -np.inf)
+        q_aug = self._augmented_query(q_centred, sigma, np.float64)
+        tile = np.empty((self._tile64, self.dim + 2))
         kept_rows: list[np.ndarray] = []
-        kept_terms: list[np.ndarray] = []
+        kept_cols: list[np.ndarray] = []
         for start in self._blocks():
-            logits = self._logits64(q_centred, s2, start, exclude)
+            logits = self._logits64(q_aug, start, exclude, tile)
             r, c = np.nonzero(logits >= floor[:, None])
-            raw = self.latents[start + c].astype(np.float64)
-            terms = -((q64[r] - raw) ** 2).sum(axis=1) / (2.0 * s2)
-            np.maximum.at(best, r, terms)
             kept_rows.append(r)
-            kept_terms.append(terms)
+            kept_cols.append(start + c)
         rows = np.concatenate(kept_rows)
-        terms = np.concatenate(kept_terms)
+        terms = self._direct_logits(q.astype(np.float64), rows, np.concatenate(kept_cols), s2)
+        best = np.full(q.shape[0], -np.inf)
+        np.maximum.at(best, rows, terms)
         sums = np.zeros(q.shape[0])
         np.add.at(sums, rows, np.exp(terms - best[rows]))
         count = self.n - (0 if exclude is None else 1)

@@ -293,9 +293,11 @@ def test_two_point_bound_holds_and_grows_with_the_variance(
     log_n = np.array(math.log(len(t)))
     members = float(np.logaddexp.reduce(-t / two_s2))
     exact_v = float(log_two_point_upper(log_n, np.array(a), np.array(e), np.array(v), two_s2))
+    # V' in [V, feasible]: the feasible bound is computed with cancellation and can round
+    # below a V that sits at it (every t at an end), so V itself is the floor.
     feasible = (e - a) * (a + width - e)
     more_v = float(log_two_point_upper(
-        log_n, np.array(a), np.array(e), np.array(min(v * extra, feasible)), two_s2
+        log_n, np.array(a), np.array(e), np.array(max(v, min(v * extra, feasible))), two_s2
     ))
     chord = float(log_chord_upper(log_n, np.array(a), np.array(a + width), np.array(e), two_s2))
     tol = 1e-9 * max(1.0, abs(members))
