@@ -62,6 +62,7 @@ test: install-dev system-deps lint
 bench: install-dev
 	$(BIN)/python benchmarks/bench_density.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_sd.py
 	$(BIN)/python benchmarks/bench_http.py
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_descriptors.py --threads 1

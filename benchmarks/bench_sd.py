@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from report import ORDER, PAGE, write_section  # benchmarks/ is on sys.path when run as a script
+from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 from scipy.special import logsumexp
 
 from latentsieve.index.gemm_operand import gemm_operand
@@ -194,7 +194,7 @@ def main() -> None:
         "64 = float64 GEMM, 32 = float32 GEMM, 1 = float32 GEMM with the dominant terms "
         "recomputed exactly (certified). Data and rows: the benchmark's docstring.\n\n"
     )
-    write_section("sd", header + table, args.out, order=(*ORDER, "sd"))
+    write_section("sd", header + table, args.out)
 
 
 if __name__ == "__main__":
