@@ -204,7 +204,7 @@ def check_options(options: BuildOptions) -> None:
         )
     if options.pca is not None and options.space not in (None, "raw"):
         raise StoreError(f"--pca and --space {options.space} both choose the space; give one")
-    bounded = options.policy.descriptor_bounds() if options.policy is not None else {}
+    bounded = options.policy.needed_descriptors() if options.policy is not None else frozenset()
     if bounded and options.generator is None:
         raise StoreError(
             f"the policy bounds {', '.join(sorted(bounded))}, which needs a --generator"
@@ -517,7 +517,7 @@ def build_version(
             else None
         )
         computed = set(descriptor_settings.names) if descriptor_settings is not None else set()
-        bounded = set(options.policy.descriptor_bounds()) if options.policy else set()
+        bounded = set(options.policy.needed_descriptors()) if options.policy else set()
         if bounded - computed:
             raise StoreError(
                 f"the policy bounds {', '.join(sorted(bounded - computed))}, which this "

@@ -183,6 +183,17 @@ class PercentileBounds(_Frozen):
     max_percentile: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class RankSum(_Frozen):
+    """Reject a latent when the mean of its density percentile and one minus its ``psi``
+    percentile is below ``min_score``: ``(p + (1 - p_psi)) / 2 < min_score``. Both percentiles
+    are against the model's calibration set, so the rule is a rank-sum of the two scores that
+    does not depend on the rest of the batch (docs/evidence.md chose it on held-out seeds)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    min_score: float = Field(ge=0.0, le=1.0)
+
+
 SpaceName = Literal["raw", "active", "standardized"]
 KNOWN_SPACES: tuple[str, ...] = get_args(SpaceName)
 
@@ -259,7 +270,8 @@ class Policy(_Frozen):
     ``min_percentile`` bounds the density percentile. ``psi``, ``nu`` and ``delta`` bound the
     descriptors' calibration percentiles (Humayun et al.: very low ``psi`` marks memorisation,
     very high ``psi`` or ``nu`` out-of-distribution latents); a bound makes the descriptor be
-    computed for every request the policy decides.
+    computed for every request the policy decides. ``rank_sum`` combines the density's and
+    ``psi``'s percentiles into one rule (:class:`RankSum`); it needs ``psi``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)  # "0.5" is no number
@@ -268,6 +280,7 @@ class Policy(_Frozen):
     psi: PercentileBounds | None = None
     nu: PercentileBounds | None = None
     delta: PercentileBounds | None = None
+    rank_sum: RankSum | None = None
 
     @functools.cached_property
     def _bounds(self) -> dict[str, PercentileBounds]:
@@ -278,6 +291,11 @@ class Policy(_Frozen):
         """The descriptors this policy has rules for, with their bounds (computed once per
         policy: it is frozen, and every request asks)."""
         return dict(self._bounds)
+
+    def needed_descriptors(self) -> frozenset[str]:
+        """Every descriptor a decision by this policy needs computed: the bounded ones, and
+        ``psi`` for ``rank_sum``."""
+        return frozenset(self._bounds) | (frozenset({"psi"}) if self.rank_sum else frozenset())
 
 
 class DescriptorSettings(_Frozen):

@@ -153,7 +153,7 @@ def parse_descriptor_names(text: str | None, policy: Policy) -> set[str]:
         raise CliError(
             f"unknown descriptor(s) {', '.join(sorted(unknown))}; allowed: psi, nu, delta"
         )
-    return names | set(policy.descriptor_bounds())
+    return names | set(policy.needed_descriptors())
 
 
 DEVICES = "auto (CUDA when PyTorch sees it, else the CPU), cpu, cuda or cuda:I"
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(study, "groups", type=int, default=50, help="N groups of candidates")
     _add(study, "group-size", type=int, default=16, help="G candidates per group")
     _add(study, "keep", type=int, default=4, help="M kept per group")
-    _add(study, "seeds", default=None, shown="10000 onward, N x G seeds",
+    _add(study, "seeds", default=None, shown="100000 onward, N x G seeds",
          help="A-B, inclusive: group g uses the G seeds from A + g*G")
     _add(study, "strategies", default="noise,prefix:10,preview:10,final",
          help="comma-separated: noise, prefix:K, preview:S, final")

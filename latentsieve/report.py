@@ -204,7 +204,7 @@ def make_report(
     index_space = scorer.loaded.to_index_space(source)
     # The descriptors the policy bounds are always computed: the policy needs them.
     wanted = scorer.descriptor_names if "descriptors" in sections else frozenset()
-    names = sorted(wanted | set(manifest.policy.descriptor_bounds()))
+    names = sorted(wanted | manifest.policy.needed_descriptors())
     batch = scorer.score(source, sigma, names)
     log_density = batch.log_density
     stage("scored")

@@ -143,7 +143,7 @@ def descriptor_names(
 ) -> tuple[str, ...]:
     """The descriptors to compute: those asked for and those the policy bounds; 422 when the
     model cannot compute them."""
-    bounded = policy.descriptor_bounds()
+    bounded = policy.needed_descriptors()
     if not asked and not bounded:
         return NO_DESCRIPTORS  # the common case: density only
     names = tuple(sorted(set(asked or ()) | set(bounded)))

@@ -143,6 +143,31 @@ def _kept_gain(scores: np.ndarray, qualities: np.ndarray, keep: int) -> np.ndarr
     return np.asarray(kept - qualities.mean(axis=1))
 
 
+def paired_gain_difference(
+    score_a: np.ndarray,
+    score_b: np.ndarray,
+    quality: np.ndarray,
+    reject_fraction: float,
+    resamples: int = BOOTSTRAP,
+    seed: int = 3,
+) -> Interval:
+    """Mean quality kept by ``score_a`` minus that kept by ``score_b`` when each rejects the
+    lowest ``reject_fraction`` of the same (n,) samples, with a paired bootstrap interval: each
+    resample draws one set of rows and both scores rank it."""
+    score_a, score_b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, np.float64)
+    quality = np.asarray(quality, dtype=np.float64)
+    n = quality.size
+    keep = n - int(np.floor(reject_fraction * n))
+    value = quality[kept_rows(score_a, reject_fraction)].mean() - quality[
+        kept_rows(score_b, reject_fraction)].mean()
+    differences = np.concatenate([
+        _kept_gain(score_a[rows], quality[rows], keep) - _kept_gain(score_b[rows], quality[rows],
+                                                                    keep)
+        for rows in bootstrap_rows(n, resamples, seed)
+    ])
+    return _interval(float(value), differences)
+
+
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise squared L2 distances (n, f), (m, f) -> (n, m), float64, clamped at 0."""
     a = np.asarray(a, dtype=np.float64)

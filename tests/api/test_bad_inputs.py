@@ -174,6 +174,10 @@ async def test_details_say_what_is_allowed(app_client: httpx.AsyncClient) -> Non
     assert "has no generator" in await detail(
         {"model": "nosampler", "latents": [[0.0] * 6], "descriptors": ["nu"]}
     )
+    assert "has no generator" in await detail(  # rank_sum needs psi
+        {"model": "nosampler", "latents": [[0.0] * 6],
+         "policy": {"rank_sum": {"min_score": 0.1}}}
+    )
     assert "takes 8" in await detail({"model": MODEL, "latents": [[0.0] * 7]})
     assert "digits-vae" in await detail({"model": "nope", "latents": [[0.0] * 8]})
     assert "allowed fields" in await detail({**GOOD, "bogus": 1})

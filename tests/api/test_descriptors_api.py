@@ -123,3 +123,35 @@ async def test_delta_on_a_torchscript_generator_is_refused(
         allowed = await client.post("/score", json={**body, "descriptors": ["psi"]})
         assert allowed.status_code == 200
         assert "psi" in allowed.json()["results"][0]["descriptors"]
+
+
+async def test_a_rank_sum_policy_rejects_by_the_mean_of_two_percentiles(
+    app_client: httpx.AsyncClient, scorer: ModelScorer
+) -> None:
+    batch = latents(64, seed=21)
+    body = {"model": MODEL, "latents": batch.tolist(),
+            # the request's fields replace the model's (its psi bound is cleared with null)
+            "policy": {"min_percentile": 0.0, "psi": None, "rank_sum": {"min_score": 0.45}}}
+    answer = await app_client.post("/score", json=body)
+    assert answer.status_code == 200, answer.text
+    expected = scorer.score(batch, None, ["psi"])
+    combined = (expected.percentile + 1.0 - expected.descriptor_percentiles["psi"]) / 2.0
+    results = answer.json()["results"]
+    got = [r["reasons"] == ["rank_sum_below_min"] for r in results]
+    assert got == (combined < 0.45).tolist()
+    assert [r["accept"] for r in results] == (combined >= 0.45).tolist()
+    # psi is computed because the rule needs it, and reported with the result
+    assert all("psi_percentile" in r["descriptors"] for r in results)
+    assert 0 < sum(not r["accept"] for r in results) < len(results)  # the rule decided something
+
+
+@pytest.mark.parametrize("rule", [{"min_score": 1.5}, {"min_score": "0.5"}, {}, {"min": 0.2},
+                                  {"min_score": 0.2, "weights": [1, 1]}])
+async def test_a_bad_rank_sum_is_a_422_that_names_it(
+    app_client: httpx.AsyncClient, rule: dict[str, object]
+) -> None:
+    body = {"model": MODEL, "latents": latents(1, seed=1).tolist(),
+            "policy": {"rank_sum": rule}}
+    answer = await app_client.post("/score", json=body)
+    assert answer.status_code == 422
+    assert "rank_sum" in answer.text

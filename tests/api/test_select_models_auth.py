@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from latentsieve.demo import DEMO_POLICY
 from latentsieve.index.store import LatentStore
 from latentsieve.service.settings import Settings
 from latentsieve.workers.devices import resolve_device
@@ -97,7 +98,7 @@ async def test_models_lists_every_served_model(
         "sampler": "torch-cpu:float32:8",
         "descriptors": True,
         "generator": True,
-        "policy": {"min_percentile": 0.1, "psi": {"max_percentile": 0.9}},  # DEMO_POLICY
+        "policy": DEMO_POLICY.model_dump(exclude_none=True),
         "shards": 1,
         "compute": {"mode": "embedded", "device": resolve_device("auto")},
         "calibration": {
@@ -188,7 +189,7 @@ async def test_metrics_after_requests(app_client: httpx.AsyncClient) -> None:
         'latentsieve_score_percentile_bucket{le="0.05",model="digits-vae"}',
         'latentsieve_score_percentile_bucket{le="1.0",model="digits-vae"} 7.0',
         'latentsieve_decisions_total{decision="reject",model="digits-vae",'
-        'reason="percentile_below_min"}',
+        'reason="rank_sum_below_min"}',  # the demo policy's rule
         'latentsieve_decisions_total{decision="accept",model="digits-vae",reason=""}',
         'latentsieve_request_duration_seconds_count{route="/score",status="200"} 3.0',
         'latentsieve_request_duration_seconds_count{route="/score",status="404"} 1.0',
@@ -266,7 +267,7 @@ async def test_select_without_descriptor_rules_honours_sigma_and_the_cache(
     from latentsieve.workers.density import log_density_reference
 
     body = {"model": MODEL, "start": 100, "count": 40, "keep": 4, "sigma": 0.9,
-            "policy": {"psi": None}}
+            "policy": {"psi": None, "rank_sum": None}}
     async with serve(settings.model_copy(update={"select_max_count": 40})) as client:
         first = (await client.post("/select", json=body)).json()
         second = (await client.post("/select", json=body)).json()

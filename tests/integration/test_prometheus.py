@@ -77,7 +77,7 @@ def test_prometheus_scrapes_every_contract_series(prometheus: str) -> None:
     rejected = query(prometheus, 'latentsieve_decisions_total{decision="reject"}')
     assert rejected and all("reason" in item["metric"] for item in rejected)
     assert any(
-        "percentile_below_min" in str(item["metric"]["reason"])
+        "rank_sum_below_min" in str(item["metric"]["reason"])  # the demo policy's rule
         for item in rejected
     )
     hits = query(prometheus, 'latentsieve_cache_requests_total{result="hit"}')

@@ -28,13 +28,12 @@ from conftest import free_port
 from servers import running_server
 
 from latentsieve.cli import main
-from latentsieve.demo import ensure_demo_index
+from latentsieve.demo import ensure_demo_index, index_latents
 from latentsieve.index.store import LatentStore
 from latentsieve.integrations.diffusers import best_of_g, parse_strategy
 from latentsieve.study import StoreScorer, holm, label_entropy, pareto_front
 from latentsieve.workers.demo_models.digits_ldm_pipeline import load_pipeline
 from latentsieve.workers.demo_models.digits_quality import digits_quality
-from latentsieve.workers.demo_models.digits_vae import training_latents
 from latentsieve.workers.scoring import ModelScorer
 
 # diffusers' sigma schedulers call np.array on a tensor with copy=False (NumPy 2 deprecation).
@@ -237,8 +236,8 @@ def test_raw_candidates_are_the_plain_pipelines(study: dict[str, Any], ldm_store
         noise = torch.randn((1, 8, 1, 1), generator=torch.Generator("cpu").manual_seed(seed))
         assert float(row["prior_norm@noise"]) == pytest.approx(float(noise.double().norm()),
                                                                abs=1e-9)
-        # The baselines' training latents: the index's, here the encoder means as they are.
-        means = training_latents().astype(np.float64)
+        # The baselines' training latents: the index's, the encoder means of half A.
+        means = index_latents().astype(np.float64)
         final = alone.reshape(-1).double().numpy()
         assert float(row["nearest_neighbour@final"]) == pytest.approx(
             np.linalg.norm(means - final, axis=1).min(), abs=1e-6)
@@ -309,7 +308,7 @@ def test_a_service_and_a_quality_function_with_labels(
     a file; the user's quality function gives labels. The strategies keep what the in-process
     run kept (the same index, the same candidates)."""
     latents = tmp_path / "means.npy"
-    np.save(latents, training_latents().reshape(-1, 8, 1, 1))
+    np.save(latents, index_latents().reshape(-1, 8, 1, 1))  # the index's own latents
     out = tmp_path / "out"
     with running_server(ldm_store, 60.0, tmp_path / "serve.log") as server:
         code = main(study_args(

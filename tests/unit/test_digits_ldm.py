@@ -88,7 +88,7 @@ def test_demo_index_scores_the_sampled_latent(tmp_path: Path) -> None:
     ensure_demo_index(tmp_path, LDM_MODEL)
     manifest = LatentStore(tmp_path).load(LDM_MODEL).manifest
     assert manifest.mapping is not None and manifest.mapping.spec == LDM_MAPPING
-    assert manifest.latent_set == "encoder-means"
+    assert manifest.latent_set == "encoder-means-half-a"  # half B trains the judges
     # Against the mapped draws every coordinate is active: the sampled latents spread like
     # the training latents, so the index keeps the latent space as it is.
     assert manifest.projection is None and manifest.exact is True
