@@ -98,7 +98,7 @@ class CalibrationRequest:
 
 @dataclass(frozen=True)
 class DescriptorOptions:
-    """Descriptor settings asked for at build time (CONTRACT §2; defaults in docs)."""
+    """Descriptor settings asked for at build time (docs/contract.md §2; defaults in docs)."""
 
     calibration_count: int = 1_000
     projection_rows: int = DEFAULT_PROJECTION_ROWS
@@ -136,7 +136,7 @@ QueryDraws = Callable[[SamplerRecipe, ModuleReference, Path, range], np.ndarray]
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """The options of ``latentsieve index build`` (CONTRACT §4)."""
+    """The options of ``latentsieve index build`` (docs/contract.md §4)."""
 
     model: str
     latents_file: Path
@@ -157,7 +157,7 @@ class BuildOptions:
     min_percentile: float = Policy().min_percentile
     policy: Policy | None = None  # the whole default policy (--policy JSON); wins over the above
     descriptors: DescriptorOptions = DescriptorOptions()
-    shards: int = 1  # --shards K: K row-disjoint flat indexes (CONTRACT §4)
+    shards: int = 1  # --shards K: K row-disjoint flat indexes (docs/contract.md §4)
     storage: str = "float32"  # ivf: precision of the stored offsets
     max_error: float = DEFAULT_MAX_ERROR  # ivf: nats, a request's bound when it names none
     nlist: int | None = None  # ivf: lists; None: choose_nlist(N, d)
@@ -179,7 +179,7 @@ def check_options(options: BuildOptions) -> None:
     if options.kind == "hnsw":
         raise StoreError(
             "--kind hnsw is retired: a graph search cannot bound the kernel mass it skips, so "
-            "its scores cannot be certified (CONTRACT §1); build --kind ivf"
+            "its scores cannot be certified (docs/contract.md §1); build --kind ivf"
         )
     if options.kind not in BUILD_KINDS:
         raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(BUILD_KINDS)}")

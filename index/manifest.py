@@ -85,7 +85,8 @@ class _Frozen(BaseModel):
 
 
 class SamplerRecipe(_Frozen):
-    """Seed -> latent recipe (CONTRACT §5): one CPU torch.Generator per seed, N(0, I) draws."""
+    """Seed -> latent recipe (docs/contract.md §5): one CPU torch.Generator per seed, N(0, I)
+    draws."""
 
     device: Literal["torch-cpu"] = "torch-cpu"
     dtype: SamplerDType = "float32"
@@ -151,7 +152,7 @@ class Bandwidth(_Frozen):
 
 
 class Calibration(_Frozen):
-    """Where the percentile reference scores came from (CONTRACT §1)."""
+    """Where the percentile reference scores came from (docs/contract.md §1)."""
 
     source: Literal["sampler", "leave_one_out", "latents"]
     count: int = Field(ge=1)
@@ -170,7 +171,7 @@ class Calibration(_Frozen):
 
 
 DESCRIPTOR_NAMES = ("psi", "nu", "delta")
-DEFAULT_PROJECTION_ROWS = 120  # m, the rows of P (CONTRACT §2)
+DEFAULT_PROJECTION_ROWS = 120  # m, the rows of P (docs/contract.md §2)
 DEFAULT_DELTA_DIRECTIONS = 8  # P, the cross-polytope's directions
 
 
@@ -252,7 +253,8 @@ class CertifiedMeasure(_Frozen):
 
 
 class CertifiedLists(_Frozen):
-    """How a certified ``ivf`` index is stored and scored (CONTRACT §1): ``nlist`` lists from
+    """How a certified ``ivf`` index is stored and scored (docs/contract.md §1): ``nlist`` lists
+    from
     k-means on ``train_size`` rows, offsets in ``storage``, ``rank`` principal axes per list,
     and the bound a request gets when it names none (``max_error``, nats)."""
 
@@ -299,7 +301,7 @@ class Policy(_Frozen):
 
 
 class DescriptorSettings(_Frozen):
-    """How a model's local-geometry descriptors are computed (CONTRACT §2), and their
+    """How a model's local-geometry descriptors are computed (docs/contract.md §2), and their
     calibration: sorted values of each descriptor over the first ``calibration_count`` latents
     of the density calibration set, in ``calibration_file``."""
 
@@ -317,7 +319,7 @@ class DescriptorSettings(_Frozen):
 
 class IndexShard(_Frozen):
     """One row-disjoint part of a sharded version: its own flat FAISS index of rows
-    ``start .. start + count - 1`` of the training latents (CONTRACT §4, ``--shards``)."""
+    ``start .. start + count - 1`` of the training latents (docs/contract.md §4, ``--shards``)."""
 
     file: str
     start: int = Field(ge=0)

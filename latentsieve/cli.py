@@ -1,4 +1,4 @@
-"""The ``latentsieve`` command line (CONTRACT §4).
+"""The ``latentsieve`` command line (docs/contract.md §4).
 
 Every option falls back to an environment variable ``LATENTSIEVE_<OPTION>`` (``--store`` ->
 ``LATENTSIEVE_STORE``, ``--redis`` -> ``LATENTSIEVE_REDIS_URL``). Errors print one line on stderr

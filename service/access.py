@@ -3,7 +3,7 @@
 One ASGI middleware wraps every route (the direct ones included) and does all three with one
 timer and one ``send`` wrapper:
 
-- ``latentsieve_request_duration_seconds{route, status}`` (CONTRACT §6);
+- ``latentsieve_request_duration_seconds{route, status}`` (docs/contract.md §6);
 - the request id: the caller's ``X-Request-ID`` when it is a sane token (1-128 characters of
   ``A-Za-z0-9._:-``), else a fresh random one; echoed as ``X-Request-ID`` on every response,
   errors included, so a caller can quote it and an operator can find the log line;

@@ -1,4 +1,4 @@
-"""A typed Python client for the LatentSieve HTTP API (CONTRACT §3), sync and async.
+"""A typed Python client for the LatentSieve HTTP API (docs/contract.md §3), sync and async.
 
     with LatentSieveClient("http://127.0.0.1:8000") as client:
         best = client.select("digits-vae", start=0, count=1000, keep=16)

@@ -1,6 +1,7 @@
 """The scoring engine: one request from model lookup to decision, free of HTTP.
 
-``ScoringEngine.score`` and ``.select`` take typed jobs and return the CONTRACT §3 body. On the
+``ScoringEngine.score`` and ``.select`` take typed jobs and return the docs/contract.md §3 body. On
+the
 way: the model's served version (404), what it can compute (422), the score cache, the compute
 transport for the misses (in process, or Redis workers), calibrations at the request's sigma,
 the policy's decisions and the metric hooks. Routers and ``latentsieve score`` both call it;
@@ -233,7 +234,7 @@ class ScoringEngine:
         return depth
 
     async def score(self, job: ScoreJob) -> dict[str, Any]:
-        """The CONTRACT §3 body for ``job``; ServiceError for anything it cannot serve."""
+        """The docs/contract.md §3 body for ``job``; ServiceError for anything it cannot serve."""
         served = self.resolve(job.model)
         view = served.view
         manifest = view.manifest
@@ -509,7 +510,7 @@ class ScoringEngine:
         seeds: Sequence[int] | None,
         positions: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """The CONTRACT §3 body; decisions are recomputed from the scores for this policy.
+        """The docs/contract.md §3 body; decisions are recomputed from the scores for this policy.
         ``positions``: each row's place in a posted batch (``/select`` over latents)."""
         report = score_report(view, batch, sigma, policy, seeds, cached, positions)
         if self.hooks is not None:

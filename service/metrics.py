@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway (CONTRACT §6), on a registry owned by one app.
+"""Prometheus metrics of the gateway (docs/contract.md §6), on a registry owned by one app.
 
 With several worker processes (``latentsieve serve --workers N``) every process writes its
 counts to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's

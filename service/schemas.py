@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (CONTRACT §3), and the strict JSON reader.
+"""Request and response bodies of the HTTP API (docs/contract.md §3), and the strict JSON reader.
 
 Latents arrive as a nested list (first axis = batch, the rest flattened) or as base64 of a
 little-endian array; both are turned into one ``(n, d)`` float32 array here, the precision of

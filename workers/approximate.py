@@ -51,7 +51,7 @@ class CertifiedDensity:
 
 class ShardedCertified:
     """The certified ivf lists of every shard of a version as one scorer (build-time
-    calibration): each shard's interval of its log-sum, merged end by end (CONTRACT §4)."""
+    calibration): each shard's interval of its log-sum, merged end by end (docs/contract.md §4)."""
 
     def __init__(
         self, shards: list[IvfLists], starts: list[int], default_max_error: float

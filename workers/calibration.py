@@ -1,4 +1,4 @@
-"""Percentile reference scores (CONTRACT §1): sampler draws, latents the user supplies
+"""Percentile reference scores (docs/contract.md §1): sampler draws, latents the user supplies
 (``--calibration-latents``), or leave-one-out training scores."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Local geometry descriptors ``psi``, ``nu``, ``delta`` of a generator at given latents.
 
 Humayun et al., "Understanding the Local Geometry of Generative Model Manifolds" (2024), for a
-generator ``G: R^E -> R^D`` (CONTRACT §2). ``J`` is the Jacobian of ``P·G`` at a latent ``z``, with
+generator ``G: R^E -> R^D`` (docs/contract.md §2). ``J`` is the Jacobian of ``P·G`` at a latent
+``z``, with
 ``P`` ``m x D`` random orthonormal rows fixed per model by a seed (``P = I`` when ``D <= m``):
 
     psi(z)   = sum_{s_i > tol} log s_i                        local scaling   [nats]
@@ -36,10 +37,11 @@ from latentsieve.index.manifest import DESCRIPTOR_NAMES as MANIFEST_DESCRIPTOR_N
 
 JacobianMode = Literal["auto", "forward", "reverse"]
 DESCRIPTOR_NAMES = frozenset(MANIFEST_DESCRIPTOR_NAMES)
-# Random projection rows of P (CONTRACT §2); Humayun et al. project high-dimensional outputs too.
+# Random projection rows of P (docs/contract.md §2); Humayun et al. project high-dimensional
+# outputs too.
 # r = DELTA_RADIUS_FRACTION * sqrt(E): a fixed fraction of the typical norm of a N(0, I) latent.
 DELTA_RADIUS_FRACTION = 0.1
-# Added to every normalised singular value before the log in nu, exactly as CONTRACT §2.
+# Added to every normalised singular value before the log in nu, exactly as docs/contract.md §2.
 NU_EPSILON = 1e-30
 # The latent directions draw from the model seed shifted by this, so they differ from P's stream.
 _DIRECTION_SEED_OFFSET = 1_000_003
@@ -88,7 +90,7 @@ def projection_matrix(
     output_dim: int, m: int = DEFAULT_PROJECTION_ROWS, seed: int = 0
 ) -> torch.Tensor | None:
     """``P``: ``(m, D)`` float64 random orthonormal rows for ``D = output_dim``; ``None`` (P = I)
-    when ``D <= m`` (CONTRACT §2)."""
+    when ``D <= m`` (docs/contract.md §2)."""
     if output_dim <= m:
         return None
     return random_orthonormal_rows(m, output_dim, seed)
@@ -194,7 +196,8 @@ def rank_tolerance(latent_dim: int, rows: int, dtype: torch.dtype) -> float:
 
 
 def psi_nu(singular_values: torch.Tensor, rtol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n, k)`` singular values -> ``psi`` ``(n,)`` and ``nu`` ``(n,)`` float64 (CONTRACT §2).
+    """``(n, k)`` singular values -> ``psi`` ``(n,)`` and ``nu`` ``(n,)`` float64 (docs/contract.md
+    §2).
 
     psi = sum over s_i > rtol * max(s) of log s_i (local scaling, Humayun et al. 2024; a sum of
     logs, never a product; 0 when no singular value is non-zero). Pass

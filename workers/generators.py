@@ -1,6 +1,6 @@
 """Generator adapters: modules mapping a batch of index-space latents to a batch of outputs.
 
-Each factory here is usable as a ``--generator`` import path (CONTRACT §4), e.g.
+Each factory here is usable as a ``--generator`` import path (docs/contract.md §4), e.g.
 ``latentsieve.workers.generators:toy_cpwl_generator``. ``diffusers`` is an optional
 dependency, imported only by the AutoencoderKL adapters.
 """

@@ -4,7 +4,7 @@
 
 ``PORT`` defaults to ``LATENTSIEVE_METRICS_PORT``, else 9100. Healthy means the worker's own
 metrics server answers within 2 s and shows ``latentsieve_worker_up{...} 1.0`` for at least one
-model shard (CONTRACT §6): the process is up and has loaded what it serves. Standard library
+model shard (docs/contract.md §6): the process is up and has loaded what it serves. Standard library
 only, so the probe costs no import of torch or FAISS.
 """
 

@@ -47,7 +47,7 @@ class Computed:
 
 
 def merge(work: Work, parts: Sequence[ShardScores]) -> Computed:
-    """Shard results in shard order -> the version's scores (CONTRACT §4); certified parts
+    """Shard results in shard order -> the version's scores (docs/contract.md §4); certified parts
     merge as intervals (the ends of each part's interval merged alike)."""
     exclude = work.query.exclude
     if all(part.bound is None for part in parts):

@@ -1,4 +1,5 @@
-"""Eq. (1) from the log-sums of row-disjoint parts (shards, CONTRACT §4), exact or certified:
+"""Eq. (1) from the log-sums of row-disjoint parts (shards, docs/contract.md §4), exact or
+certified:
 
     log_density(z) = logsumexp_k( log_sum_k(z) ) - log N
 

@@ -1,4 +1,4 @@
-"""Seed -> latent draws that reproduce an upstream pipeline bit for bit (CONTRACT §5)."""
+"""Seed -> latent draws that reproduce an upstream pipeline bit for bit (docs/contract.md §5)."""
 
 from __future__ import annotations
 

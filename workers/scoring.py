@@ -51,7 +51,8 @@ class ScoredBatch:
 
 
 def percentile_of(scores: np.ndarray, sorted_reference: np.ndarray) -> np.ndarray:
-    """Fraction of reference scores <= each score (CONTRACT §1): (n,), (M,) sorted -> (n,)."""
+    """Fraction of reference scores <= each score (docs/contract.md §1): (n,), (M,) sorted ->
+    (n,)."""
     ranks = np.searchsorted(sorted_reference, scores, side="right")
     return np.asarray(ranks / sorted_reference.size, dtype=np.float64)
 
@@ -125,7 +126,8 @@ class ModelView:
         return ordered
 
     def calibration_blocks(self, block: int = BLOCK) -> Iterator[CalibrationBlock]:
-        """The calibration set (CONTRACT §1) in blocks of ``block`` latents: sampler draws or
+        """The calibration set (docs/contract.md §1) in blocks of ``block`` latents: sampler draws
+        or
         the user's ``--calibration-latents`` as sent, or the leave-one-out training rows in the
         index's space, each leaving itself out."""
         spec = self.manifest.calibration
@@ -185,7 +187,7 @@ class ModelView:
 
 class ModelScorer:
     """A whole version scored in this thread: the view and a scorer per shard, merged
-    (CONTRACT §4). The library's synchronous entry point (reports, studies, tests); the
+    (docs/contract.md §4). The library's synchronous entry point (reports, studies, tests); the
     service goes through the engine's batchers and transports instead. ``device`` (``cpu``
     or ``cuda:I``, see workers/devices.py) runs the exact density GEMMs and the generator's
     Jacobians; certified ivf probing, seed draws and the mapping stay on the CPU, where the
@@ -266,7 +268,8 @@ class ModelScorer:
         max_error: float | None = None,
     ) -> ScoredBatch:
         """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
-        and the named descriptors (CONTRACT §2) with their calibration percentiles; a certified
+        and the named descriptors (docs/contract.md §2) with their calibration percentiles; a
+        certified
         ivf index bounds each score by ``max_error`` nats (default: the index's)."""
         sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
         names = tuple(sorted(set(descriptors)))
@@ -298,7 +301,8 @@ def score_report(
     cached: Sequence[bool] | None = None,
     positions: Sequence[int] | None = None,
 ) -> dict[str, object]:
-    """The JSON body of a ``POST /score`` answer (CONTRACT §3) for a scored batch; ``cached``
+    """The JSON body of a ``POST /score`` answer (docs/contract.md §3) for a scored batch;
+    ``cached``
     marks the rows served from the score cache (all ``False`` when omitted); ``positions``
     gives each row's place in a posted batch (``/select`` over latents: each result's
     ``index``, and what ``accepted`` lists)."""

@@ -1,4 +1,5 @@
-"""One shard's part of eq. (1) (CONTRACT §4); the merge is :mod:`latentsieve.workers.log_sums`.
+"""One shard's part of eq. (1) (docs/contract.md §4); the merge is
+:mod:`latentsieve.workers.log_sums`.
 
 A version split into K row-disjoint shards scores a latent as
 

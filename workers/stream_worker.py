@@ -96,7 +96,7 @@ def _reply_key(fields: Fields) -> str | None:
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How one worker process runs (``latentsieve worker`` options, CONTRACT §4)."""
+    """How one worker process runs (``latentsieve worker`` options, docs/contract.md §4)."""
 
     store: str
     redis_url: str
@@ -114,7 +114,7 @@ class WorkerOptions:
 
 
 class WorkerMetrics:
-    """The worker's own ``/metrics`` (CONTRACT §6, distributed mode)."""
+    """The worker's own ``/metrics`` (docs/contract.md §6, distributed mode)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

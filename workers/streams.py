@@ -1,4 +1,5 @@
-"""The Redis Streams protocol between gateways and workers (CONTRACT §4, ``--compute workers``).
+"""The Redis Streams protocol between gateways and workers (docs/contract.md §4, ``--compute
+workers``).
 
     latentsieve:jobs:{model}:{shard}      one stream per model shard, consumer group
                                           ``latentsieve-workers``: a job is one request's

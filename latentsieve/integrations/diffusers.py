@@ -1,7 +1,8 @@
 """Best-of-G text-to-image generation with a diffusers pipeline, ranked by LatentSieve.
 
 For one prompt, G candidate seeds start from the noise diffusers draws for them; one scoring call
-ranks the G candidates by ``log_density`` (CONTRACT §1) at the point the strategy names, and only
+ranks the G candidates by ``log_density`` (docs/contract.md §1) at the point the strategy names,
+and only
 the best M are carried to the end and decoded:
 
     strategy    what is scored                                   denoiser evaluations
@@ -191,7 +192,8 @@ class ServiceScorer:
 
     Built from a typed client and a served model's name; construction asks ``GET /models``, so
     a service that is down or does not serve ``model`` fails here, before any denoising, with a
-    :class:`ScoringError`. ``sigma`` and ``policy`` override the index's defaults (CONTRACT §3).
+    :class:`ScoringError`. ``sigma`` and ``policy`` override the index's defaults (docs/contract.md
+    §3).
     """
 
     def __init__(

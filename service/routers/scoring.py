@@ -1,5 +1,6 @@
 """``POST /score`` and ``POST /select``: read the body, validate it, call the engine, answer
-(CONTRACT §3). Everything between the body and the answer is ``latentsieve.service.engine``."""
+(docs/contract.md §3). Everything between the body and the answer is
+``latentsieve.service.engine``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Descriptors through ``POST /score`` and ``/select``: the scorer's numbers, cached with the
-generator, decided by policy bounds, exported as metrics (CONTRACT §2, §3, §6)."""
+generator, decided by policy bounds, exported as metrics (docs/contract.md §2, §3, §6)."""
 
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ async def test_redis_down_keeps_answering_and_counts_errors(
     settings: Settings, private_redis: Callable[..., Any], serve: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    """CONTRACT §3 / issue 3: with Redis gone the gateway computes, answers 200 and counts."""
+    """docs/contract.md §3 / issue 3: with Redis gone the gateway computes, answers 200 and
+    counts."""
     latents = sample_latents(4, seed=41).tolist()
     body = {"model": MODEL, "latents": latents}
     with private_redis(tmp_path) as (url, redis_process):
@@ -256,7 +257,7 @@ async def test_percentiles_at_another_sigma_match_a_float64_reference(
     results = response.json()["results"]
     want = log_density_reference(latents[:, kept].astype(np.float64), training, sigma)
     got = np.array([r["log_density"] for r in results])
-    np.testing.assert_allclose(got, want, atol=1e-4)  # CONTRACT §1
+    np.testing.assert_allclose(got, want, atol=1e-4)  # docs/contract.md §1
     brute = [(reference <= value).mean() for value in got]
     # One calibration rank of slack: float32 and float64 scores may order a near-tie apart.
     np.testing.assert_allclose(

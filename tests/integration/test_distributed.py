@@ -33,7 +33,7 @@ from latentsieve.workers.streams import GROUP, dead_letter_stream, job_stream
 
 PLAIN, SPLIT = "plain", "split"
 N, DIM, SIGMA = 3000, 12, 1.5
-TOLERANCE = 1e-4  # nats, CONTRACT §1
+TOLERANCE = 1e-4  # nats, docs/contract.md §1
 FAST = ("--claim-idle-ms", "1000", "--heartbeat-ttl", "1.5", "--max-wait-ms", "5")
 
 

@@ -1,4 +1,5 @@
-"""A real Prometheus (Debian's package) scrapes a real ``latentsieve serve``: every CONTRACT §6
+"""A real Prometheus (Debian's package) scrapes a real ``latentsieve serve``: every
+docs/contract.md §6
 series arrives with its labels, and ``promtool`` accepts the exposition."""
 
 from __future__ import annotations

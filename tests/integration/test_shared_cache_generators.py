@@ -1,6 +1,6 @@
 """Two deployments share one Redis cache and serve versions with the same model and version
 names but different generators: descriptors cached by one must never answer the other. The
-expected ``psi`` comes from the closed form of a linear generator (CONTRACT §2:
+expected ``psi`` comes from the closed form of a linear generator (docs/contract.md §2:
 ``psi = 0.5 log det(A^T A)`` when ``P = I``), not from the service."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from latentsieve.workers.density import (
 )
 from latentsieve.workers.scoring import percentile_of
 
-CONTRACT_TOLERANCE = 1e-4  # nats, CONTRACT §1
+CONTRACT_TOLERANCE = 1e-4  # nats, docs/contract.md §1
 
 
 def clustered(rng: np.random.Generator, n: int, d: int, scale: float, offset: float) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""psi, nu, delta (CONTRACT §2) against closed forms, independent Jacobians and brute force."""
+"""psi, nu, delta (docs/contract.md §2) against closed forms, independent Jacobians and brute
+force."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed draws are pinned bit for bit (CONTRACT §5) and equal the diffusers recipe."""
+"""Seed draws are pinned bit for bit (docs/contract.md §5) and equal the diffusers recipe."""
 
 from __future__ import annotations
 

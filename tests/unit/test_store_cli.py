@@ -284,7 +284,7 @@ def test_options_fall_back_to_environment_variables(
     tmp_path: Path, latents: np.ndarray, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """CONTRACT §4: every option has a LATENTSIEVE_<OPTION> variable."""
+    """docs/contract.md §4: every option has a LATENTSIEVE_<OPTION> variable."""
     monkeypatch.setenv("LATENTSIEVE_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("LATENTSIEVE_MODEL", "m")
     monkeypatch.setenv("LATENTSIEVE_LATENTS", str(_save(tmp_path, latents)))

@@ -1,4 +1,5 @@
-"""A worker's ``/metrics`` (CONTRACT §6, distributed mode): the four families with their labels,
+"""A worker's ``/metrics`` (docs/contract.md §6, distributed mode): the four families with their
+labels,
 every series of a served shard initialised, and the histograms the gateway also exports bucketed
 and described exactly as the gateway's (the dashboard sums both targets' buckets)."""
 
