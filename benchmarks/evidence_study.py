@@ -1,4 +1,8 @@
-"""Which index settings make log_density predict sample quality? The study behind the defaults.
+"""Which index settings make log_density predict sample quality? The earlier, in-sample study.
+
+Superseded by ``benchmarks/preregistered.py`` (docs/evidence.md, "Pre-registration"): this script
+chooses and reports on the same seeds 0-3999 and judges with one classifier. It is kept because
+its diagnosis of the VAE (inactive coordinates, the bandwidth, the prior hole) still stands.
 
 Builds every variant below with the product's own ``index build`` path into a temporary store,
 scores the same seeds with each, and measures the Spearman correlation (bootstrap 95% interval)

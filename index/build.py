@@ -33,6 +33,7 @@ from latentsieve.index.manifest import (
     IVF_OFFSETS_FILE,
     KNOWN_SPACES,
     STORAGE_TYPES,
+    TORCHSCRIPT_DESCRIPTORS,
     Calibration,
     CertifiedLists,
     CertifiedMeasure,
@@ -521,7 +522,7 @@ def build_version(
         if bounded - computed:
             raise StoreError(
                 f"the policy bounds {', '.join(sorted(bounded - computed))}, which this "
-                "generator does not compute (a TorchScript generator has psi and nu only)"
+                f"generator does not compute ({TORCHSCRIPT_DESCRIPTORS})"
             )
         calibration = Calibration(
             source=request.source,  # type: ignore[arg-type]

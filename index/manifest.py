@@ -171,6 +171,8 @@ class Calibration(_Frozen):
 
 
 DESCRIPTOR_NAMES = ("psi", "nu", "delta")
+# Why a TorchScript generator lacks delta, for every message that refuses it.
+TORCHSCRIPT_DESCRIPTORS = "a TorchScript generator has psi and nu only"
 DEFAULT_PROJECTION_ROWS = 120  # m, the rows of P (docs/contract.md §2)
 DEFAULT_DELTA_DIRECTIONS = 8  # P, the cross-polytope's directions
 

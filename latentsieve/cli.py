@@ -151,7 +151,8 @@ def parse_descriptor_names(text: str | None, policy: Policy) -> set[str]:
     unknown = names - set(DESCRIPTOR_NAMES)
     if unknown:
         raise CliError(
-            f"unknown descriptor(s) {', '.join(sorted(unknown))}; allowed: psi, nu, delta"
+            f"unknown descriptor(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(DESCRIPTOR_NAMES)}"
         )
     return names | set(policy.needed_descriptors())
 

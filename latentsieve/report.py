@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from latentsieve.index.bandwidth import knn_median_sigma
+from latentsieve.index.manifest import DESCRIPTOR_NAMES
 from latentsieve.index.store import LatentStore
 from latentsieve.workers.evidence import (
     REJECT_FRACTIONS,
@@ -331,7 +332,7 @@ def _oriented(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for name, values in scores.items():
         if name in ("log_density", "random"):
             continue
-        if name in ("psi", "nu", "delta"):
+        if name in DESCRIPTOR_NAMES:
             oriented[f"{name}_low_rejected"] = values
             oriented[f"{name}_high_rejected"] = -values
         else:

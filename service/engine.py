@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from latentsieve.index.manifest import IndexManifest, Policy
+from latentsieve.index.manifest import TORCHSCRIPT_DESCRIPTORS, IndexManifest, Policy
 from latentsieve.service.cache import CachedScore, ScoreCache, cache_keys
 from latentsieve.service.errors import ServiceError
 from latentsieve.service.registry import ModelRegistry, ServedModel
@@ -160,7 +160,7 @@ def descriptor_names(
             422,
             f"model {view.manifest.model!r} computes only "
             f"{', '.join(sorted(view.descriptor_names))}, not {', '.join(sorted(missing))} "
-            "(delta needs an eager generator; TorchScript cannot carry forward hooks)",
+            f"({TORCHSCRIPT_DESCRIPTORS}: delta needs forward hooks)",
         )
     return names
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from latentsieve.index.errors import StoreError
@@ -41,13 +40,11 @@ class ModelRegistry:
     def __init__(
         self,
         store: LatentStore,
-        on_load: Callable[[ServedModel], None] | None = None,
         device: str = "cpu",
         load_shards: bool = True,
     ) -> None:
         self.store = store
         self.device = device  # resolved (workers.devices.resolve_device): cpu or cuda:I
-        self.on_load = on_load
         self.load_shards = load_shards
         self._models: dict[str, ServedModel] = {}
         self._failed: set[tuple[str, str]] = set()
@@ -109,8 +106,6 @@ class ModelRegistry:
                     continue
                 self._models = {**self._models, name: scorer}
                 loaded.append(f"{name}/{version}")
-                if self.on_load is not None:
-                    self.on_load(scorer)
                 log.info("serving index version", extra={"model": name, "version": version})
             return loaded
 

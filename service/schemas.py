@@ -30,11 +30,10 @@ from pydantic import (
     model_validator,
 )
 
-from latentsieve.index.manifest import SIGMA_MAX, SIGMA_MIN, Policy
+from latentsieve.index.manifest import DESCRIPTOR_NAMES, SIGMA_MAX, SIGMA_MIN, Policy
 from latentsieve.service.errors import ServiceError, describe_validation_errors
 from latentsieve.workers.samplers import MAX_SEED
 
-DESCRIPTOR_NAMES = ("psi", "nu", "delta")
 DTYPES: dict[str, np.dtype[Any]] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),

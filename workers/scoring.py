@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from latentsieve.index.manifest import IndexManifest, Policy, check_sigma
+from latentsieve.index.manifest import (
+    TORCHSCRIPT_DESCRIPTORS,
+    IndexManifest,
+    Policy,
+    check_sigma,
+)
 from latentsieve.index.store import LatentStore, LoadedVersion
 from latentsieve.workers.calibration import BLOCK
 from latentsieve.workers.density import DensityScorer
@@ -282,7 +287,7 @@ class ModelScorer:
             if missing:
                 raise ValueError(
                     f"model {self.manifest.model!r} does not compute "
-                    f"{', '.join(sorted(missing))} (a TorchScript generator has psi and nu only)"
+                    f"{', '.join(sorted(missing))} ({TORCHSCRIPT_DESCRIPTORS})"
                 )
         self.calibration(sigma)
         computed = self._log_sums(

@@ -62,7 +62,8 @@ async def test_descriptors_match_the_scorer_and_are_cached(
 
 async def test_policy_bounds_reject_with_reasons(app_client: httpx.AsyncClient) -> None:
     batch = latents(40, seed=12)
-    policy = {"min_percentile": 0.0, "psi": {"min_percentile": 0.5}, "nu": {"max_percentile": 0.5}}
+    policy = {"min_percentile": 0.0, "psi": {"min_percentile": 0.5}, "nu": {"max_percentile": 0.5},
+              "rank_sum": None}  # the request's fields replace the model's
     body = {"model": MODEL, "latents": batch.tolist(), "policy": policy}
     results = (await app_client.post("/score", json=body)).json()["results"]
     for result in results:

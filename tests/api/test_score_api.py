@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentsieve.demo import index_latents
 from latentsieve.index.store import LatentStore
 from latentsieve.service.settings import Settings
 from latentsieve.workers.demo_models.digits_vae import training_latents
@@ -133,7 +134,7 @@ async def test_policy_override_and_cached_verdicts(
     reasons = decide(expected.percentile, scorer.manifest.policy, expected.descriptor_percentiles)
     assert [r["reasons"] for r in first["results"]] == reasons
     assert [r["accept"] for r in first["results"]] == [not why for why in reasons]
-    assert PERCENTILE_BELOW_MIN in first["results"][3]["reasons"]
+    assert PERCENTILE_BELOW_MIN in first["results"][3]["reasons"]  # the demo policy's floor
 
     # The same latents again with a policy that refuses everything: scores come from the
     # cache, the verdicts are recomputed for the new policy.
@@ -241,7 +242,7 @@ async def test_percentiles_at_another_sigma_match_a_float64_reference(
     sigma = 0.37  # not the build's sigma: percentiles need a calibration at this sigma
     assert sigma != manifest.bandwidth.sigma and manifest.projection is not None
     kept = list(manifest.projection.kept or ())
-    training = training_latents().astype(np.float64)[:, kept]
+    training = index_latents().astype(np.float64)[:, kept]  # the demo index: half A
     calibration = manifest.calibration
     assert calibration.seed_start is not None
     draws = np.stack([

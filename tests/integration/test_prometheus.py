@@ -78,7 +78,7 @@ def test_prometheus_scrapes_every_contract_series(prometheus: str) -> None:
     rejected = query(prometheus, 'latentsieve_decisions_total{decision="reject"}')
     assert rejected and all("reason" in item["metric"] for item in rejected)
     assert any(
-        "rank_sum_below_min" in str(item["metric"]["reason"])  # the demo policy's rule
+        "percentile_below_min" in str(item["metric"]["reason"])  # the demo policy's floor
         for item in rejected
     )
     hits = query(prometheus, 'latentsieve_cache_requests_total{result="hit"}')

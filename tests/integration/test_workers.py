@@ -19,10 +19,9 @@ from prometheus_client.utils import floatToGoString
 from servers import Server, running_server
 from test_uvicorn import build_small_version
 
-from latentsieve.demo import ensure_demo_index
+from latentsieve.demo import ensure_demo_index, index_latents
 from latentsieve.index.store import LatentStore
 from latentsieve.service.main import store_log_density_buckets
-from latentsieve.workers.demo_models.digits_vae import training_latents
 
 MODEL = "digits-vae"
 CLIENTS, REQUESTS_EACH, SEEDS_EACH = 8, 12, 3
@@ -121,7 +120,7 @@ def test_two_workers_serve_and_metrics_count_every_request(
         time.sleep(0.2)
     assert counted == expected
     assert metric(text, "latentsieve_queue_depth", f'model="{MODEL}"') == 0
-    assert metric(text, "latentsieve_index_latents", ".*") == len(training_latents())
+    assert metric(text, "latentsieve_index_latents", ".*") == len(index_latents())
     # One set of score buckets, fixed by the parent from the store: what one process derives.
     bounds = re.findall(r'^latentsieve_score_log_density_bucket\{le="([^"]+)"', text, re.M)
     assert bounds == [floatToGoString(b) for b in store_log_density_buckets(server.store)] + [
