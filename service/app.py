@@ -173,6 +173,7 @@ def create_app(
         engine = ScoringEngine(settings, registry, cache, compute, metrics)
         metrics.watch_queue_depth(engine.queue_depth_by_model)
         metrics.watch_queue_limit(lambda: registry.snapshot().keys(), settings.model_queue_limit)
+        metrics.watch_certified_paths(registry.certified_paths)
         metrics.watch_index_latents(
             lambda: {
                 (name, s.version): s.view.manifest.n for name, s in registry.snapshot().items()

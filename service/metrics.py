@@ -329,6 +329,21 @@ class ServiceMetrics:
             )
         )
 
+    def watch_certified_paths(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """``latentsieve_certified_rows{model, path}``: rows a certified ivf index of this
+        process scored by each path since it was loaded (``bounds``: the bounds alone,
+        ``probed``, ``dense``: the cost model sent them to the dense GEMM, ``bailed``: dense
+        after probing stopped paying). The fallback's decision, for an operator."""
+        self._add_scrape_time(
+            _GaugeCallback(
+                "latentsieve_certified_rows",
+                "Certified ivf rows scored by each path since load (bounds, probed, dense, "
+                "bailed).",
+                ["model", "path"],
+                lambda: {key: float(n) for key, n in read().items()},
+            )
+        )
+
     def _add_scrape_time(self, collector: Collector) -> None:
         self._scrape_time.append(collector)
         self.registry.register(collector)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
+from latentsieve.workers.approximate import CertifiedDensity
 from latentsieve.workers.scoring import ModelView
 from latentsieve.workers.shard_scoring import ShardScorer, open_shards
 
@@ -31,6 +32,16 @@ class ServedModel:
     @property
     def version(self) -> str:
         return self.view.manifest.version
+
+    def certified_paths(self) -> dict[str, int]:
+        """Rows each certified ivf path scored, summed over this process's shards (empty for
+        a flat index or in front of workers)."""
+        totals: dict[str, int] = {}
+        for shard in self.shards:
+            if isinstance(shard.engine, CertifiedDensity):
+                for path, count in shard.engine.index.decisions.items():
+                    totals[path] = totals.get(path, 0) + count
+        return totals
 
 
 class ModelRegistry:
@@ -54,6 +65,14 @@ class ModelRegistry:
     def get(self, name: str) -> ServedModel | None:
         """The version serving ``name`` now, or None (a dict lookup: never the filesystem)."""
         return self._models.get(name)
+
+    def certified_paths(self) -> dict[tuple[str, str], int]:
+        """(model, path) -> rows its certified ivf shards scored by that path (the metric)."""
+        return {
+            (name, path): count
+            for name, served in self.snapshot().items()
+            for path, count in served.certified_paths().items()
+        }
 
     def snapshot(self) -> dict[str, ServedModel]:
         """Every served model, as of now."""

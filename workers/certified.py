@@ -30,18 +30,31 @@ at most 2 u (|mu| + sqrt(d) n r), which moves E by at most twice that times D; r
 relative error of (d + n + 8) u. Then [a, b] is widened outward, E is taken at the end of its
 range that loosens each bound (E is clipped into [a, b]), and every log bound and the final
 interval are widened by REL_SLACK |value| + ABS_SLACK (+ (N + L) u for the log-sum-exp).
+
+Dense fallback: where the bounds cannot prune (a broad sigma, or data that fills every
+dimension), probing list by list costs far more than the one GEMM it replaces. A cost model,
+per query and before each stage's work (:meth:`CertifiedIVF.score`), sends such queries to a
+dense pass: float32 GEMMs over every stored latent, the exact engine's fast path, on an operand
+made from the lists on first use; its interval is the proven rounding bound of that pass
+(:func:`latentsieve.workers.density.float32_logit_bound` plus the exp and the sums), so it
+stays certified. ``CertifiedScores.dense`` and ``CertifiedIVF.decisions`` record the decision.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from latentsieve.index.gemm_operand import GemmOperand, gemm_operand
 from latentsieve.index.ivf_lists import IvfLists, ListStats, kmeans_labels
 from latentsieve.index.manifest import check_sigma
+from latentsieve.workers.density import float32_logit_bound, gamma
+
+log = logging.getLogger(__name__)
 
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps)  # 2^-52, generous for round-to-nearest
 REL_SLACK = 1e-12  # relative outward widening of every log bound (nats)
@@ -52,6 +65,33 @@ PROBE_HEAD = 64  # lists per query ordered up front; the rest only if a query pr
 GATHER_BLOCK = 1 << 21  # float64 elements of one gathered (members, d) block when probing
 EXACT_SHARE = 0.05  # of max_error allowed for the rounding of exactly summed lists
 EXACT_FLOOR = 1e-10  # nats: that allowance when max_error is 0
+# The dense fallback (see CertifiedIVF.score): one float32 GEMM over every stored latent, as the
+# exact engine scores, for the queries whose bounds cannot prune.
+DENSE_BLOCK = 4096  # stored rows per GEMM of the dense pass
+DENSE_QUERY_BLOCK = 1024  # queries per dense pass
+DENSE_SHARE = 0.25  # of max_error: the most a dense row's half-width may be to be taken
+DENSE_HEADROOM = 60.0  # nats: the shift puts the largest term any list allows at e^60
+DENSE_MAX_GAP = 100.0  # nats: largest upper bound over the total's lower bound, for float32
+DENSE_THRESHOLD = 0.9  # probing predicted to cost this share of the dense pass: go dense
+EXP32_ERROR = 8.0 * 2.0**-24  # relative error allowed for NumPy's float32 exp (a few ulps)
+FLOAT32_TINY = 2.0**-126  # a float32 exp below this may be subnormal or 0: its absolute error
+# The cost model, in units of one (row, column) product of the dense pass (a query costs
+# N (d + 2) there): a probed list's rows cost PROBE_ROW_FACTOR times a dense row (small GEMMs,
+# gathers, the round's bookkeeping) and each probed (query, list) pair PROBE_PAIR_COST more (its
+# errors, indexing and Python overhead); the bounds and the planning cost the rest per pair.
+# Measured with NumPy on 2 cores at N = 1M, d = 64 (docs/performance.md, under the scale table).
+PROBE_ROW_FACTOR = 3.0
+PROBE_PAIR_COST = 2.0e5
+BOUND_PAIR_COST = 4.5e3  # the radius bounds of one (query, list) pair
+SHAPE_PAIR_COST = 3.0e4  # the shape bounds of one refined pair
+PLAN_PAIR_COST = 1.6e3  # the planning (centroid bounds, predicted probing) of one pair
+PLAN_SHARE = 0.07  # of the dense pass: planning dearer than this is skipped (dense at once)
+BOUNDS_TRY_SHARE = 0.1  # of the dense pass: bounds this cheap are worth computing in vain
+BAIL_FLOOR = 0.25  # of the dense pass: probing that was predicted cheaper may spend this first
+PLAN_BUCKET_NATS = 0.25  # resolution of the predicted probe depth (nats of upper bound)
+PLAN_BUCKETS = 160  # lists more than 40 nats under a query's top list share the last bucket
+PLAN_MARGIN = 0.9  # of 2 max_error: what the unprobed lists may leave of the width
+U32 = 2.0**-24
 
 
 # --- Pure formulas (NumPy arrays in, arrays out; all broadcast) ---------------------------------
@@ -303,6 +343,64 @@ def log_list_bounds(
     return lower, upper
 
 
+def predicted_probe(
+    lower: np.ndarray, upper: np.ndarray, counts: np.ndarray, max_error: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lists (Q,) and stored rows (Q,) that probing is predicted to sum before each query's
+    interval is at most ``2 max_error`` wide, from per-list log bounds (Q, L) and list sizes (L,).
+
+    Probing sums the lists in order of their upper bound; once the lists above some level are
+    summed exactly, the width is at most log(1 + R / T) with R the unprobed lists' sum of
+    e^upper - e^lower and T the sum of every e^lower (an exact sum is at least its lower
+    bound). The levels are buckets of ``PLAN_BUCKET_NATS`` under the query's top upper bound, so
+    the prediction errs on the side of more lists, by at most one bucket. A few passes over
+    (Q, L): cheap next to the bounds. A prediction, not a certificate: it only steers the work.
+    """
+    rows, nlist = upper.shape
+    if rows == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    top = upper.max(axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)[:, None]
+    with np.errstate(under="ignore", invalid="ignore"):
+        gap = np.maximum(np.exp(upper - top) - np.exp(np.minimum(lower, upper) - top), 0.0)
+        depth = (top - upper) / PLAN_BUCKET_NATS
+    gap = np.nan_to_num(gap, nan=0.0)
+    bucket = np.minimum(np.nan_to_num(depth, nan=PLAN_BUCKETS, posinf=PLAN_BUCKETS),
+                        PLAN_BUCKETS - 1).astype(np.int64)
+    index = (np.arange(rows)[:, None] * PLAN_BUCKETS + bucket).ravel()
+    size = rows * PLAN_BUCKETS
+    gaps = np.bincount(index, weights=gap.ravel(), minlength=size).reshape(rows, PLAN_BUCKETS)
+    lists = np.bincount(index, minlength=size).reshape(rows, PLAN_BUCKETS)
+    members = np.bincount(index, weights=np.broadcast_to(counts, upper.shape).ravel(),
+                          minlength=size).reshape(rows, PLAN_BUCKETS)
+    left = np.cumsum(gaps[:, ::-1], axis=1)[:, ::-1]  # left[b]: lists in buckets >= b unprobed
+    with np.errstate(under="ignore"):
+        total = np.exp(logsumexp_rows(lower) - top[:, 0])
+    budget = total * math.expm1(2.0 * max_error * PLAN_MARGIN)
+    # The first bucket from which every list may stay unprobed; all of them (PLAN_BUCKETS) if none.
+    fits = left <= budget[:, None]
+    first = np.where(fits.any(axis=1), np.argmax(fits, axis=1), PLAN_BUCKETS)
+    above = np.arange(PLAN_BUCKETS)[None, :] < first[:, None]
+    probe_lists = np.where(above, lists, 0).sum(axis=1)
+    probe_rows = np.where(above, members, 0).sum(axis=1)
+    return probe_lists.astype(np.int64), probe_rows.astype(np.float64)
+
+
+class _GroupedRows:
+    """The stored latents of IvfLists in grouped (list) order, float64, read by row slices:
+    what gemm_operand reads to make the dense operand (one block at a time)."""
+
+    def __init__(self, lists: IvfLists) -> None:
+        self.lists = lists
+        self.shape = (lists.n, lists.dim)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, _ = key.indices(self.shape[0])
+        labels = self.lists.labels_of(np.arange(start, stop))
+        return np.asarray(self.lists.origins[labels] + self.lists.offsets[start:stop].astype(
+            np.float64))
+
+
 # --- The index ----------------------------------------------------------------------------------
 
 
@@ -311,7 +409,10 @@ class CertifiedScores:
     """Scores of a batch, float64 (Q,) nats: the exact eq. (1) lies in [low, high].
 
     ``estimate`` = (low + high) / 2, ``half_width`` = (high - low) / 2 bounds its error;
-    ``lists_probed`` (int64 (Q,)) counts the lists summed exactly.
+    ``lists_probed`` (int64 (Q,)) counts the lists summed exactly (every non-empty list for a
+    dense row); ``dense`` (bool (Q,)) marks the rows the cost model sent to the dense GEMM over
+    every stored latent (their interval is that pass's rounding bound alone) instead of probing:
+    the fallback's decision, per row, for the record.
     """
 
     estimate: np.ndarray
@@ -319,6 +420,7 @@ class CertifiedScores:
     high: np.ndarray
     half_width: np.ndarray
     lists_probed: np.ndarray
+    dense: np.ndarray
 
 
 class _ProbeOrder:
@@ -360,6 +462,11 @@ class CertifiedIVF:
         self.stats = lists.stats
         self.origin_norms = np.sqrt(np.einsum("ij,ij->i", lists.origins, lists.origins))
         self._bias: tuple[float, np.ndarray] | None = None
+        self._dense: tuple[GemmOperand, float] | None = None  # made on the first dense row
+        # Rows answered since the index was opened, by path: "bounds" (no list summed),
+        # "probed", "dense" (predicted by the cost model), "bailed" (probing gave up, then
+        # dense). Counted without a lock: a record, not a ledger.
+        self.decisions: dict[str, int] = {"bounds": 0, "probed": 0, "dense": 0, "bailed": 0}
 
     @classmethod
     def build(
@@ -484,6 +591,100 @@ class CertifiedIVF:
             high[start : start + block] = logsumexp_rows(-sq * (1.0 - rel) / two_s2)
         return low, high
 
+    def prepare_dense(self) -> None:
+        """Make the dense fallback's operand now (otherwise the first dense row makes it):
+        a server may call this at load to keep that one-off cost out of a request."""
+        self._dense_operand()
+
+    def _dense_operand(self) -> tuple[GemmOperand, float]:
+        """The stored latents as the exact engine's float32 operand [z_c, -|z_c|^2/2, 1] in
+        grouped order (N, d + 2), and R = max |z_c|: made on the first dense row, then kept (a
+        second copy of the latents, as a flat index serves; never for an index that prunes)."""
+        cached = self._dense  # one read: another thread may replace it meanwhile
+        if cached is None:
+            operand = gemm_operand(_GroupedRows(self.lists), DENSE_BLOCK)  # type: ignore[arg-type]
+            cached = (operand, float(np.sqrt(operand.sq_norms.max())))
+            self._dense = cached
+        return cached
+
+    def _dense_terms(
+        self, q: np.ndarray, shift: np.ndarray, sigma: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For queries (R, d) whose every term is at most e^shift (R,): q_c (R, d) and |q_c|^2
+        (R,) about the dense operand's mean, the float32 shift m (R,) the GEMM subtracts, the
+        bound e (R,) of each logit's rounding (nats), and the half-width (R,) the dense pass
+        may leave (inf where float32 cannot hold the inputs)."""
+        operand, radius = self._dense_operand()
+        s2 = sigma * sigma
+        q_c = q - operand.mean
+        q_sq = np.einsum("ij,ij->i", q_c, q_c)
+        with np.errstate(over="ignore", invalid="ignore"):
+            m = (shift + q_sq / (2.0 * s2) - DENSE_HEADROOM).astype(np.float32)
+            m64 = m.astype(np.float64)
+            # float32_logit_bound covers a zero shift column; the shift adds gamma |m| to the
+            # GEMM's sum, and m - |q_c|^2 / (2 s2) two float64 roundings.
+            term = (float32_logit_bound(np.sqrt(q_sq), radius, self.dim, sigma)
+                    + gamma(self.dim + 8, U32) * np.abs(m64)
+                    + 4.0 * UNIT_ROUNDOFF * (np.abs(m64) + q_sq / (2.0 * s2)))
+            error = term + 2.0 * (EXP32_ERROR + self._dense_sum_error())
+        safe = (np.isfinite(m64) & (np.abs(m64) < 1e30) & (1.0 / s2 < 1e30)
+                & (np.abs(q_c).max(axis=1, initial=0.0) / s2 < 1e30))
+        return q_c, q_sq, m, term, np.where(safe & np.isfinite(error), error, np.inf)
+
+    def _dense_sum_error(self) -> float:
+        """Relative rounding of the dense pass's sums: float32 within a block, float64 across."""
+        blocks = -(-self.n // DENSE_BLOCK)
+        return gamma(min(DENSE_BLOCK, self.n), U32) + gamma(blocks + 1, UNIT_ROUNDOFF)
+
+    def _dense_log_sums(
+        self, q: np.ndarray, shift: np.ndarray, sigma: float, skip: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Certified (low, high) of log S(q), the sum over every stored latent, for queries
+        (R, d) by float32 GEMMs over the dense operand, the exact engine's fast path.
+
+        ``shift`` (R,): an upper bound of each query's log terms (its largest list upper
+        bound); the GEMM subtracts m = shift + |q_c|^2 / (2 s2) - DENSE_HEADROOM, so no term
+        passes e^60 and the float32 sums cannot overflow. ``skip`` (R,): the grouped row a query
+        leaves out, -1 for none. Each logit is within e (:func:`float32_logit_bound`, plus the
+        shift's share of the GEMM's rounding) of exact; each float32 exp within EXP32_ERROR
+        relative, or FLOAT32_TINY absolute below the normal range; each block's float32 sum and
+        the float64 sum of the blocks within gamma of theirs (any order).
+        """
+        operand, _ = self._dense_operand()
+        s2 = sigma * sigma
+        q_c, q_sq, m, term, _ = self._dense_terms(q, shift, sigma)
+        m64 = m.astype(np.float64)
+        q_aug = np.empty((q.shape[0], self.dim + 2), dtype=np.float32)
+        q_aug[:, : self.dim] = q_c / s2
+        q_aug[:, self.dim] = 1.0 / s2
+        q_aug[:, self.dim + 1] = -m
+        sums = np.zeros(q.shape[0])
+        width = min(DENSE_BLOCK, self.n)
+        buffer = np.empty((min(q.shape[0], DENSE_QUERY_BLOCK), width), dtype=np.float32)
+        for first in range(0, q.shape[0], DENSE_QUERY_BLOCK):
+            part = slice(first, first + DENSE_QUERY_BLOCK)
+            block_q, block_skip = q_aug[part], skip[part]
+            for start in range(0, self.n, DENSE_BLOCK):
+                logits = buffer[: block_q.shape[0], : min(width, self.n - start)]
+                np.matmul(block_q, operand.augmented[start : start + DENSE_BLOCK].T, out=logits)
+                hit = np.flatnonzero((block_skip >= start)
+                                     & (block_skip < start + logits.shape[1]))
+                logits[hit, block_skip[hit] - start] = -np.inf
+                with np.errstate(over="ignore", under="ignore"):
+                    np.exp(logits, out=logits)
+                with np.errstate(over="ignore"):
+                    sums[part] += logits.sum(axis=1)
+        summed = self._dense_sum_error()
+        tiny = self.n * FLOAT32_TINY
+        finite = np.isfinite(sums)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            high = (np.log(sums / (1.0 - summed) + tiny) - math.log1p(-EXP32_ERROR) + term
+                    + m64 - q_sq / (2.0 * s2))
+            low = (np.log(np.maximum(sums / (1.0 + summed) - tiny, 0.0))
+                   - math.log1p(EXP32_ERROR) - term + m64 - q_sq / (2.0 * s2))
+        # Overflow (not expected under the shift): nothing is known.
+        return np.where(finite, low, -np.inf), np.where(finite, high, np.inf)
+
     def _interval(
         self, lower: np.ndarray, upper: np.ndarray, count: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -504,6 +705,7 @@ class CertifiedIVF:
         probe_step: int = 8,
         max_probe: int | None = None,
         exclude: np.ndarray | None = None,
+        dense: bool = True,
     ) -> CertifiedScores:
         """Eq. (1) for (Q, d) queries, each within ``max_error`` nats (half-width) if reachable.
 
@@ -512,6 +714,24 @@ class CertifiedIVF:
         half-width is <= ``max_error``, every non-empty list is summed, or ``max_probe`` lists
         are (then the interval is only wider). ``exclude`` (Q,) input rows, -1 for none:
         leave-one-out, that row's list is summed first without it and the mean is over N - 1.
+
+        The dense fallback (``dense``, without ``max_probe``, for ``max_error`` > 0): a query
+        whose bounds cannot prune is summed by float32 GEMMs over every stored latent, as the
+        exact engine scores, when that pass's rounding bound fits in ``DENSE_SHARE *
+        max_error`` (:meth:`_dense_terms`). Decided per query from its own numbers, so a score
+        does not depend on its batch, at three points, each before the work it saves:
+
+        - from the centroid distances alone (:meth:`_centroid_bounds`, a few passes over
+          (Q, L)): when probing is predicted (:func:`predicted_probe`) to cost, bounds
+          included, ``DENSE_THRESHOLD`` of the dense pass or more, and the certified bounds
+          alone would cost ``BOUNDS_TRY_SHARE`` of it or more (too much to try in vain);
+        - from the certified bounds: when the probing they predict costs ``DENSE_THRESHOLD``
+          of the dense pass or more;
+        - while probing: when a query has spent twice its predicted cost (at least
+          ``BAIL_FLOOR`` of the dense pass) and is still open (the bail-out).
+
+        Costs are in dense (row, column) products: PROBE_ROW_FACTOR, PROBE_PAIR_COST,
+        BOUND_PAIR_COST, SHAPE_PAIR_COST. ``dense`` in the result marks the rows answered so.
         """
         if not max_error >= 0.0:
             raise ValueError(f"max_error must be >= 0, got {max_error}")
@@ -520,6 +740,138 @@ class CertifiedIVF:
         if max_probe is not None and max_probe < 0:
             raise ValueError(f"max_probe must be >= 0, got {max_probe}")
         q = np.asarray(queries, dtype=np.float64)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape (Q, {self.dim}), got {q.shape}")
+        if not np.all(np.isfinite(q)):
+            raise ValueError("queries contain NaN or Inf")
+        sigma = check_sigma(sigma)
+        out = None
+        if exclude is not None:
+            out = np.asarray(exclude, dtype=np.int64).reshape(-1)
+            if out.shape != (q.shape[0],) or np.any(out >= self.n) or np.any(out < -1):
+                raise ValueError(f"exclude must be {q.shape[0]} rows in [-1, {self.n})")
+            if np.any(out >= 0) and self.n < 2:
+                raise ValueError("leave-one-out needs at least two stored latents")
+        plan = _DensePlan(q.shape[0], self.n * (self.dim + 2.0))
+        early = np.zeros(q.shape[0], dtype=bool)
+        if dense and max_probe is None and max_error > 0.0 and q.shape[0]:
+            filled = int(np.count_nonzero(self.stats.counts))
+            if (BOUND_PAIR_COST * filled >= DENSE_THRESHOLD * plan.dense_cost
+                    or PLAN_PAIR_COST * filled > PLAN_SHARE * plan.dense_cost):
+                # Small for its lists: the bounds alone would cost about the dense pass, or
+                # planning a share of it. Every term is at most 1 (shift 0); a query far from
+                # every latent may underflow to a useless interval, and is then probed.
+                rows = np.arange(q.shape[0])
+                early[self._dense_eligible(q, rows, np.zeros(q.shape[0]), sigma, max_error,
+                                           plan)] = True
+            else:
+                early[self._plan_early(q, sigma, max_error, plan)] = True
+        low, high = np.zeros(q.shape[0]), np.zeros(q.shape[0])
+        probed = np.zeros(q.shape[0], dtype=np.int64)
+        if early.any():
+            rows = np.flatnonzero(early)
+            got_low, got_high = self._dense_scores(q[rows], plan.shift[rows], sigma, out, rows)
+            ok = got_high - got_low <= 2.0 * max_error
+            low[rows[ok]], high[rows[ok]] = got_low[ok], got_high[ok]
+            plan.dense[rows[ok]] = True
+            probed[rows[ok]] = int(np.count_nonzero(self.stats.counts))
+            early[rows[~ok]] = False  # not expected (the check predicted the width): probe them
+        rest = np.flatnonzero(~early)
+        if rest.size:
+            part = self._score_bounds(
+                q[rest], sigma, max_error, probe_step, max_probe,
+                None if out is None else out[rest], dense,
+            )
+            low[rest], high[rest], probed[rest] = part.low, part.high, part.lists_probed
+            plan.dense[rest] = part.dense
+            plan.bailed[rest] = part.bailed
+        self._record(probed, plan)
+        return CertifiedScores(
+            estimate=(low + high) / 2.0,
+            low=low,
+            high=high,
+            half_width=(high - low) / 2.0,
+            lists_probed=probed,
+            dense=plan.dense,
+        )
+
+    def _plan_early(
+        self, q: np.ndarray, sigma: float, max_error: float, plan: _DensePlan
+    ) -> np.ndarray:
+        """The queries to send to the dense pass before any certified bound (see score), with
+        their shifts written into ``plan``."""
+        lower, upper = self._centroid_bounds(q, sigma)
+        lists, members = predicted_probe(lower, upper, self.stats.counts, max_error)
+        filled = int(np.count_nonzero(self.stats.counts))
+        floor = logsumexp_rows(lower) + math.log(max(0.01 * max_error, EXACT_FLOOR)
+                                                 / max(filled, 1))
+        refined = np.count_nonzero(upper > floor[:, None], axis=1)
+        bounds = BOUND_PAIR_COST * filled + SHAPE_PAIR_COST * refined
+        path = bounds + self._probe_cost(lists, members)
+        wanted = np.flatnonzero((path >= DENSE_THRESHOLD * plan.dense_cost)
+                                & (bounds >= BOUNDS_TRY_SHARE * plan.dense_cost))
+        return self._dense_fits(q, lower, upper, wanted, sigma, max_error, plan)
+
+    def _centroid_bounds(self, q: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        """Rough (Jensen, ball) log bounds of every list's sum, (Q, L) each, from the
+        query-to-mean distances alone: for planning only (no rounding margins, not certified).
+        Empty lists get -inf."""
+        stats = self.stats
+        inv = 1.0 / (2.0 * sigma * sigma)
+        with np.errstate(divide="ignore"):
+            log_count = np.log(stats.counts.astype(np.float64))
+        centre = self.stats.means.mean(axis=0)
+        mu_c = stats.means - centre
+        mu_sq = np.einsum("ij,ij->i", mu_c, mu_c)
+        lower = np.empty((q.shape[0], self.nlist))
+        upper = np.empty((q.shape[0], self.nlist))
+        block = max(1, BOUND_BLOCK // max(self.nlist, 1))
+        for start in range(0, q.shape[0], block):
+            q_c = q[start : start + block] - centre
+            sq = q_c @ mu_c.T
+            sq *= -2.0
+            sq += mu_sq
+            sq += np.einsum("ij,ij->i", q_c, q_c)[:, None]
+            np.maximum(sq, 0.0, out=sq)
+            near = np.sqrt(sq)
+            near -= stats.radii
+            np.maximum(near, 0.0, out=near)
+            near *= near
+            sq += stats.spreads
+            lower[start : start + block] = log_count - inv * sq
+            upper[start : start + block] = log_count - inv * near
+        empty = stats.counts == 0
+        lower[:, empty] = -np.inf
+        upper[:, empty] = -np.inf
+        return lower, upper
+
+    def _dense_scores(
+        self, q: np.ndarray, shift: np.ndarray, sigma: float, out: np.ndarray | None,
+        rows: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of eq. (1) by the dense pass for queries (R, d) that are ``rows`` of
+        the batch whose leave-one-out rows are ``out`` (None: none)."""
+        skip = np.full(q.shape[0], -1, dtype=np.int64)
+        count = np.full(q.shape[0], float(self.n))
+        if out is not None:
+            left = np.flatnonzero(out[rows] >= 0)
+            skip[left] = self.lists.position[out[rows][left]]
+            count[left] = self.n - 1
+        log_low, log_high = self._dense_log_sums(q, shift, sigma, skip)
+        return self._dense_interval(log_low, log_high, count)
+
+    def _score_bounds(
+        self,
+        q: np.ndarray,
+        sigma: float,
+        max_error: float,
+        probe_step: int,
+        max_probe: int | None,
+        out: np.ndarray | None,
+        dense: bool,
+    ) -> _Probed:
+        """:meth:`score` from the certified bounds on: probing, and the dense pass for the
+        queries the bounds or the bail-out send there (``dense``)."""
         # Shape bounds only where a list could hold a hundredth of the error budget.
         lower, upper = log_list_bounds(
             q, self.stats, sigma, refine_share=max(0.01 * max_error, EXACT_FLOOR)
@@ -532,14 +884,9 @@ class CertifiedIVF:
         count = np.full(q.shape[0], float(self.n))
         probed = np.zeros(q.shape[0], dtype=np.int64)
         ranking = upper.copy()  # the order's keys: probing overwrites ``upper``
-        if exclude is not None:
-            out = np.asarray(exclude, dtype=np.int64).reshape(-1)
-            if out.shape != (q.shape[0],) or np.any(out >= self.n) or np.any(out < -1):
-                raise ValueError(f"exclude must be {q.shape[0]} rows in [-1, {self.n})")
+        if out is not None:
             left = np.flatnonzero(out >= 0)
             if left.size:
-                if self.n < 2:
-                    raise ValueError("leave-one-out needs at least two stored latents")
                 grouped = self.lists.position[out[left]]
                 labels = self.lists.labels_of(grouped)
                 for label in np.unique(labels):  # each row's own list, summed without it
@@ -553,8 +900,37 @@ class CertifiedIVF:
         probe_order = _ProbeOrder(ranking, limit)
         low, high = self._interval(lower, upper, count)
         open_ = (high - low > 2.0 * max_error) & (probed < limit)
+        plan = _DensePlan(q.shape[0], self.n * (self.dim + 2.0))
+        if dense and max_probe is None and max_error > 0.0:
+            rows = np.flatnonzero(open_)
+            lists, members = predicted_probe(lower[rows], upper[rows], self.stats.counts,
+                                             max_error)
+            predicted = self._probe_cost(lists, members)
+            # The bail-out: twice the prediction (the rounds double), at least a share of dense.
+            plan.cap[rows] = np.maximum(2.0 * predicted, BAIL_FLOOR * plan.dense_cost)
+            wanted = rows[predicted >= DENSE_THRESHOLD * plan.dense_cost]
+            taken = self._dense_fits(q, lower, upper, wanted, sigma, max_error, plan)
+            plan.cap[wanted] = np.inf  # asked once
+            plan.pending[taken] = True
+            open_[taken] = False
         step = probe_step
-        while open_.any():
+        while True:
+            if not open_.any():
+                if not plan.pending.any():
+                    break
+                rows = np.flatnonzero(plan.pending)
+                plan.pending[rows] = False
+                got_low, got_high = self._dense_scores(q[rows], plan.shift[rows], sigma, out,
+                                                       rows)
+                ok = got_high - got_low <= 2.0 * max_error
+                done = rows[ok]
+                low[done], high[done] = got_low[ok], got_high[ok]
+                plan.dense[done] = True
+                probed[done] = filled
+                failed = rows[~ok]  # not expected (the check predicted the width): probe them
+                plan.cap[failed] = np.inf
+                open_[failed] = probed[failed] < limit
+                continue
             rows = np.flatnonzero(open_)
             columns = probed[rows, None] + np.arange(min(step, limit))
             take = columns < limit
@@ -564,13 +940,103 @@ class CertifiedIVF:
                 q, pair_q, pair_l, two_s2, tolerance
             )
             probed[rows] += take.sum(axis=1)
+            plan.spent += self._probe_cost(
+                np.bincount(pair_q, minlength=q.shape[0]),
+                np.bincount(pair_q, weights=self.stats.counts[pair_l], minlength=q.shape[0]),
+            )
             low[rows], high[rows] = self._interval(lower[rows], upper[rows], count[rows])
             open_[rows] = (high[rows] - low[rows] > 2.0 * max_error) & (probed[rows] < limit)
             step *= 2
-        return CertifiedScores(
-            estimate=(low + high) / 2.0,
-            low=low,
-            high=high,
-            half_width=(high - low) / 2.0,
-            lists_probed=probed,
-        )
+            over = np.flatnonzero(open_ & (plan.spent > plan.cap))
+            if over.size:  # probing found it cannot prune: the rest costs less densely
+                plan.cap[over] = np.inf  # asked once
+                taken = self._dense_fits(q, lower, upper, over, sigma, max_error, plan)
+                plan.pending[taken] = True
+                plan.bailed[taken] = True
+                open_[taken] = False
+        return _Probed(low, high, probed, plan.dense, plan.bailed & plan.dense)
+
+    def _probe_cost(self, lists: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Predicted cost of probing ``lists`` (R,) lists of ``members`` (R,) stored rows in
+        all, in dense (row, column) products (the dense pass costs N (d + 2) per query)."""
+        return np.asarray(PROBE_ROW_FACTOR * (self.dim + 2.0) * members
+                          + PROBE_PAIR_COST * lists, dtype=np.float64)
+
+    def _dense_fits(
+        self, q: np.ndarray, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray,
+        sigma: float, max_error: float, plan: _DensePlan,
+    ) -> np.ndarray:
+        """The ``rows`` the dense pass can answer (:meth:`_dense_eligible`) given per-list log
+        bounds (Q, L): their shift is the largest upper bound, and their terms must lie within
+        float32's range (that bound at most DENSE_MAX_GAP over the total's lower bound)."""
+        if not rows.size:
+            return rows
+        shift = upper[rows].max(axis=1)
+        fits = np.isfinite(shift) & (shift - logsumexp_rows(lower[rows]) <= DENSE_MAX_GAP)
+        return self._dense_eligible(q, rows[fits], shift[fits], sigma, max_error, plan)
+
+    def _dense_eligible(
+        self, q: np.ndarray, rows: np.ndarray, shift: np.ndarray, sigma: float,
+        max_error: float, plan: _DensePlan,
+    ) -> np.ndarray:
+        """The ``rows`` whose dense pass, with ``shift`` (R,) (log of a bound of every term),
+        has a rounding bound within ``DENSE_SHARE * max_error``; their shifts go into
+        ``plan``."""
+        if not rows.size:
+            return rows
+        error = self._dense_terms(q[rows], shift, sigma)[4]
+        fits = error <= DENSE_SHARE * max_error
+        plan.shift[rows[fits]] = shift[fits]
+        return rows[fits]
+
+    def _dense_interval(
+        self, log_low: np.ndarray, log_high: np.ndarray, count: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of eq. (1) from the dense pass's bounds of log S, as :meth:`_interval`."""
+        shift = np.log(count)
+        slack = (self.n + self.nlist) * UNIT_ROUNDOFF
+        return widen_down(log_low - shift - slack), widen_up(log_high - shift + slack)
+
+    def _record(self, probed: np.ndarray, plan: _DensePlan) -> None:
+        """Count the batch's rows by path in ``decisions`` (and log the dense ones)."""
+        dense = int(plan.dense.sum())
+        bailed = int((plan.dense & plan.bailed).sum())
+        self.decisions["dense"] += dense - bailed
+        self.decisions["bailed"] += bailed
+        self.decisions["probed"] += int(np.count_nonzero((probed > 0) & ~plan.dense))
+        self.decisions["bounds"] += int(np.count_nonzero((probed == 0) & ~plan.dense))
+        if dense:
+            log.debug("certified ivf: %d of %d rows dense (%d after probing)", dense,
+                      probed.shape[0], bailed)
+
+
+class _Probed(NamedTuple):
+    """What :meth:`CertifiedIVF._score_bounds` found for its queries."""
+
+    low: np.ndarray
+    high: np.ndarray
+    lists_probed: np.ndarray
+    dense: np.ndarray
+    bailed: np.ndarray
+
+
+@dataclass
+class _DensePlan:
+    """Per-row state of the dense fallback during one :meth:`CertifiedIVF.score` call."""
+
+    dense_cost: float  # one query's dense pass, in (row, column) products
+    cap: np.ndarray  # probing cost past which a row is offered to the dense pass
+    spent: np.ndarray  # probing cost so far
+    shift: np.ndarray  # the dense pass's shift (log of an upper bound of every term)
+    pending: np.ndarray  # rows waiting for the dense pass
+    dense: np.ndarray  # rows answered by it
+    bailed: np.ndarray  # rows sent to it by the bail-out
+
+    def __init__(self, rows: int, dense_cost: float) -> None:
+        self.dense_cost = dense_cost
+        self.cap = np.full(rows, np.inf)
+        self.spent = np.zeros(rows)
+        self.shift = np.full(rows, np.nan)
+        self.pending = np.zeros(rows, dtype=bool)
+        self.dense = np.zeros(rows, dtype=bool)
+        self.bailed = np.zeros(rows, dtype=bool)

@@ -165,3 +165,27 @@ async def test_select_with_descriptor_rules_keeps_the_asked_bound(
     for result, want in zip(results, exact, strict=True):
         assert result["error_bound"] <= 1e-6
         assert abs(result["log_density"] - want) <= 1e-6
+
+
+async def test_rows_the_bounds_cannot_prune_come_back_dense_and_tighter(
+    ivf_store: Path, stored: np.ndarray, serve: object
+) -> None:
+    """3,000 latents in 32 lists: probing any list costs more than one GEMM over all of them,
+    so the cost model answers every row by the dense pass (workers/certified.py), whose bound
+    is its rounding alone: well inside the asked max_error, and still around the reference."""
+    from latentsieve.workers.certified import DENSE_SHARE
+
+    sent = queries(8, seed=5)
+    want = log_density_reference(sent, stored, SIGMA)
+    async with serve(Settings(store=ivf_store, reload_interval_s=60.0)) as client:  # type: ignore[operator]
+        response = await client.post("/score", json={
+            "model": MODEL, "latents": sent.tolist(), "max_error": 0.1})
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 200, response.text
+    # The operator sees the decision: every row of this request went dense.
+    dense = [line for line in metrics.splitlines() if line.startswith(
+        f'latentsieve_certified_rows{{model="{MODEL}",path="dense"}}')]
+    assert dense and float(dense[0].rsplit(" ", 1)[1]) >= len(sent), metrics[-2000:]
+    got, bounds, _ = scores(response.json())
+    assert np.all(bounds <= DENSE_SHARE * 0.1), bounds
+    assert np.all(np.abs(got - want) <= bounds + 1e-9)
