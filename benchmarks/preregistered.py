@@ -47,6 +47,7 @@ from latentsieve.index.bandwidth import AUTO_K  # noqa: E402
 from latentsieve.index.build import DEFAULT_SPACE, BuildOptions, build_version  # noqa: E402
 from latentsieve.index.manifest import PercentileBounds, Policy, SamplerRecipe  # noqa: E402
 from latentsieve.index.store import LatentStore  # noqa: E402
+from latentsieve.study import TrainingLatents, measures  # noqa: E402
 from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries  # noqa: E402
 from latentsieve.workers.demo_models.digits_ldm import sampler as ldm_sampler  # noqa: E402
 from latentsieve.workers.demo_models.digits_quality import (  # noqa: E402
@@ -59,7 +60,7 @@ from latentsieve.workers.evidence import (  # noqa: E402
     paired_gain_difference,
     rejection_table,
 )
-from latentsieve.workers.policy import decide  # noqa: E402
+from latentsieve.workers.policy import decide, rank_sum  # noqa: E402
 from latentsieve.workers.samplers import draw_latents  # noqa: E402
 from latentsieve.workers.scoring import ModelScorer  # noqa: E402
 
@@ -137,22 +138,17 @@ def scored(scorer: ModelScorer, sample: Sample) -> Any:
     return scorer.score(latent, None, ("psi",))
 
 
-def rule_scores(scorer: ModelScorer, sample: Sample) -> dict[str, np.ndarray]:
-    """Every rule and baseline as a score where higher is kept: {name: (n,)}."""
-    batch = scored(scorer, sample)
-    density_percentile = batch.percentile
-    psi_percentile = batch.descriptor_percentiles["psi"]
-    training = index_latents().astype(np.float64)
-    latent = sample.latent.astype(np.float64)
-    mean = training.mean(axis=0)
-    squared = ((latent[:, None, :] - training[None, :, :]) ** 2).sum(axis=2)
+def rule_scores(batch: Any, sample: Sample) -> dict[str, np.ndarray]:
+    """Every rule and baseline as a score where higher is kept: {name: (n,)}, from the
+    :func:`scored` batch; the baselines are ``latentsieve study``'s, over the index's latents."""
+    training = TrainingLatents(index_latents(), lambda flat: flat, "encoder-means-half-a")
     return {
         "log_density": batch.log_density,
         "psi": -batch.descriptors["psi"],
-        "rank_sum": (density_percentile + 1.0 - psi_percentile) / 2.0,
-        "prior_norm": -np.linalg.norm(sample.noise.astype(np.float64), axis=1),
-        "mean_projection": latent @ mean / np.linalg.norm(mean),
-        "nearest_neighbour": -np.sqrt(squared.min(axis=1)),
+        "rank_sum": rank_sum(batch.percentile, batch.descriptor_percentiles["psi"]),
+        "prior_norm": -measures(sample.noise, None)["prior_norm"],
+        "mean_projection": training.mean_projection(sample.latent),
+        "nearest_neighbour": -training.nearest_distance(sample.latent),
     }
 
 
@@ -174,16 +170,20 @@ def select(resamples: int) -> dict[str, Any]:
     selection_judge = judge("a", "mlp")
     settings: list[dict[str, Any]] = []
     rules: dict[str, Any] = {}
+    samples = {model: render(model, SELECTION_SEEDS) for model in MODELS}
+    qualities = {model: confidence_and_labels(selection_judge, samples[model].images)[0]
+                 for model in MODELS}
+    scorers: dict[tuple[str, str, int], ModelScorer] = {}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         store = LatentStore(folder / "store")
         for model in MODELS:
-            sample = render(model, SELECTION_SEEDS)
-            quality, _ = confidence_and_labels(selection_judge, sample.images)
+            sample, quality = samples[model], qualities[model]
             for space in SPACES:
                 for neighbours in NEIGHBOURS:
                     started = time.perf_counter()
                     scorer = build(store, folder, model, space, neighbours)
+                    scorers[model, space, neighbours] = scorer
                     batch = scored(scorer, sample)
                     row = rejection_table(batch.log_density, quality, (TARGET_RATE,), resamples)[0]
                     settings.append({
@@ -194,10 +194,9 @@ def select(resamples: int) -> dict[str, Any]:
                           f"{time.perf_counter() - started:.0f} s", flush=True)
         chosen_setting = _choose_setting(settings)
         for model in MODELS:
-            sample = render(model, SELECTION_SEEDS)
-            quality, _ = confidence_and_labels(selection_judge, sample.images)
-            scorer = build(store, folder, model, *chosen_setting)
-            scores = rule_scores(scorer, sample)
+            scorer = scorers[(model, *chosen_setting)]
+            quality = qualities[model]
+            scores = rule_scores(scored(scorer, samples[model]), samples[model])
             rules[model] = {
                 "gains": gains({name: scores[name] for name in RULES}, quality, (TARGET_RATE,),
                                resamples),
@@ -288,8 +287,8 @@ def report(resamples: int) -> dict[str, Any]:
         for model in MODELS:
             scorer = ModelScorer(store.load(model, versions[model]))
             sample = render(model, REPORT_SEEDS)
-            scores = rule_scores(scorer, sample)
             batch = scored(scorer, sample)
+            scores = rule_scores(batch, sample)
             policies = {"before": SHIPPED_BEFORE, "now": scorer.manifest.policy}
             accepted = {
                 name: np.array([not why for why in decide(
@@ -299,9 +298,9 @@ def report(resamples: int) -> dict[str, Any]:
             per_judge: dict[str, Any] = {}
             for label, classifier in judges.items():
                 quality, _ = confidence_and_labels(classifier, sample.images)
-                best_baseline = max(BASELINES, key=lambda b: float(
-                    quality[np.argsort(-scores[b], kind="stable")[
-                        : int(len(quality) * (1 - TARGET_RATE))]].mean()))
+                table = gains(scores, quality, RATES, resamples)
+                at_target = f"{TARGET_RATE:.3f}"
+                best_baseline = max(BASELINES, key=lambda b: table[b][at_target]["value"])
                 policy_rows = {}
                 for name, mask in accepted.items():
                     rate = float(1.0 - mask.mean())
@@ -313,7 +312,7 @@ def report(resamples: int) -> dict[str, Any]:
                     }
                 per_judge[label] = {
                     "mean_quality": float(quality.mean()),
-                    "gains": gains(scores, quality, RATES, resamples),
+                    "gains": table,
                     "best_baseline_at_target": best_baseline,
                     "chosen_minus_best_baseline": paired_gain_difference(
                         scores[chosen["chosen_rule"]], scores[best_baseline], quality,
@@ -410,8 +409,15 @@ def frontier() -> dict[str, Any]:
             out = Path(argv[argv.index("--out") + 1])
             data = json.loads((out / "study.json").read_text(encoding="utf-8"))
             results[label] = {"command": "latentsieve " + " ".join(
-                a if a != str(store) else "store" for a in argv[:-2]), "study": data}
+                a if a != str(store) else "store" for a in argv[:-2]), "study": summary(data)}
     return results
+
+
+def summary(study: dict[str, Any]) -> dict[str, Any]:
+    """study.json without each row's per-group ``kept_seeds`` (1 MB for 500 groups; the
+    command under each table writes them again)."""
+    rows = [{k: v for k, v in row.items() if k != "kept_seeds"} for row in study["strategies"]]
+    return {**study, "strategies": rows}
 
 
 def frontier_section(data: dict[str, Any], command: str) -> str:

@@ -255,10 +255,9 @@ class CertifiedMeasure(_Frozen):
 
 
 class CertifiedLists(_Frozen):
-    """How a certified ``ivf`` index is stored and scored (docs/contract.md §1): ``nlist`` lists
-    from
-    k-means on ``train_size`` rows, offsets in ``storage``, ``rank`` principal axes per list,
-    and the bound a request gets when it names none (``max_error``, nats)."""
+    """How a certified ``ivf`` index is stored and scored (docs/contract.md §1): ``nlist``
+    lists from k-means on ``train_size`` rows, offsets in ``storage``, ``rank`` principal axes
+    per list, and the bound a request gets when it names none (``max_error``, nats)."""
 
     nlist: int = Field(ge=1)
     train_size: int = Field(ge=1)

@@ -71,7 +71,7 @@ from latentsieve.workers.evidence import CONFIDENCE, bootstrap_rows
 
 DEMO_PIPELINE = "digits-ldm"
 DEMO_MODEL = "digits-ldm"
-DEMO_QUALITY = "latentsieve.study:digits_confidence"
+DEMO_QUALITY = "latentsieve.workers.demo_models.digits_quality:mlp_confidence"
 DEMO_GUIDANCE = 1.0
 GUIDANCE = 7.5  # best_of_g's and Stable Diffusion's default
 DEFAULT_STRATEGIES = "noise,prefix:10,preview:10,final"
@@ -289,15 +289,6 @@ def measures(flat: np.ndarray, training: TrainingLatents | None) -> dict[str, np
 # --- quality ------------------------------------------------------------------------------------
 
 
-def digits_confidence(images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's quality: the half-B digits classifier's top-class probability of each decoded
-    digit (``latentsieve report``'s ``confidence``, docs/evidence.md) and its class as the label.
-    ``images`` (n, 8, 8, 1) in [0, 1] -> ((n,), (n,) classes)."""
-    from latentsieve.workers.demo_models.digits_quality import mlp_confidence
-
-    return mlp_confidence(images, prompts)
-
-
 class Quality:
     """Judges a group's final images: ``(images (G, H, W, C) float32 in [0, 1], prompts,
     seeds) -> (quality (G,), labels or None)``."""
@@ -392,8 +383,10 @@ def load_quality(spec: str | None, demo: bool, seeds: Sequence[int]) -> Quality:
         if not demo:
             raise StudyError("--quality is required with --pipeline package.module:factory "
                              "(a CSV 'seed,quality' or package.module:fn judging the images)")
-        return FunctionQuality(DEMO_QUALITY, digits_confidence,
-                               "top-class probability of the digits classifier (label: its class)")
+        from latentsieve.workers.demo_models.digits_quality import mlp_confidence
+
+        return FunctionQuality(DEMO_QUALITY, mlp_confidence, "top-class probability of the "
+                               "half-B digits classifier (label: its class)")
     if spec.lower().endswith(".csv") or Path(spec).is_file():
         from latentsieve.report import read_quality_csv
 
