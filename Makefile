@@ -35,8 +35,8 @@ LOWEST ?= .venv-lowest
 check-lowest:
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install -q --upgrade pip
-	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt -e '.[cpu,demo]' \
-	  pytest pytest-timeout hypothesis asgi-lifespan pyyaml packaging pillow
+	$(LOWEST)/bin/pip install -q -c constraints-lowest.txt -e '.[cpu,demo,report]' \
+	  pytest pytest-timeout hypothesis asgi-lifespan pyyaml packaging jsonschema
 	# Not here: schemathesis (its own FastAPI floor) and the diffusers adapter (the diffusers
 	# extra); the packaging tests read this checkout's pins, not this environment.
 	$(LOWEST)/bin/pytest -q -p no:cacheprovider tests/unit tests/api \
@@ -64,6 +64,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_sd.py
 	$(BIN)/python benchmarks/bench_http.py
+	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_distributed.py
 	$(BIN)/python benchmarks/bench_descriptors.py --threads 1
 

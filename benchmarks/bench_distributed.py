@@ -10,8 +10,11 @@ run, each measured the same way:
 For each: throughput of 2,000 fresh latents as 8 concurrent ``POST /score`` of 250 (ratio to
 NumPy ``q @ Z.T`` of the same shapes, timed here: target <= 1.5x for embedded and for 1 worker);
 p50/p99 of 16-latent requests at concurrency 8; the computed batch sizes (the workers' or the
-gateway's ``latentsieve_batch_size`` histogram over that phase); and the Redis hop: the p50 of
-one-latent requests one at a time, against embedded. Every latent is fresh (no cache hits).
+gateway's ``latentsieve_batch_size`` histogram over that phase); the Redis hop: the p50 of
+one-latent requests one at a time, against embedded; and sequential requests of 500 latents,
+one at a time, each against NumPy ``q @ Z.T`` of the same 500 latents timed just before it
+(the median of the per-request ratios: target <= 1.3x through one worker). Every latent is
+fresh (no cache hits).
 
     python benchmarks/bench_distributed.py            # full size: docs/performance.md section
     python benchmarks/bench_distributed.py --quick    # N = 6,000 smoke run
@@ -23,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,18 +38,20 @@ import httpx
 import numpy as np
 from bench_http import (  # benchmarks/ is on sys.path when run as a script
     FULL,
-    MODEL,
     QUICK,
     QueryStream,
     Server,
     Sizes,
+    batch_histogram,
     build_store,
     clean_env,
     clustered,
+    describe_batches,
     free_port,
     latentsieve,
     numpy_baseline,
     percentile_ms,
+    post,
     run_concurrently,
     score_body,
     workdir,
@@ -56,6 +60,9 @@ from report import PAGE, write_section
 
 THROUGHPUT_TARGET = 1.5
 HOP_REQUESTS = 100
+SEQUENTIAL_ROWS = 500
+SEQUENTIAL_REQUESTS = 20
+SEQUENTIAL_TARGET = 1.3  # x NumPy q @ Z.T of the same latents, through one worker
 
 
 @contextlib.contextmanager
@@ -108,36 +115,43 @@ def workers(store: Path, redis_url: str, count: int, folder: Path) -> Iterator[l
             process.wait(timeout=30)
 
 
-def batch_histogram(urls: list[str]) -> dict[float, float]:
-    """Cumulative ``latentsieve_batch_size_bucket{model="w1"}`` counts over ``urls``."""
-    counts: dict[float, float] = {}
-    pattern = re.compile(
-        rf'^latentsieve_batch_size_bucket\{{le="([^"]+)",model="{MODEL}"\}} (\S+)$', re.M
-    )
-    for url in urls:
-        for bound, value in pattern.findall(httpx.get(url, timeout=10).text):
-            key = float("inf") if bound == "+Inf" else float(bound)
-            counts[key] = counts.get(key, 0.0) + float(value)
-    return counts
+def numpy_s(queries: np.ndarray, training: np.ndarray) -> float:
+    """Seconds of one float32 ``q @ Z.T``."""
+    started = time.perf_counter()
+    product = queries @ training.T
+    elapsed = time.perf_counter() - started
+    del product
+    return elapsed
 
 
-def describe_batches(before: dict[float, float], after: dict[float, float]) -> str:
-    """Computed batches by size bucket between two readings, e.g. '<=16: 40, <=32: 12'."""
-    bounds = sorted(after)
-    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
-    parts, previous = [], 0.0
-    for bound, total in zip(bounds, cumulative, strict=True):
-        count = total - previous
-        previous = total
-        if count:
-            label = "+Inf" if bound == float("inf") else f"{bound:g}"
-            parts.append(f"<={label}: {count:.0f}")
-    return ", ".join(parts) or "none"
+async def sequential(
+    client: httpx.AsyncClient, metrics: list[str], training: np.ndarray, stream: QueryStream,
+    requests: int,
+) -> dict[str, Any]:
+    """``requests`` POSTs of SEQUENTIAL_ROWS fresh latents one after another, each after
+    NumPy ``q @ Z.T`` of the same latents (so each ratio compares two timings a moment apart
+    on this noisy machine); the computed batches show whether a request was split."""
+    await post(client, score_body(stream.take(SEQUENTIAL_ROWS)))  # warm
+    before = batch_histogram(metrics)
+    times, floors = [], []
+    for _ in range(requests):
+        queries = stream.take(SEQUENTIAL_ROWS)
+        body = score_body(queries)
+        floors.append(numpy_s(queries, training))
+        elapsed, _ = await post(client, body)
+        times.append(elapsed)
+    ratios = np.asarray(times) / np.asarray(floors)
+    return {
+        "p50_ms": percentile_ms(times, 50), "numpy_p50_ms": percentile_ms(floors, 50),
+        "ratio": float(np.median(ratios)), "ratios": sorted(ratios.tolist()),
+        "best_ratio": min(times) / min(floors),
+        "batches": describe_batches(before, batch_histogram(metrics)),
+    }
 
 
-async def measure(url: str, metrics: list[str], sizes: Sizes, stream: QueryStream) -> dict[
-    str, Any
-]:
+async def measure(
+    url: str, metrics: list[str], sizes: Sizes, stream: QueryStream, training: np.ndarray
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
@@ -164,6 +178,9 @@ async def measure(url: str, metrics: list[str], sizes: Sizes, stream: QueryStrea
         bodies = [score_body(stream.take(1)) for _ in range(HOP_REQUESTS)]
         latencies, _, _ = await run_concurrently(client, bodies, 1)
         results["single_p50_ms"] = percentile_ms(latencies, 50)
+        results["sequential"] = await sequential(
+            client, metrics, training, stream, SEQUENTIAL_REQUESTS
+        )
     return results
 
 
@@ -201,7 +218,28 @@ def table(sizes: Sizes, numpy_s: float, rows: dict[str, dict[str, Any]], command
         "workers; a batch per shard). On a 2-core machine a second worker competes with the "
         "first for the same cores, so it adds no throughput here; on separate GPUs it would.",
         "",
+        f"### Sequential requests of {SEQUENTIAL_ROWS} latents",
+        "",
+        f"Each request is sent alone, right after NumPy `q @ Z.T` of its own {SEQUENTIAL_ROWS} "
+        f"latents ({SEQUENTIAL_ROWS} x {sizes.d} @ {sizes.d} x {sizes.n:,}, float32) in this "
+        "process; the ratio is the median of the per-request ratios (the two timings a moment "
+        "apart, so the machine's load hits both alike); *best / best*: the fastest request over "
+        "the fastest NumPy product (load only ever slows either down).",
+        "",
+        "| compute | requests | request p50 | NumPy p50 | request / NumPy (median) | target "
+        "| best / best | per-request ratios | computed batches (size: count) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    for label, row in rows.items():
+        seq = row["sequential"]
+        target = f"<= {SEQUENTIAL_TARGET}x" if label == "1 worker" else ""
+        lines.append(
+            f"| {label} | {len(seq['ratios'])} | {seq['p50_ms']:.1f} ms "
+            f"| {seq['numpy_p50_ms']:.1f} ms | {seq['ratio']:.2f}x | {target} "
+            f"| {seq['best_ratio']:.2f}x "
+            f"| {', '.join(f'{r:.2f}' for r in seq['ratios'])} | {seq['batches']} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -225,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         with Server(store, folder / "embedded.log") as server:
             server.wait_ready()
             rows["embedded"] = asyncio.run(
-                measure(server.url, [f"{server.url}/metrics"], sizes, stream)
+                measure(server.url, [f"{server.url}/metrics"], sizes, stream, training)
             )
         for count in (1, 2):
             with (
@@ -236,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 server.wait_ready()
                 label = "1 worker" if count == 1 else f"{count} workers"
-                rows[label] = asyncio.run(measure(server.url, metrics, sizes, stream))
+                rows[label] = asyncio.run(measure(server.url, metrics, sizes, stream, training))
     report = table(sizes, numpy_s, rows, command)
     print(report)
     write_section("distributed", report, args.out)

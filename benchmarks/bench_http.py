@@ -12,9 +12,15 @@ and served by ``latentsieve serve`` on a free loopback port. Measured in one run
    shapes (2,000 x 512 by 512 x 60,000, float32) timed in this process; target HTTP <= 1.5x;
 2. the cost of the JSON nested-list form against the base64 form for the same 250-latent batch
    (bytes on the wire, client encoding time, round trip);
-3. p50/p99 latency of single requests of 16 fresh latents at concurrency 1, 8 and 32;
+3. p50/p99 latency of single requests of 16 fresh latents at concurrency 1, 8 and 32; then
+   small against large: rounds of the large batches of (1) all in flight followed by 16-latent
+   requests at concurrency 32, latents/s of the second over the first per round (target >= 0.8,
+   with the sizes of the batches the server computed), sent by a lean client (pre-encoded
+   HTTP/1.1 on raw asyncio streams, one connection per lane: a tenth of httpx's CPU, which the
+   server would otherwise share its 2 cores with), and 16-latent requests sent alone, each
+   right after NumPy ``q @ Z.T`` of its own 16 latents (p50 over p50: the request's own floor);
 4. p99 latency of fully cached requests (16 latents already scored) at concurrency 8, with wrk,
-   from the single-process server and from ``latentsieve serve --workers N`` (N = the core count
+   from the single-process server and from ``latentsieve serve --processes N`` (N = the core count
    by default, ``--workers``), against the same server's ``GET /healthz`` p99 at concurrency
    8 in the same run; target cached p99 <= 2x that floor (a ratio holds on a noisy machine).
 
@@ -57,6 +63,10 @@ from latentsieve.service.client import encode_latents
 MODEL = "w1"
 HEADERS = {"content-type": "application/json"}
 THROUGHPUT_TARGET = 1.5
+SMALL_TARGET = 0.8  # latents/s of 16-latent requests at c32 / of large batches, same round
+SMALL_CONCURRENCY = 32
+SINGLE_REQUESTS = 100
+SMALL_ROUNDS = 5
 CACHED_P99_TARGET_RATIO = 2.0  # x the same run's GET /healthz p99
 
 
@@ -145,15 +155,18 @@ class Server:
     """``latentsieve serve`` on a free loopback port, stopped on exit."""
 
     def __init__(
-        self, store: Path, log_path: Path, workers: int = 1, args: tuple[str, ...] = ()
+        self, store: Path, log_path: Path, workers: int = 1, args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``env``: LATENTSIEVE_* settings over the defaults (e.g. a longer request
+        timeout)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(
             [*latentsieve(), "serve", "--store", str(store), "--port", str(self.port),
-             "--workers", str(workers), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=clean_env(),
+             "--processes", str(workers), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**clean_env(), **(env or {})},
         )
 
     def wait_ready(self, timeout_s: float = 300.0) -> float:
@@ -223,7 +236,122 @@ def numpy_baseline(queries: np.ndarray, training: np.ndarray, repeats: int) -> f
     return best
 
 
-async def measure(url: str, sizes: Sizes, stream: QueryStream) -> dict[str, Any]:
+def batch_histogram(urls: list[str]) -> dict[float, float]:
+    """Cumulative ``latentsieve_batch_size_bucket{model="w1"}`` counts over ``urls``."""
+    counts: dict[float, float] = {}
+    pattern = re.compile(
+        rf'^latentsieve_batch_size_bucket\{{le="([^"]+)",model="{MODEL}"\}} (\S+)$', re.M
+    )
+    for url in urls:
+        for bound, value in pattern.findall(httpx.get(url, timeout=10).text):
+            key = float("inf") if bound == "+Inf" else float(bound)
+            counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+def describe_batches(before: dict[float, float], after: dict[float, float]) -> str:
+    """Computed batches by size bucket between two readings, e.g. '<=16: 40, <=32: 12'."""
+    bounds = sorted(after)
+    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
+    parts, previous = [], 0.0
+    for bound, total in zip(bounds, cumulative, strict=True):
+        count = total - previous
+        previous = total
+        if count:
+            label = "+Inf" if bound == float("inf") else f"{bound:g}"
+            parts.append(f"<={label}: {count:.0f}")
+    return ", ".join(parts) or "none"
+
+
+async def _lean_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     request: bytes) -> None:
+    """Send one pre-encoded request and read its answer (Content-Length framed); raises
+    unless 200."""
+    writer.write(request)
+    status = (await reader.readline()).split(b" ", 2)
+    length = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:
+        raise RuntimeError("an answer without Content-Length")
+    answer = await reader.readexactly(length)
+    if len(status) < 2 or status[1] != b"200":
+        raise RuntimeError(f"/score answered {status!r}: {answer[:300]!r}")
+
+
+async def lean_run(url: str, bodies: list[bytes], concurrency: int) -> float:
+    """``POST /score`` every body, at most ``concurrency`` in flight, each lane on its own
+    keep-alive connection; wall seconds. The requests are encoded before the clock starts."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    requests = [
+        b"POST /score HTTP/1.1\r\nhost: " + host.encode() + b"\r\ncontent-type: "
+        b"application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        for body in bodies
+    ]
+    queue = list(reversed(requests))
+
+    async def lane() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while queue:
+                await _lean_post(reader, writer, queue.pop())
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def small_against_large(url: str, sizes: Sizes, stream: QueryStream) -> list[dict[str, Any]]:
+    """``SMALL_ROUNDS`` rounds of the large batches all in flight, then
+    ``requests_per_level`` 16-latent requests at concurrency 32, both sent by the lean client:
+    latents/s of each, their ratio, and the sizes of the batches the server computed for the
+    small requests."""
+    batches = sizes.queries // sizes.batch
+    rounds = []
+    for _ in range(SMALL_ROUNDS):
+        bodies = [score_body(stream.take(sizes.batch)) for _ in range(batches)]
+        large = sizes.queries / await lean_run(url, bodies, batches)
+        bodies = [score_body(stream.take(sizes.small_batch))
+                  for _ in range(sizes.requests_per_level)]
+        before = batch_histogram([f"{url}/metrics"])
+        cpu = time.process_time()
+        wall = await lean_run(url, bodies, SMALL_CONCURRENCY)
+        cpu = time.process_time() - cpu
+        small = len(bodies) * sizes.small_batch / wall
+        rounds.append({
+            "large": large, "small": small, "ratio": small / large,
+            "client_cpu_ms": cpu * 1e3 / len(bodies),
+            "batches": describe_batches(before, batch_histogram([f"{url}/metrics"])),
+        })
+    return rounds
+
+
+async def single_against_numpy(
+    client: httpx.AsyncClient, sizes: Sizes, stream: QueryStream, training: np.ndarray
+) -> dict[str, float]:
+    """``SINGLE_REQUESTS`` 16-latent requests one at a time, each right after NumPy
+    ``q @ Z.T`` of its own latents: both p50s and their ratio."""
+    times, floors = [], []
+    for _ in range(SINGLE_REQUESTS):
+        queries = stream.take(sizes.small_batch)
+        body = score_body(queries)
+        started = time.perf_counter()
+        product = queries @ training.T
+        floors.append(time.perf_counter() - started)
+        del product
+        elapsed, _ = await post(client, body)
+        times.append(elapsed)
+    p50, floor = percentile_ms(times, 50), percentile_ms(floors, 50)
+    return {"p50_ms": p50, "numpy_p50_ms": floor, "ratio": p50 / floor}
+
+
+async def measure(
+    url: str, sizes: Sizes, stream: QueryStream, training: np.ndarray
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
@@ -271,6 +399,8 @@ async def measure(url: str, sizes: Sizes, stream: QueryStream) -> dict[str, Any]
                 "requests_per_s": len(bodies) / wall,
             }
         results["latency"] = levels
+        results["small_vs_large"] = await small_against_large(url, sizes, stream)
+        results["single"] = await single_against_numpy(client, sizes, stream, training)
 
         cached_bodies = [score_body(stream.take(sizes.small_batch)) for _ in range(64)]
         await run_concurrently(client, cached_bodies, 8)
@@ -425,7 +555,41 @@ def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command:
             f"| {level['requests_per_s']:,.0f} "
             f"| {level['requests_per_s'] * sizes.small_batch:,.0f} |"
         )
+    rounds = numbers["small_vs_large"]
+    single = numbers["single"]
+    httpx_small = levels[SMALL_CONCURRENCY]["requests_per_s"] * sizes.small_batch
+    httpx_large = sizes.queries / throughput["concurrent_s"]
+    ratios = sorted(entry["ratio"] for entry in rounds)
     lines += [
+        "",
+        "### Small requests against large batches",
+        "",
+        f"Rounds of the {throughput['batches']} batches of {sizes.batch} all in flight, then "
+        f"{sizes.requests_per_level} requests of {sizes.small_batch} fresh latents at "
+        f"concurrency {SMALL_CONCURRENCY}, both from the lean client (pre-encoded HTTP/1.1 "
+        "on raw asyncio streams; its CPU per small request is shown); computed batches from "
+        "the server's `latentsieve_batch_size` histogram over the small requests. With the "
+        f"httpx client of the tables above: {httpx_small:,.0f} latents/s at "
+        f"c{SMALL_CONCURRENCY} against {httpx_large:,.0f} all in flight, "
+        f"{httpx_small / httpx_large:.2f}.",
+        "",
+        f"| round | large batches, latents/s | {sizes.small_batch}-latent requests at "
+        f"c{SMALL_CONCURRENCY}, latents/s | small / large | target | client CPU per small "
+        "request | computed batches (size: count) |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for index, entry in enumerate(rounds, 1):
+        lines.append(
+            f"| {index} | {entry['large']:,.0f} | {entry['small']:,.0f} | {entry['ratio']:.2f} "
+            f"| >= {SMALL_TARGET} | {entry['client_cpu_ms']:.2f} ms | {entry['batches']} |"
+        )
+    lines += [
+        "",
+        f"Median small / large over {len(rounds)} rounds: {ratios[len(ratios) // 2]:.2f} "
+        f"(target >= {SMALL_TARGET}). One {sizes.small_batch}-latent request at a time "
+        f"({SINGLE_REQUESTS} requests, each right after NumPy `q @ Z.T` of its own latents): "
+        f"p50 {single['p50_ms']:.1f} ms against the NumPy p50 {single['numpy_p50_ms']:.1f} ms, "
+        f"{single['ratio']:.2f}x its own floor.",
         "",
         "### Cached hits",
         "",
@@ -460,9 +624,9 @@ def report_table(sizes: Sizes, numbers: dict[str, Any], numpy_s: float, command:
         "The Python client shares this 2-core machine with the server and saturates a core by "
         "itself, so its latencies mostly measure the client; the wrk rows (a C load generator, "
         "when installed) are the server's own cached-hit latency. `N workers` is "
-        f"`latentsieve serve --workers N` (here N = {numbers['workers']}, the core count): "
-        "uvicorn's worker processes share the listening socket, and one `/metrics` sums "
-        "them (docs/service.md, 'Workers').",
+        f"`latentsieve serve --processes N` (here N = {numbers['workers']}, the core count): "
+        "N gateway processes (uvicorn's) share the listening socket, and one `/metrics` sums "
+        "them (docs/service.md, 'Gateway processes').",
     ]
     for label, measured in configurations:
         runs, floor = measured["runs"], measured["floor"]
@@ -531,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         build_s = build_store(store, training)
         with Server(store, folder / "serve.log") as server:
             ready_s = server.wait_ready()
-            numbers = asyncio.run(measure(server.url, sizes, stream))
+            numbers = asyncio.run(measure(server.url, sizes, stream, training))
         numbers["workers"] = args.workers
         if args.workers > 1:
             with Server(store, folder / "serve-workers.log", args.workers) as server:

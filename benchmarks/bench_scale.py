@@ -143,7 +143,7 @@ def measure_serving(kind: str, folder: Path, sigma: float) -> int:
         latents = np.load(folder / "latents.npy", mmap_mode="r")
         operand = load_operand(folder, "latents.faiss", *latents.shape)
         index = DensityEngine(latents, operand=operand)
-        index.log_density(queries, sigma)
+        index.log_sum(queries, sigma)
     else:
         index = CertifiedIVF(IvfLists.load(folder))
         index.score(queries, sigma, max_error=0.05)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, dim: int, kind: str) -> list[str]:
     sigmas = {"1-NN": knn_median_sigma(latents).sigma, "cluster": radius, "broad": args.broad}
     def warm_flat() -> DensityEngine:  # the engine prepares its GEMM operand on first use
         engine = DensityEngine(latents)
-        engine.log_density(queries[:1], 1.0)
+        engine.log_sum(queries[:1], 1.0)
         return engine
 
     flat, _, _ = built(warm_flat)
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, dim: int, kind: str) -> list[str]:
     flat_times: dict[str, float] = {}
     for scale, sigma in sigmas.items():
         def exact(sigma: float = sigma) -> np.ndarray:
-            return flat.log_density(queries, sigma).log_density
+            return flat.log_sum(queries, sigma).log_sum
 
         def certified(sigma: float = sigma) -> object:
             return ivf.score(queries, sigma, max_error=args.max_error)

@@ -43,6 +43,7 @@ from latentsieve.index.manifest import (  # noqa: E402
 )
 from latentsieve.index.store import LatentStore  # noqa: E402
 from latentsieve.report import QualityProxy, demo_quality_proxy, make_report  # noqa: E402
+from latentsieve.service.offline import SyncScorer  # noqa: E402
 from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries  # noqa: E402
 from latentsieve.workers.demo_models.digits_ldm import generator as ldm_pipeline  # noqa: E402
 from latentsieve.workers.demo_models.digits_ldm import inverted_training_latents  # noqa: E402
@@ -57,7 +58,6 @@ from latentsieve.workers.demo_models.train_digits_vae import train as train_digi
 from latentsieve.workers.evidence import mask_gain  # noqa: E402
 from latentsieve.workers.policy import decide  # noqa: E402
 from latentsieve.workers.samplers import draw_latents  # noqa: E402
-from latentsieve.workers.scoring import ModelScorer  # noqa: E402
 
 PAGE = ROOT / "docs" / "evidence.md"
 ORDER = ("study_vae", "study_heldout", "study_ldm", "policies")
@@ -157,7 +157,7 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def build(store: LatentStore, folder: Path, variant: Variant, name: str) -> ModelScorer:
+def build(store: LatentStore, folder: Path, variant: Variant, name: str) -> SyncScorer:
     """The variant's index through the product's build path, loaded for scoring."""
     source = folder / f"{name}.npy"
     generator = (
@@ -185,7 +185,7 @@ def build(store: LatentStore, folder: Path, variant: Variant, name: str) -> Mode
         progress=False,
     )
     build_version(store, options, calibrate_build, draw_mapped_queries)
-    return ModelScorer(store.load(name))
+    return SyncScorer(store.load(name))
 
 
 def _ci(interval: dict[str, float]) -> str:
@@ -268,34 +268,35 @@ def main(argv: list[str] | None = None) -> int:
         store = LatentStore(folder / "store")
         for number, variant in enumerate(VARIANTS):
             started = time.perf_counter()
-            scorer = build(store, folder, variant, f"v{number}")
-            # Descriptors once per model (they do not depend on the index set).
-            first = all(row["model"] != variant.model for row in rows)
-            given, judge = None, proxy
-            if variant.mapping == PREVIEW_MAPPING:
-                # Judge the images the pipeline renders (25 steps), not the preview's.
-                given, judge = final_ldm_quality(seeds, proxy), None
-            data = make_report(scorer, seeds, given, judge, args.bootstrap, progress=False,
-                               sections=frozenset({"descriptors"} if first else ()))
-            numbers = data.numbers
-            projection = scorer.manifest.projection
-            row = {
-                "model": variant.model,
-                "label": variant.label,
-                "dim": projection.dim if projection else scorer.manifest.dim,
-                "sigma": scorer.manifest.bandwidth.sigma,
-                "spearman": numbers["spearman"],
-                "gain_confidence_25": next(
-                    r["gain"] for r in numbers["rejection"]["confidence"]
-                    if r["reject_fraction"] == 0.25
-                ),
-            }
-            rows.append(row)
-            print(f"{variant.model:10s} {variant.label:58s} "
-                  f"{_ci(numbers['spearman']['confidence']['log_density'])}  "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
-            if variant.label.endswith("(default)"):
-                policies += evaluate_policies(scorer, seeds, proxy, variant.model, args.bootstrap)
+            with build(store, folder, variant, f"v{number}") as scorer:
+                # Descriptors once per model (they do not depend on the index set).
+                first = all(row["model"] != variant.model for row in rows)
+                given, judge = None, proxy
+                if variant.mapping == PREVIEW_MAPPING:
+                    # Judge the images the pipeline renders (25 steps), not the preview's.
+                    given, judge = final_ldm_quality(seeds, proxy), None
+                data = make_report(scorer, seeds, given, judge, args.bootstrap, progress=False,
+                                   sections=frozenset({"descriptors"} if first else ()))
+                numbers = data.numbers
+                projection = scorer.manifest.projection
+                row = {
+                    "model": variant.model,
+                    "label": variant.label,
+                    "dim": projection.dim if projection else scorer.manifest.dim,
+                    "sigma": scorer.manifest.bandwidth.sigma,
+                    "spearman": numbers["spearman"],
+                    "gain_confidence_25": next(
+                        r["gain"] for r in numbers["rejection"]["confidence"]
+                        if r["reject_fraction"] == 0.25
+                    ),
+                }
+                rows.append(row)
+                print(f"{variant.model:10s} {variant.label:58s} "
+                      f"{_ci(numbers['spearman']['confidence']['log_density'])}  "
+                      f"{time.perf_counter() - started:.0f} s", flush=True)
+                if variant.label.endswith("(default)"):
+                    policies += evaluate_policies(scorer, seeds, proxy, variant.model,
+                                                  args.bootstrap)
     (ROOT / "docs" / "evidence").mkdir(parents=True, exist_ok=True)
     (ROOT / "docs" / "evidence" / "study.json").write_text(
         json.dumps({"variants": rows, "policies": policies}, indent=2) + "\n", encoding="utf-8"
@@ -319,7 +320,7 @@ def final_ldm_quality(seeds: range, proxy: QualityProxy) -> dict[str, np.ndarray
 
 
 def evaluate_policies(
-    scorer: ModelScorer, seeds: range, proxy: QualityProxy, model: str, resamples: int
+    scorer: SyncScorer, seeds: range, proxy: QualityProxy, model: str, resamples: int
 ) -> list[dict[str, object]]:
     """Each candidate policy on the default index: share rejected, gain in mean quality."""
     assert scorer.descriptor_engine is not None

@@ -47,6 +47,7 @@ from latentsieve.index.bandwidth import AUTO_K  # noqa: E402
 from latentsieve.index.build import DEFAULT_SPACE, BuildOptions, build_version  # noqa: E402
 from latentsieve.index.manifest import PercentileBounds, Policy, SamplerRecipe  # noqa: E402
 from latentsieve.index.store import LatentStore  # noqa: E402
+from latentsieve.service.offline import SyncScorer  # noqa: E402
 from latentsieve.study import TrainingLatents, measures  # noqa: E402
 from latentsieve.workers.calibration import calibrate_build, draw_mapped_queries  # noqa: E402
 from latentsieve.workers.demo_models.digits_ldm import sampler as ldm_sampler  # noqa: E402
@@ -62,7 +63,6 @@ from latentsieve.workers.evidence import (  # noqa: E402
 )
 from latentsieve.workers.policy import decide, rank_sum  # noqa: E402
 from latentsieve.workers.samplers import draw_latents  # noqa: E402
-from latentsieve.workers.scoring import ModelScorer  # noqa: E402
 
 # --- the pre-registered constants (docs/evidence.md, "Pre-registration") -------------------------
 SELECTION_SEEDS = range(0, 10_000)
@@ -108,7 +108,7 @@ def render(model: str, seeds: range) -> Sample:
     return Sample(noise.numpy(), latent.numpy(), images.numpy().astype(np.float64))
 
 
-def build(store: LatentStore, folder: Path, model: str, space: str, neighbours: int) -> ModelScorer:
+def build(store: LatentStore, folder: Path, model: str, space: str, neighbours: int) -> SyncScorer:
     """A half-A index of ``model`` at one setting, through the product's build path."""
     name = f"{model}-{space}-k{neighbours}"
     source = folder / f"{name}.npy"
@@ -126,10 +126,10 @@ def build(store: LatentStore, folder: Path, model: str, space: str, neighbours: 
         progress=False,
     )
     build_version(store, options, calibrate_build, draw_mapped_queries)
-    return ModelScorer(store.load(name))
+    return SyncScorer(store.load(name))
 
 
-def scored(scorer: ModelScorer, sample: Sample) -> Any:
+def scored(scorer: SyncScorer, sample: Sample) -> Any:
     """Density and psi of the latent each seed is decoded from (the mapped latent, as
     ``/score`` with seeds scores it), checked against this script's own rendering."""
     assert scorer.seed_latents is not None
@@ -173,7 +173,7 @@ def select(resamples: int) -> dict[str, Any]:
     samples = {model: render(model, SELECTION_SEEDS) for model in MODELS}
     qualities = {model: confidence_and_labels(selection_judge, samples[model].images)[0]
                  for model in MODELS}
-    scorers: dict[tuple[str, str, int], ModelScorer] = {}
+    scorers: dict[tuple[str, str, int], SyncScorer] = {}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         store = LatentStore(folder / "store")
@@ -285,7 +285,7 @@ def report(resamples: int) -> dict[str, Any]:
         versions = ensure_demo_indexes(store_root)
         store = LatentStore(store_root)
         for model in MODELS:
-            scorer = ModelScorer(store.load(model, versions[model]))
+            scorer = SyncScorer(store.load(model, versions[model]))
             sample = render(model, REPORT_SEEDS)
             batch = scored(scorer, sample)
             scores = rule_scores(batch, sample)

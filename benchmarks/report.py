@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 PAGE = Path("docs/performance.md")
-ORDER = ("density", "scale", "http", "distributed", "descriptors", "gpu", "sd")
+ORDER = ("density", "scale", "http", "cache", "distributed", "descriptors", "gpu", "sd")
 TITLE = (
     "# Performance\n\n"
     "Every section below is written by the benchmark it names (`make bench` runs them all); "

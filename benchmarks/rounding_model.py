@@ -18,7 +18,7 @@ from latentsieve.workers.density import (
     ROUNDING_SAFETY,
     UNIT_ROUNDOFF_F32,
     DensityEngine,
-    log_density_reference,
+    log_sum_reference,
     rounding_bound,
 )
 
@@ -56,8 +56,8 @@ def main() -> None:
         engine = DensityEngine(latents, tolerance=np.inf)
         norms = np.sqrt(((queries.astype(np.float64) - engine.mean) ** 2).sum(1))
         for sigma in (1000.0, 100.0, 20.0, 5.0, 1.0, 0.3, 0.1, 0.03):
-            got = engine.log_density(queries, sigma).log_density
-            error = np.abs(got - log_density_reference(queries, latents, sigma))
+            got = engine.log_sum(queries, sigma).log_sum
+            error = np.abs(got - log_sum_reference(queries, latents, sigma))
             model = rounding_bound(norms, engine.radius, d, sigma, UNIT_ROUNDOFF_F32)
             ratio = float((np.maximum(error - ERROR_FLOOR, 0) / (model / ROUNDING_SAFETY)).max())
             worst = max(worst, ratio)

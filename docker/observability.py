@@ -10,8 +10,11 @@ Edit this module, never the generated files, then regenerate them::
     python docker/observability.py            # rewrite both files
     python docker/observability.py --check    # exit 1 if a committed file is out of date
 
-Only the standard library is used. Panel expressions use Grafana's ``$model``,
-``$__rate_interval`` and ``$__range``; alert queries use fixed windows.
+The dashboard is built with Grafana's own SDK (``grafana-foundation-sdk``: typed builders for
+panels, queries, variables and the grid layout, in the dev extra); the alerting rules are
+Prometheus rule files, which that SDK does not model, so they are written here. Panel
+expressions use Grafana's ``$model``, ``$__rate_interval`` and ``$__range``; alert queries use
+fixed windows.
 """
 
 from __future__ import annotations
@@ -25,18 +28,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    common,
+    heatmap,
+    prometheus,
+    stat,
+    table,
+    timeseries,
+)
+from grafana_foundation_sdk.builders import dashboard as boards
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_model
+from grafana_foundation_sdk.models import dashboard as board_model
+from grafana_foundation_sdk.models import heatmap as heatmap_model
+from grafana_foundation_sdk.models import prometheus as prometheus_model
+
+PanelBuilder = timeseries.Panel | heatmap.Panel | bargauge.Panel | stat.Panel | table.Panel
+
 HERE = Path(__file__).resolve().parent
 DASHBOARD = Path("grafana/dashboards/latentsieve.json")
 ALERTS = Path("prometheus/alerts.yml")
 
 DATASOURCE_UID = "latentsieve-prometheus"
-DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
+DATASOURCE = board_model.DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
 LATENCY_OBJECTIVE_S = 0.5  # p99 objective of /score and /select, seconds
 SEVERITIES = ("page", "ticket")
 
 MODEL = 'model=~"$model"'
 RATE = "$__rate_interval"
-WIDTH, HEIGHT, PER_ROW = 12, 8, 2  # grid: 24 columns, two panels side by side
+WIDTH, HEIGHT = 12, 8  # Grafana's grid is 24 columns: two panels side by side
 
 
 @dataclass(frozen=True)
@@ -291,103 +312,106 @@ def alerts() -> list[Alert]:
     ]
 
 
-def target(expr: str, legend: str, ref: str, panel: Panel) -> dict[str, Any]:
-    return {
-        "datasource": DATASOURCE, "editorMode": "code", "expr": expr, "format": panel.fmt,
-        "instant": panel.instant, "legendFormat": legend, "range": not panel.instant,
-        "refId": ref,
-    }
+def query(expr: str, legend: str, ref: str, panel: Panel) -> prometheus.Dataquery:
+    """One PromQL target of ``panel``: instant or range, in the panel's format."""
+    target = (
+        prometheus.Dataquery().datasource(DATASOURCE).ref_id(ref).expr(expr)
+        .editor_mode(prometheus_model.QueryEditorMode.CODE)
+        .format(prometheus_model.PromQueryFormat(panel.fmt)).legend_format(legend)
+    )
+    return target.instant() if panel.instant else target.range()
 
 
-def panel_options(panel: Panel) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``options`` and ``fieldConfig.defaults.custom`` of one panel kind."""
-    reduce = {"calcs": ["lastNotNull"], "fields": "", "values": False}
+def panel_builder(panel: Panel) -> PanelBuilder:
+    """The SDK builder of one panel kind, with that kind's options."""
+    last_value = common.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False)
     if panel.kind == "timeseries":
-        legend = {"displayMode": "list", "placement": "bottom", "showLegend": True}
-        stacking = {"group": "A", "mode": "normal" if panel.stacked else "none"}
+        stacking = common_model.StackingMode("normal" if panel.stacked else "none")
         return (
-            {"legend": legend, "tooltip": {"mode": "multi", "sort": "desc"}},
-            {"fillOpacity": 30 if panel.stacked else 10, "stacking": stacking},
+            timeseries.Panel()
+            .legend(common.VizLegendOptions().display_mode(common_model.LegendDisplayMode.LIST)
+                    .placement(common_model.LegendPlacement.BOTTOM).show_legend(True))
+            .tooltip(common.VizTooltipOptions().mode(common_model.TooltipDisplayMode.MULTI)
+                     .sort(common_model.SortOrder.DESCENDING))
+            .fill_opacity(30 if panel.stacked else 10)
+            .stacking(common.StackingConfig().group("A").mode(stacking))
         )
     if panel.kind == "heatmap":
-        color = {"mode": "scheme", "scheme": "Oranges", "exponent": 0.5, "steps": 64}
         return (
-            {"calculate": False, "cellGap": 1, "color": color, "rowsFrame": {"layout": "auto"},
-             "tooltip": {"show": True, "yHistogram": True}, "yAxis": {"unit": panel.unit}},
-            {},
+            heatmap.Panel().calculate(False).cell_gap(1)
+            .color(heatmap.HeatmapColorOptions().mode(heatmap_model.HeatmapColorMode.SCHEME)
+                   .scheme("Oranges").exponent(0.5).steps(64))
+            .rows_frame(heatmap.RowsHeatmapOptions().layout(common_model.HeatmapCellLayout.AUTO))
+            .mode(common_model.TooltipDisplayMode.SINGLE).show_y_histogram()
+            .y_axis(heatmap.YAxisConfig().unit(panel.unit))
         )
     if panel.kind == "bargauge":
         return (
-            {"displayMode": "gradient", "orientation": "vertical", "reduceOptions": reduce,
-             "showUnfilled": True},
-            {},
+            bargauge.Panel().display_mode(common_model.BarGaugeDisplayMode.GRADIENT)
+            .orientation(common_model.VizOrientation.VERTICAL).reduce_options(last_value)
+            .show_unfilled(True)
         )
     if panel.kind == "stat":
-        return ({"colorMode": "value", "graphMode": "area", "reduceOptions": reduce}, {})
+        return (
+            stat.Panel().color_mode(common_model.BigValueColorMode.VALUE)
+            .graph_mode(common_model.BigValueGraphMode.AREA).reduce_options(last_value)
+        )
     if panel.kind == "table":
-        return ({"showHeader": True}, {})
+        hidden = {"Time": True, "__name__": True}
+        return table.Panel().show_header(True).with_transformation(
+            board_model.DataTransformerConfig(id_val="organize", options={"excludeByName": hidden}))
     raise ValueError(f"unknown panel kind {panel.kind!r}")
 
 
-def panel_json(panel: Panel, panel_id: int, grid: dict[str, int]) -> dict[str, Any]:
+def built_panel(panel: Panel, panel_id: int) -> PanelBuilder:
+    """``panel`` as the SDK builds it: kind, options, size, unit and one target per expression."""
     legends = panel.legends or ("",) * len(panel.exprs)
     if len(legends) != len(panel.exprs):
         raise ValueError(f"{panel.title}: one legend per expression")
-    options, custom = panel_options(panel)
-    result: dict[str, Any] = {
-        "id": panel_id, "type": panel.kind, "title": panel.title,
-        "description": panel.description, "datasource": DATASOURCE, "gridPos": grid,
-        "fieldConfig": {"defaults": {"custom": custom, "unit": panel.unit}, "overrides": []},
-        "options": options,
-        "targets": [
-            target(expr, legend, chr(ord("A") + i), panel)
-            for i, (expr, legend) in enumerate(zip(panel.exprs, legends, strict=True))
-        ],
-    }
-    if panel.kind == "table":
-        hidden = {"Time": True, "__name__": True}
-        result["transformations"] = [{"id": "organize", "options": {"excludeByName": hidden}}]
-    return result
+    built = (
+        panel_builder(panel).id(panel_id).title(panel.title).description(panel.description)
+        .datasource(DATASOURCE).span(WIDTH).height(HEIGHT).unit(panel.unit)
+    )
+    for i, (expr, legend) in enumerate(zip(panel.exprs, legends, strict=True)):
+        built = built.with_target(query(expr, legend, chr(ord("A") + i), panel))
+    return built
 
 
-def layout(items: Sequence[Panel]) -> list[dict[str, Any]]:
-    """Panels two to a row, with a row header wherever the section changes; ids from 1."""
-    out: list[dict[str, Any]] = []
-    y, column, section = 0, 0, None
-    for panel in items:
+def dashboard_model() -> board_model.Dashboard:
+    """The dashboard: panels two to a row (the SDK's grid layout), a row header wherever the
+    section changes, ids from 1 in order."""
+    variable = (
+        boards.QueryVariable("model").label("Model").datasource(DATASOURCE)
+        .query("label_values(latentsieve_index_latents, model)")
+        .include_all(True).multi(True).all_value(".*")
+        .current(board_model.VariableOption(selected=True, text=["All"], value=["$__all"]))
+        .refresh(board_model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(board_model.VariableSort.ALPHABETICAL_ASC)
+    )
+    board = (
+        boards.Dashboard("LatentSieve").uid("latentsieve")
+        .description("Generated by docker/observability.py; edit that file, not this one.")
+        .tags(["latentsieve"]).readonly()
+        .tooltip(board_model.DashboardCursorSync.CROSSHAIR)
+        .version(1).refresh("30s").time("now-1h", "now").timezone("browser")
+        .with_variable(variable)
+    )
+    section, panel_id = None, 0
+    for panel in panels():
         if panel.section != section:
-            y, column, section = y + (HEIGHT if column else 0), 0, panel.section
+            section = panel.section
             if section:
-                grid = {"h": 1, "w": WIDTH * PER_ROW, "x": 0, "y": y}
-                out.append({"id": len(out) + 1, "type": "row", "title": section,
-                            "collapsed": False, "gridPos": grid, "panels": []})
-                y += 1
-        grid = {"h": HEIGHT, "w": WIDTH, "x": column * WIDTH, "y": y}
-        out.append(panel_json(panel, len(out) + 1, grid))
-        column = (column + 1) % PER_ROW
-        y += 0 if column else HEIGHT
-    return out
+                panel_id += 1
+                board = board.with_row(boards.Row(section).id(panel_id).collapsed(False))
+        panel_id += 1
+        board = board.with_panel(built_panel(panel, panel_id))
+    return board.build()
 
 
 def dashboard() -> dict[str, Any]:
-    variable = {
-        "name": "model", "label": "Model", "type": "query", "datasource": DATASOURCE,
-        "definition": "label_values(latentsieve_index_latents, model)",
-        "query": "label_values(latentsieve_index_latents, model)",
-        "includeAll": True, "multi": True, "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "options": [], "refresh": 2, "regex": "", "sort": 1, "hide": 0,
-    }
-    return {
-        "id": None, "uid": "latentsieve", "title": "LatentSieve",
-        "description": "Generated by docker/observability.py; edit that file, not this one.",
-        "tags": ["latentsieve"], "editable": False, "graphTooltip": 1,
-        "schemaVersion": 39, "version": 1, "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"}, "timepicker": {}, "timezone": "browser",
-        "annotations": {"list": []}, "links": [],
-        "templating": {"list": [variable]},
-        "panels": layout(panels()),
-    }
+    """The dashboard as Grafana's JSON model (what the provisioned file holds)."""
+    encoded: dict[str, Any] = json.loads(json.dumps(dashboard_model(), cls=JSONEncoder))
+    return encoded
 
 
 def _quote(text: str) -> str:

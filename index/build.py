@@ -13,29 +13,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
-import faiss
 import numpy as np
-from tqdm import tqdm
+from pydantic import BaseModel
 
 from latentsieve.index.bandwidth import AUTO_K, choose_bandwidth, parse_sigma
 from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
-from latentsieve.index.gemm_operand import gemm_operand, save_operand
-from latentsieve.index.ivf_lists import IvfLists, choose_nlist, default_rank, kmeans_labels
+from latentsieve.index.kinds import build_kind
 from latentsieve.index.latent_files import load_latents
 from latentsieve.index.manifest import (
-    BUILD_KINDS,
     DEFAULT_DELTA_DIRECTIONS,
     DEFAULT_MAX_ERROR,
     DEFAULT_PROJECTION_ROWS,
-    IVF_OFFSETS_FILE,
     KNOWN_SPACES,
     STORAGE_TYPES,
     TORCHSCRIPT_DESCRIPTORS,
     Calibration,
-    CertifiedLists,
     CertifiedMeasure,
     DescriptorSettings,
     IndexKind,
@@ -55,7 +50,7 @@ from latentsieve.index.projection import (
     fit_pca,
     project,
 )
-from latentsieve.index.store import INDEX_FILE, LatentStore
+from latentsieve.index.store import LatentStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +59,6 @@ DEFAULT_CALIBRATION_COUNT = 10_000
 CALIBRATION_SEED_START = 1_000_000_000
 CALIBRATION_INDEX_SEED = 0
 CALIBRATION_LATENTS_FILE = "calibration_latents.npy"
-_ADD_BLOCK = 65_536
 # Chosen by docs/evidence.md: dropping inactive coordinates is what made the demo VAE's score
 # predict quality at all, and it is the identity on latents whose coordinates are all active.
 DEFAULT_SPACE = "active"
@@ -88,9 +82,10 @@ class CalibrationRequest:
     latent_shape: tuple[int, ...] = ()
     generator: ModuleReference | None = None
     descriptors: DescriptorOptions | None = None
-    kind: str = "flat"
-    certified: CertifiedLists | None = None  # ivf: its lists are staged in version_dir
-    shards: tuple[IndexShard, ...] = ()  # ivf with --shards K: one set of lists per shard
+    kind: str = "flat"  # its scorer: latentsieve.workers.kinds
+    # The kind's manifest block (ivf: CertifiedLists; its lists are staged in version_dir)
+    settings: BaseModel | None = None
+    shards: tuple[IndexShard, ...] = ()  # --shards K: the staged shards
     projection: tuple[np.ndarray, np.ndarray] | None = None  # PCA mean (d,), components
     source_latents: np.ndarray | None = None  # (N, d) before PCA, for descriptors
     # --calibration-latents: (count, d) float32 as sent (before PCA), the calibration set
@@ -177,22 +172,12 @@ def _package_version() -> str:
 def check_options(options: BuildOptions) -> None:
     """Refuse bad options before any file is read or written."""
     check_model_name(options.model)
-    if options.kind == "hnsw":
-        raise StoreError(
-            "--kind hnsw is retired: a graph search cannot bound the kernel mass it skips, so "
-            "its scores cannot be certified (docs/contract.md §1); build --kind ivf"
-        )
-    if options.kind not in BUILD_KINDS:
-        raise StoreError(f"unknown --kind {options.kind!r}; choose one of {', '.join(BUILD_KINDS)}")
+    kind = build_kind(options.kind)
     if options.storage not in STORAGE_TYPES:
         raise StoreError(
             f"unknown --storage {options.storage!r}; choose one of {', '.join(STORAGE_TYPES)}"
         )
-    if options.storage != "float32" and options.kind != "ivf":
-        raise StoreError(
-            f"--storage {options.storage} needs --kind ivf (a flat index is scored by a float32 "
-            "GEMM over its stored latents)"
-        )
+    kind.check(options)
     if not (math.isfinite(options.max_error) and options.max_error >= 0):
         raise StoreError(f"--max-error must be a finite number >= 0 nats, got {options.max_error}")
     if options.nlist is not None and options.nlist < 1:
@@ -285,70 +270,6 @@ def choose_space(
             space, kept.size, dim, 100 * ratio,
         )
     return projection, (mean, components)
-
-
-def shard_bounds(n: int, count: int) -> np.ndarray:
-    """Row boundaries (count + 1,) of ``count`` contiguous, near-equal ranges of N rows; each
-    holds at least 2 rows, so leave-one-out sums stay defined on every shard."""
-    if n < 2 * count:
-        raise StoreError(f"--shards {count} needs at least {2 * count} latents, got {n}")
-    return np.linspace(0, n, count + 1).round().astype(np.int64)
-
-
-def write_shards(
-    latents: np.ndarray, staged: Path, count: int, progress: bool
-) -> tuple[IndexShard, ...]:
-    """``count`` flat indexes of contiguous, near-equal row ranges of latents (N, d)."""
-    bounds = shard_bounds(latents.shape[0], count)
-    shards: list[IndexShard] = []
-    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        name = f"shard-{number}.faiss"
-        write_index(latents[start:stop], staged / name, progress)
-        shards.append(IndexShard(file=name, start=int(start), count=int(stop - start)))
-    return tuple(shards)
-
-
-def write_index(latents: np.ndarray, path: Path, progress: bool) -> None:
-    """A flat FAISS index (IndexFlatL2) of float32 latents (N, d), added in blocks with a
-    progress bar, and beside it the exact engine's GEMM operand (index/gemm_operand.py)."""
-    index = faiss.IndexFlatL2(latents.shape[1])
-    blocks = range(0, latents.shape[0], _ADD_BLOCK)
-    for start in tqdm(blocks, desc="index", unit="block", disable=not progress):
-        index.add(latents[start : start + _ADD_BLOCK])
-    faiss.write_index(index, str(path))
-    save_operand(gemm_operand(latents), path.parent, path.name)
-
-
-def write_ivf_lists(
-    latents: np.ndarray, staged: Path, options: BuildOptions
-) -> tuple[tuple[IndexShard, ...], CertifiedLists]:
-    """The lists of a certified ivf index (k-means, grouping, statistics) written into the
-    staged folder, one set per shard with ``--shards K`` (each over its rows, the same list
-    count); the shards and the settings for the manifest (measured after calibration)."""
-    n, dim = latents.shape
-    bounds = shard_bounds(n, options.shards) if options.shards > 1 else np.array([0, n])
-    smallest = int(np.diff(bounds).min())
-    rank = default_rank(dim)
-    nlist = min(options.nlist or choose_nlist(smallest, dim, rank), smallest)
-    train_size = min(smallest, 64 * nlist)
-    shards: list[IndexShard] = []
-    for number, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        rows = latents[start:stop]
-        log.info("building ivf lists",
-                 extra={"n": int(stop - start), "dim": dim, "nlist": nlist, "shard": number})
-        labels = kmeans_labels(rows, nlist, seed=0, train_size=train_size)
-        try:
-            lists = IvfLists.group(rows, labels, nlist, storage=options.storage, rank=rank,
-                                   progress=options.progress)
-        except ValueError as exc:
-            raise StoreError(f"--kind ivf: {exc}") from exc
-        name = f"shard-{number}.{IVF_OFFSETS_FILE}" if options.shards > 1 else IVF_OFFSETS_FILE
-        lists.save(staged, name)
-        shards.append(IndexShard(file=name, start=int(start), count=int(stop - start)))
-    certified = CertifiedLists(nlist=nlist, train_size=train_size, rank=rank,
-                               storage=options.storage,  # type: ignore[arg-type]
-                               max_error=options.max_error)
-    return (tuple(shards) if options.shards > 1 else ()), certified
 
 
 def summarise(scores: np.ndarray) -> dict[str, float]:
@@ -451,14 +372,8 @@ def build_version(
         pca_arrays = space[1] if space is not None else None
         latents = source_latents if pca_arrays is None else project(source_latents, *pca_arrays)
         bandwidth = choose_bandwidth(options.sigma, latents, options.bandwidth_neighbours)
-        shards: tuple[IndexShard, ...] = ()
-        certified: CertifiedLists | None = None
-        if options.kind == "ivf":
-            shards, certified = write_ivf_lists(latents, staged, options)
-        elif options.shards > 1:
-            shards = write_shards(latents, staged, options.shards, options.progress)
-        else:
-            write_index(latents, staged / INDEX_FILE, options.progress)
+        kind = build_kind(options.kind)
+        shards, settings = kind.write(latents, staged, options)
         if projection is not None and pca_arrays is not None:
             np.savez(staged / projection.file, mean=pca_arrays[0], components=pca_arrays[1])
         wanted = options.descriptors if generator is not None else None
@@ -488,9 +403,9 @@ def build_version(
             latent_shape=latent_shape,
             generator=generator,
             descriptors=wanted,
-            kind=options.kind,
-            certified=certified,
-            shards=shards if certified is not None else (),
+            kind=kind.name,
+            settings=settings,
+            shards=shards,
             projection=pca_arrays,
             source_latents=source_latents,
             calibration_latents=given,
@@ -504,10 +419,10 @@ def build_version(
             mapping = mapping.model_copy(
                 update={"state_sha256": result.module_states.get("mapping")}
             )
-        if certified is not None:
+        if not kind.exact and settings is not None:
             if result.measured is None:
                 raise StoreError("a certified index needs its bound measured at build")
-            certified = certified.model_copy(update={"measured": result.measured})
+            settings = settings.model_copy(update={"measured": result.measured})
         scores = np.sort(np.asarray(result.scores, dtype=np.float64))
         if scores.shape != (count,) or not np.all(np.isfinite(scores)):
             raise StoreError(f"calibration produced {scores.shape} scores, some not finite")
@@ -543,19 +458,20 @@ def build_version(
         )
         files = {path.name: sha256_file(path) for path in sorted(staged.iterdir())}
         digest = hashlib.sha256((source_sha + repr(sorted(files.items()))).encode()).hexdigest()
+        # the kind's manifest block under its field (ivf: certified)
+        block: dict[str, Any] = {kind.block: settings} if kind.block is not None else {}
         manifest = IndexManifest(
             model=options.model,
             version=f"{created:%Y%m%dT%H%M%S%f}Z-{digest[:8]}",
             created_at=created,
             package_version=_package_version(),
-            kind=cast(IndexKind, options.kind),
-            exact=options.kind == "flat" and projection is None,
+            kind=cast(IndexKind, kind.name),
+            exact=kind.exact and projection is None,
             n=n,
             dim=dim,
             latent_shape=latent_shape,
             projection=projection,
             latent_set=options.latent_set,
-            certified=certified,
             bandwidth=bandwidth,
             sampler=sampler,
             generator=generator,
@@ -567,6 +483,7 @@ def build_version(
             source_sha256=source_sha,
             files=files,
             shards=shards,
+            **block,
         )
         target = store.publish(staged, manifest)
     log.info(

@@ -24,11 +24,10 @@ MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_NAME_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{12}Z-[0-9a-f]{8}$")
 # A file of a version: one path segment inside the version folder (no '/', '\\', '..', '.x').
 FILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# The registered kinds and the retired ones (index/kinds/__init__.py: KINDS, RETIRED, which
+# ``index build --kind`` offers); a test keeps the three lists equal.
 IndexKind = Literal["flat", "ivf", "hnsw"]
 KNOWN_KINDS: tuple[str, ...] = get_args(IndexKind)
-# What ``index build --kind`` makes: hnsw is retired (its scores cannot be certified); versions
-# built before still load and answer error_bound null.
-BUILD_KINDS: tuple[str, ...] = ("flat", "ivf")
 STORAGE_TYPES: tuple[str, ...] = ("float32", "float16")
 DEFAULT_MAX_ERROR = 0.01  # nats: a certified index's bound when a request names none
 IVF_OFFSETS_FILE = "ivf_offsets.npy"  # a certified ivf index's stored offsets (N, d)
@@ -347,6 +346,7 @@ class IndexManifest(_Frozen):
     )
     latent_set: str | None = None  # what the training latents are (--latent-set), for the record
     search: ApproximateSearch | None = None  # ivf and hnsw built before certified scoring
+    # The kinds' manifest blocks (index/kinds/: a kind's ``block`` names its field).
     certified: CertifiedLists | None = None  # ivf: certified scoring (ivf_*.npy/npz)
     bandwidth: Bandwidth
     sampler: SamplerRecipe | None = None
@@ -385,7 +385,8 @@ class IndexManifest(_Frozen):
 
     def shard_layout(self) -> tuple[IndexShard, ...]:
         """Every shard of this version, unsharded versions as one shard over all N rows."""
+        from latentsieve.index.kinds import main_file  # the kinds read manifests
+
         if self.shards:
             return self.shards
-        return (IndexShard(file=IVF_OFFSETS_FILE if self.certified else "index.faiss", start=0,
-                           count=self.n),)
+        return (IndexShard(file=main_file(self), start=0, count=self.n),)

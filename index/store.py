@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -35,10 +34,10 @@ from pydantic import ValidationError
 
 from latentsieve.index.checksums import sha256_file
 from latentsieve.index.errors import StoreError
-from latentsieve.index.gemm_operand import GemmOperand, load_operand, operand_files
-from latentsieve.index.ivf_lists import IvfLists, StoredRows, lists_file
+from latentsieve.index.kinds import opening, shard_files
+from latentsieve.index.kinds.base import LoadedShard
+from latentsieve.index.kinds.flat import INDEX_FILE
 from latentsieve.index.manifest import (
-    IVF_OFFSETS_FILE,
     MANIFEST_NAME,
     VERSION_NAME_PATTERN,
     IndexManifest,
@@ -48,23 +47,8 @@ from latentsieve.index.manifest import (
 )
 from latentsieve.index.projection import project
 
-INDEX_FILE = "index.faiss"
+__all__ = ["INDEX_FILE", "LatentStore", "LoadedShard", "LoadedVersion"]
 STAGING = ".staging"
-
-
-@dataclass(frozen=True)
-class LoadedShard:
-    """One opened shard: rows ``start .. start + len(latents) - 1`` of the version. For flat,
-    ``latents`` is a zero-copy (n, d) float32 view of the memory-mapped FAISS ``index``, valid
-    while it lives; for a certified ivf version, ``lists`` (offsets memory-mapped) and
-    ``latents`` its rows reconstructed on demand (:class:`StoredRows`), ``index`` None."""
-
-    number: int
-    start: int
-    index: faiss.Index | None
-    latents: np.ndarray
-    lists: IvfLists | None = None
-    operand: GemmOperand | None = None  # flat: the stored GEMM operand (older versions: None)
 
 
 @dataclass
@@ -185,7 +169,7 @@ class LatentStore:
                 f"{model}/{version} has shards 0..{len(layout) - 1}, not {unknown}"
             )
         skipped = set().union(*(
-            _shard_files(layout[number].file) for number in range(len(layout))
+            shard_files(manifest, layout[number].file) for number in range(len(layout))
             if number not in wanted
         ))
         if verify:
@@ -269,74 +253,14 @@ class LatentStore:
         return rows
 
 
-def _shard_files(index_file: str) -> set[str]:
-    """The files of the shard whose main file is ``index_file``: a flat FAISS file and its GEMM
-    operand, or a certified ivf shard's offsets and lists."""
-    if index_file.endswith(IVF_OFFSETS_FILE):
-        return {index_file, lists_file(index_file)}
-    return {index_file, *operand_files(index_file)}
-
-
 def _open_shard(folder: Path, manifest: IndexManifest, number: int) -> LoadedShard:
-    """Shard ``number``: a memory-mapped flat FAISS index and a zero-copy view of its vectors,
-    or a certified ivf version's lists (offsets memory-mapped)."""
+    """Shard ``number``, opened and checked by its kind (index/kinds/): a memory-mapped flat
+    FAISS index and a zero-copy view of its vectors, or a certified ivf version's lists."""
+    kind = opening(manifest)
     shard = manifest.shard_layout()[number]
     projected = manifest.projection
     expected = (shard.count, projected.dim if projected is not None else manifest.dim)
-    if manifest.kind != "flat":
-        if manifest.certified is None:
-            raise StoreError(
-                f"{manifest.model}/{manifest.version} is a {manifest.kind} index built before "
-                "scores were certified; rebuild it with `latentsieve index build --kind ivf` "
-                "(docs/scoring.md, migration)"
-            )
-        try:
-            lists = IvfLists.load(folder, shard.file)
-        except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"{folder}: unreadable ivf lists ({exc})") from exc
-        if (lists.n, lists.dim) != expected or lists.nlist != manifest.certified.nlist:
-            raise StoreError(
-                f"{folder}: ivf lists hold {lists.n} x {lists.dim} in {lists.nlist} lists, "
-                f"manifest says {expected[0]} x {expected[1]} in {manifest.certified.nlist}"
-            )
-        rows: Any = StoredRows(lists)  # an (n, d) array-like: rows reconstructed on demand
-        return LoadedShard(number, shard.start, None, rows, lists)
-    path = folder / shard.file
-    try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
-    except RuntimeError as exc:
-        raise StoreError(f"{path}: unreadable FAISS index ({exc})") from exc
-    inner: Any = faiss.downcast_index(index)  # the concrete SWIG class
-    if not isinstance(inner, faiss.IndexFlatL2):
-        raise StoreError(f"{path}: expected a flat index, got {type(inner).__name__}")
-    if (inner.ntotal, inner.d) != expected:
-        raise StoreError(
-            f"{path}: index holds {inner.ntotal} x {inner.d}, manifest says "
-            f"{expected[0]} x {expected[1]}"
-        )
-    operand = None
-    if operand_files(shard.file)[0] in manifest.files:  # versions built before have none
-        try:
-            operand = load_operand(folder, shard.file, *expected)
-        except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"{folder}: unreadable GEMM operand ({exc})") from exc
-    return LoadedShard(number, shard.start, index, np.asarray(_FlatVectors(index, inner)),
-                       operand=operand)
-
-
-class _FlatVectors:
-    """Exposes a flat index's vectors to NumPy without a copy, as the array's ``base``: the
-    array then keeps ``owner`` (the object that frees the C++ index and its memory map) alive."""
-
-    def __init__(self, owner: faiss.Index, flat: faiss.IndexFlat) -> None:
-        self.owner = owner
-        view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
-        self.__array_interface__ = {
-            "shape": (int(flat.ntotal), int(flat.d)),
-            "typestr": "<f4",
-            "data": (view.__array_interface__["data"][0], True),  # read-only: a file mapping
-            "version": 3,
-        }
+    return kind.open_shard(folder, manifest, number, shard, expected)
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:

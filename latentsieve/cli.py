@@ -1,8 +1,10 @@
 """The ``latentsieve`` command line (docs/contract.md §4).
 
 Every option falls back to an environment variable ``LATENTSIEVE_<OPTION>`` (``--store`` ->
-``LATENTSIEVE_STORE``, ``--redis`` -> ``LATENTSIEVE_REDIS_URL``). Errors print one line on stderr
-and exit with status 2; nothing is written to the store on error.
+``LATENTSIEVE_STORE``), which its ``--help`` names. ``serve`` and ``worker`` take their options
+from the settings models the processes read (workers/settings.py): the model gives each
+option's name, help, default, choices and variable, and validates the values. Errors print one
+line on stderr and exit with status 2; nothing is written to the store on error.
 """
 
 from __future__ import annotations
@@ -14,30 +16,46 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from types import UnionType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    Protocol,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import numpy as np
 
 from latentsieve.index.errors import StoreError
+from latentsieve.index.kinds import BUILD_KINDS, KINDS, RETIRED
 from latentsieve.index.manifest import check_sigma
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from latentsieve.index.build import DescriptorOptions
     from latentsieve.index.manifest import Policy
+    from latentsieve.workers.settings import ProcessSettings
 
 log = logging.getLogger("latentsieve")
 
-_ENV_NAMES = {"redis": "LATENTSIEVE_REDIS_URL"}
-# Imported by the server commands and not by the client install (pyproject's cpu/gpu/demo extras).
+# Imported by the server commands and not by the client install (pyproject's cpu/gpu/demo/report
+# extras), with the extra that brings each one when it is not ``cpu``.
 SERVER_MODULES = frozenset({
     "torch", "faiss", "fastapi", "starlette", "uvicorn", "redis", "prometheus_client", "orjson",
-    "pybase64", "safetensors", "tqdm", "pydantic_settings", "sklearn",
+    "pybase64", "safetensors", "tqdm", "pydantic_settings", "sklearn", "matplotlib", "PIL",
 })
+EXTRA_OF_MODULE = {"sklearn": "demo", "matplotlib": "report", "PIL": "report"}
 # Distributions that each install the module ``faiss``: one at a time.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
 MAX_CLI_SEEDS = 10_000_000
+_Process = TypeVar("_Process", bound="ProcessSettings")
 
 
 class CliError(Exception):
@@ -51,15 +69,14 @@ class Options(Protocol):
 
 
 def _env_name(option: str) -> str:
-    return _ENV_NAMES.get(option, "LATENTSIEVE_" + option.upper().replace("-", "_"))
+    return "LATENTSIEVE_" + option.upper().replace("-", "_")
 
 
-def _env(option: str) -> str | None:
-    return os.environ.get(_env_name(option))
-
-
-def _flag_from_env(option: str) -> bool:
-    return (_env(option) or "").lower() in ("1", "true", "yes")
+def _env(option: str, names: Sequence[str] = ()) -> str | None:
+    """The value of the first of ``names`` (default: the option's LATENTSIEVE_<OPTION>) that
+    is set."""
+    names = names or (_env_name(option),)
+    return next((os.environ[name] for name in names if name in os.environ), None)
 
 
 def _add(
@@ -67,20 +84,22 @@ def _add(
     option: str,
     help: str = "",
     *,
+    env: Sequence[str] = (),
     shown: str | None = None,
     listed: Sequence[str] = (),
     **kwargs: object,
 ) -> None:
-    """An option whose default comes from its LATENTSIEVE_* variable; its help says its
-    default (``shown`` when the real one is decided later, e.g. by the build), its
-    environment variable and its choices (argparse's ``choices``, or ``listed`` for values the
-    command checks itself, so that a wrong one gets the command's own one-line error)."""
-    env = _env(option)
+    """An option whose default comes from its variable (``env``: the names read, the first
+    one set winning; default LATENTSIEVE_<OPTION>); its help says its default (``shown`` when
+    the real one is decided later, e.g. by the build), its variable and its choices (argparse's
+    ``choices``, or ``listed`` for values the command checks itself, so that a wrong one gets
+    the command's own one-line error)."""
+    value = _env(option, env)
     required = bool(kwargs.get("required"))
     if kwargs.get("action") == "store_true":
-        kwargs["default"] = _flag_from_env(option)
-    elif env is not None:
-        kwargs["default"] = env
+        kwargs["default"] = (value or "").lower() in ("1", "true", "yes")
+    elif value is not None:
+        kwargs["default"] = value
         kwargs.pop("required", None)
     notes = []
     choices = listed or kwargs.get("choices") or ()
@@ -88,14 +107,108 @@ def _add(
         notes.append("choices: " + ", ".join(map(str, choices)))  # type: ignore[call-overload]
     if required:
         notes.append("required")
-    elif kwargs.get("action") == "store_true":
-        notes.append("default: off")
     else:
-        default = shown if shown is not None else kwargs.get("default")
+        default = kwargs.get("default")
+        if value is None and shown is not None:
+            default = shown
+        elif isinstance(default, bool):
+            default = "on" if default else "off"
         notes.append(f"default: {'none' if default is None else default}")
-    notes.append(f"env: {_env_name(option)}")
+    notes.append(f"env: {env[0] if env else _env_name(option)}")
     text = f"{help} [{'; '.join(notes)}]" if help else f"[{'; '.join(notes)}]"
     parser.add_argument(f"--{option}", help=text, **kwargs)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An option's old name: sets the option and leaves a note that ``main`` logs once
+    logging is set up (docs/contract.md, migration notes)."""
+
+    def __init__(self, option_strings: list[str], dest: str, instead: str,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.deprecated = [*getattr(namespace, "deprecated", []),
+                                (option_string, self.instead)]
+
+
+def _settings_options(parser: argparse.ArgumentParser, model: type[ProcessSettings]) -> None:
+    """The options of ``serve`` or ``worker``: one per field of ``model`` marked ``Option``,
+    with the field's description, default, choices and variables (workers/settings.py)."""
+    from latentsieve.workers.settings import option_of, variables
+
+    for name, field in model.model_fields.items():
+        option = option_of(field)
+        if option is None:
+            continue
+        kind = field.annotation
+        if get_origin(kind) in (Union, UnionType):  # X | None: an X
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        kwargs: dict[str, Any] = (
+            {"required": True} if field.is_required() else {"default": field.get_default()}
+        )
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = get_args(kind)
+        elif kind in (int, float):
+            kwargs["type"] = kind
+        flag = option.flag_of(name)
+        _add(parser, flag[2:], field.description or "", env=variables(model, name),
+             shown=option.shown, **kwargs)
+        value = {key: kwargs[key] for key in ("type", "choices") if key in kwargs}
+        for old in option.deprecated:
+            parser.add_argument(f"--{old}", dest=_dest(flag), action=_DeprecatedFlag,
+                                instead=flag, help=argparse.SUPPRESS, **value)
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute for ``--flag``."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _settings(model: type[_Process], args: argparse.Namespace) -> _Process:
+    """``serve``'s or ``worker``'s settings: each option's value (its flag, else its variable,
+    else its default) over the rest of the environment; values the model refuses are one line
+    naming each option and its variable."""
+    from pydantic import ValidationError
+
+    from latentsieve.workers.settings import option_of
+
+    values = {}
+    for name, field in model.model_fields.items():
+        option = option_of(field)
+        if option is not None:
+            values[name] = getattr(args, _dest(option.flag_of(name)))
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise CliError(_refused(model, exc)) from exc
+
+
+def _refused(model: type[ProcessSettings], exc: ValidationError) -> str:
+    """A settings model's ValidationError as one line, e.g. ``--port (LATENTSIEVE_PORT): input
+    should be less than or equal to 65535, got 70000``."""
+    from latentsieve.redaction import redact
+    from latentsieve.workers.settings import option_of, variables
+
+    problems = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        name = str(error["loc"][0]) if error["loc"] else ""
+        if name not in model.model_fields:  # a rule over several fields
+            problems.append(message)
+            continue
+        option = option_of(model.model_fields[name])
+        where = variables(model, name)[0]
+        if option is not None:
+            where = f"{option.flag_of(name)} ({where})"
+        got = "" if error["type"] == "missing" else f", got {error['input']!r}"
+        problems.append(f"{where}: {message[:1].lower()}{message[1:]}{got}")
+    return redact("; ".join(problems))
 
 
 def faiss_conflict(installed: Iterable[str]) -> str | None:
@@ -175,9 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(build, "model", required=True, help="the model's name")
     _add(build, "latents", required=True, help=".npy, .pt/.pth or .safetensors, shape (N, ...)")
     _add(build, "sigma", default="auto", help="a bandwidth > 0, or 'auto' (kNN median)")
-    _add(build, "kind", default="flat", listed=("flat", "ivf"),
-         help="flat is exact; ivf is approximate with a certified bound on every score "
-              "(hnsw is retired)")
+    _add(build, "kind", default="flat", listed=BUILD_KINDS,
+         help="; ".join(kind.help for kind in KINDS.values())
+              + "".join(f" ({name} is retired)" for name in RETIRED))
     _add(build, "pca", type=int, default=None, help="project onto the top DIM principal axes")
     _add(build, "space", default=None, listed=("raw", "active", "standardized"),
          shown="active",
@@ -239,41 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add(score, "descriptors", default=None, help="comma-separated: psi,nu,delta")
     _add(score, "device", default="auto", help=DEVICES)
 
-    serve = commands.add_parser("serve", help="run the HTTP gateway")
-    _add(serve, "store", required=True, help="the store folder")
-    _add(serve, "host", default="127.0.0.1", help="address to listen on")
-    _add(serve, "port", type=int, default=8000, help="port to listen on")
-    _add(serve, "redis", default=None, help="redis://... : the shared score cache (and workers)")
-    _add(serve, "device", default=None, shown="auto", help=DEVICES)
-    _add(serve, "workers", type=int, default=None, shown="1",
-         help="processes sharing the port (see docs/service.md, 'Workers')")
-    _add(serve, "compute", default="embedded", choices=("embedded", "workers"),
-         help="embedded: score in this process; workers: over Redis Streams (needs --redis)")
-    _add(serve, "allow-request-sigma", action=argparse.BooleanOptionalAction, default=None,
-         shown=_env("allow-request-sigma") or "on",
-         help="take a request's own sigma (off: a sigma other than the index's is 422, and "
-              "no request makes the service rescore a calibration set)")
-
-    worker = commands.add_parser("worker", help="a distributed worker (Redis Streams)")
-    _add(worker, "store", required=True, help="the store folder (read only)")
-    _add(worker, "redis", required=True, help="redis://... shared with the gateways")
-    _add(worker, "models", default=None, shown="all", help="comma-separated model names")
-    _add(worker, "shards", default=None, shown="all", help="comma-separated shard numbers")
-    _add(worker, "device", default="auto", help=DEVICES)
-    _add(worker, "metrics-port", type=int, default=None,
-         help="serve Prometheus /metrics on this port")
-    _add(worker, "metrics-host", default="127.0.0.1",
-         help="address /metrics listens on (0.0.0.0: every interface, e.g. in a container "
-              "whose network is the boundary)")
-    _add(worker, "max-batch-size", type=int, default=1024, help="latents per computed batch")
-    _add(worker, "max-wait-ms", type=float, default=2.0, help="wait to fill a batch (ms)")
-    _add(worker, "read-count", type=int, default=64, help="jobs read from Redis at once")
-    _add(worker, "claim-idle-ms", type=int, default=10_000,
-         help="reclaim a job pending this long on another (dead) worker")
-    _add(worker, "max-deliveries", type=int, default=3,
-         help="deliveries before a job goes to the dead-letter stream")
-    _add(worker, "heartbeat-ttl", type=float, default=3.0,
-         help="seconds a heartbeat counts as live")
+    process_help = {
+        "serve": "run the HTTP gateway",
+        "worker": "a scoring worker: computes the gateways' jobs from Redis Streams",
+    }
+    try:
+        from latentsieve.service.settings import Settings
+        from latentsieve.workers.settings import WorkerOptions
+    except ModuleNotFoundError as missing:  # the client install: main says what to install
+        for name, text in process_help.items():
+            # "+" as the only prefix: every word after the command is an argument, none unknown
+            command = commands.add_parser(name, help=text, prefix_chars="+")
+            command.add_argument("given", nargs="*")
+            command.set_defaults(missing=missing)
+    else:
+        _settings_options(commands.add_parser("serve", help=process_help["serve"]), Settings)
+        _settings_options(commands.add_parser("worker", help=process_help["worker"]),
+                          WorkerOptions)
 
     report = commands.add_parser(
         "report", help="evidence page: does rejecting low scores keep better samples?"
@@ -460,9 +555,10 @@ def _score(args: argparse.Namespace) -> int:
     max_error = None if args.max_error is None else float(args.max_error)
     if max_error is not None and not (math.isfinite(max_error) and max_error >= 0):
         raise CliError(f"--max-error must be a finite number >= 0 nats, got {args.max_error}")
-    job = ScoreJob(args.model, latents, seeds, sigma, names or None, max_error=max_error)
+    job = ScoreJob(model=args.model, latents=latents, seeds=seeds, sigma=sigma,
+                   descriptors=names or None, max_error=max_error)
 
-    async def run() -> dict[str, object]:
+    async def run() -> Mapping[str, object]:
         async with offline_engine(Path(args.store), args.device, MAX_CLI_SEEDS) as engine:
             return await engine.score(job)
 
@@ -482,7 +578,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _write_report(
-    report: dict[str, object],
+    report: Mapping[str, object],
     log_density: np.ndarray,
     percentile: np.ndarray,
     seeds: Sequence[int] | None,
@@ -512,54 +608,22 @@ def _write_report(
 
 def _serve(args: argparse.Namespace) -> int:
     from latentsieve.service.main import run_server
+    from latentsieve.service.settings import Settings
 
-    run_server(
-        store=args.store, host=args.host, port=int(args.port), redis_url=args.redis,
-        workers=None if args.workers is None else int(args.workers), log_level=args.log_level,
-        device=args.device, compute=args.compute,
-        # given on the command line: over the variable (Settings reads it otherwise)
-        allow_request_sigma=(
-            args.allow_request_sigma if isinstance(args.allow_request_sigma, bool) else None
-        ),
-    )
+    run_server(_settings(Settings, args), log_level=args.log_level)
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from latentsieve.workers.devices import resolve_device
-    from latentsieve.workers.stream_worker import (
-        WorkerOptions,
-        parse_list,
-        parse_shards,
-        run_worker,
-    )
+    from latentsieve.workers import stream_worker
+    from latentsieve.workers.settings import WorkerOptions
 
-    numbers = {
-        "max-batch-size": int(args.max_batch_size), "read-count": int(args.read_count),
-        "claim-idle-ms": int(args.claim_idle_ms), "max-deliveries": int(args.max_deliveries),
-    }
-    for option, value in numbers.items():
-        if value < 1:
-            raise CliError(f"--{option} must be >= 1, got {value}")
-    if float(args.heartbeat_ttl) <= 0 or float(args.max_wait_ms) < 0:
-        raise CliError("--heartbeat-ttl must be > 0 and --max-wait-ms >= 0")
-    options = WorkerOptions(
-        store=args.store,
-        redis_url=args.redis,
-        device=resolve_device(args.device),
-        models=parse_list(args.models, "models"),
-        shards=parse_shards(args.shards),
-        max_batch_size=numbers["max-batch-size"],
-        max_wait_ms=float(args.max_wait_ms),
-        read_count=numbers["read-count"],
-        claim_idle_ms=numbers["claim-idle-ms"],
-        max_deliveries=numbers["max-deliveries"],
-        heartbeat_ttl_s=float(args.heartbeat_ttl),
-    )
-    port = None if args.metrics_port is None else int(args.metrics_port)
-    asyncio.run(run_worker(options, port, metrics_host=args.metrics_host))
+    options = _settings(WorkerOptions, args)
+    asyncio.run(stream_worker.run_worker(
+        options, options.metrics_port, metrics_host=options.metrics_host
+    ))
     return 0
 
 
@@ -631,7 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    for old, instead in getattr(args, "deprecated", []):
+        log.warning("deprecated option", extra={"option": old, "instead": instead})
     try:
+        if getattr(args, "missing", None) is not None:
+            raise args.missing
         check_faiss_install()
         if args.command == "index":
             return _build(args) if args.index_command == "build" else _list(args)
@@ -647,9 +715,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _study(args)
         return _worker(args)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] not in SERVER_MODULES:
+        module = (exc.name or "").partition(".")[0]
+        if module not in SERVER_MODULES:
             raise
-        extra = "demo" if exc.name == "sklearn" else "cpu"
+        extra = EXTRA_OF_MODULE.get(module, "cpu")
         print(f"latentsieve: error: '{args.command}' needs {exc.name}, which this install "
               f"lacks: pip install 'latentsieve[{extra}]'"
               + (" (or [gpu] on a CUDA host)" if extra == "cpu" else ""), file=sys.stderr)

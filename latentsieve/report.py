@@ -23,7 +23,7 @@ import csv
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ from tqdm import tqdm
 from latentsieve.index.bandwidth import knn_median_sigma
 from latentsieve.index.manifest import DESCRIPTOR_NAMES
 from latentsieve.index.store import LatentStore
+from latentsieve.report_data import ReportData
+from latentsieve.report_page import write_page
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.evidence import (
     REJECT_FRACTIONS,
     mask_gain,
@@ -45,10 +48,8 @@ from latentsieve.workers.evidence import (
 )
 from latentsieve.workers.policy import decide
 from latentsieve.workers.samplers import MAX_SEED, draw_latents
-from latentsieve.workers.scoring import ModelScorer
 
 MIN_SEEDS = 20
-GRID_SIZE = 16  # samples in each of the highest / lowest grids
 SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 AUTO_RULE_NEIGHBOURS = (1, 3, 10)
 TRUNCATION_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -68,23 +69,6 @@ class QualityProxy:
     features: Callable[[np.ndarray], np.ndarray]
     real_features: np.ndarray
     description: dict[str, str]
-
-
-@dataclass
-class ReportData:
-    """Everything measured, kept for the page: arrays for plots beside the JSON numbers."""
-
-    numbers: dict[str, Any]
-    log_density: np.ndarray
-    calibration: np.ndarray
-    quality: dict[str, np.ndarray]
-    images: np.ndarray | None = None  # (n, H, W) or (n, H, W, 3) in [0, 1]
-    seeds: list[int] = field(default_factory=list)
-
-    def grid_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the ``GRID_SIZE`` highest (best first) and lowest (worst first) scores."""
-        order = np.argsort(-self.log_density, kind="stable")
-        return order[:GRID_SIZE], order[::-1][:GRID_SIZE]
 
 
 def read_quality_csv(path: Path) -> dict[int, float]:
@@ -154,7 +138,7 @@ def _render(generator: torch.nn.Module, latents: np.ndarray, shape: tuple[int, .
     return np.concatenate(parts)
 
 
-def _nearest_neighbour_score(scorer: ModelScorer, queries: np.ndarray) -> np.ndarray:
+def _nearest_neighbour_score(scorer: SyncScorer, queries: np.ndarray) -> np.ndarray:
     """Minus the L2 distance to the nearest training latent (higher = closer): (n,); exact,
     by the version's own FAISS index for ``flat`` and a flat copy for ``ivf``."""
     import faiss
@@ -173,7 +157,7 @@ SECTIONS = frozenset(
 
 
 def make_report(
-    scorer: ModelScorer,
+    scorer: SyncScorer,
     seeds: Sequence[int],
     given_quality: dict[str, np.ndarray] | None = None,
     proxy: QualityProxy | None = None,
@@ -268,7 +252,7 @@ def make_report(
     stage("correlations")
 
     sweep = (
-        _bandwidth_sweep(scorer, index_space, quality, sigma, resamples)
+        _bandwidth_sweep(scorer, source, quality, sigma, resamples)
         if "bandwidth_sweep" in sections
         else []
     )
@@ -349,14 +333,15 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
 
 
 def _bandwidth_sweep(
-    scorer: ModelScorer,
-    index_space: np.ndarray,
+    scorer: SyncScorer,
+    source: np.ndarray,
     quality: dict[str, np.ndarray],
     sigma: float,
     resamples: int,
 ) -> list[dict[str, object]]:
-    """Spearman of log_density with each quality at multiples of the index's sigma and at the
-    ``--sigma auto`` rules (median distance to the k-th nearest training latent)."""
+    """Spearman of log_density of ``source`` (latents as sent) with each quality at multiples
+    of the index's sigma and at the ``--sigma auto`` rules (median distance to the k-th nearest
+    training latent)."""
     candidates: list[tuple[float, str]] = [
         (sigma * m, f"{m:g} x index sigma") for m in SIGMA_MULTIPLES
     ]
@@ -365,7 +350,7 @@ def _bandwidth_sweep(
         candidates.append((rule.sigma, f"auto, k = {k}"))
     rows: list[dict[str, object]] = []
     for value, label in sorted(candidates):
-        density = scorer.engine.log_density(index_space, value).log_density
+        density = scorer.score(source, value).log_density
         rows.append(
             {
                 "sigma": value,
@@ -379,7 +364,7 @@ def _bandwidth_sweep(
 
 
 def _truncation(
-    scorer: ModelScorer,
+    scorer: SyncScorer,
     draws: torch.Tensor,
     generator: torch.nn.Module | None,
     proxy: QualityProxy | None,
@@ -392,10 +377,7 @@ def _truncation(
     rows: list[dict[str, object]] = []
     for scale in TRUNCATION_SCALES:
         source = scorer.seed_latents.map(base * scale)
-        index_space = scorer.loaded.to_index_space(source)
-        density = scorer.engine.log_density(
-            index_space, scorer.manifest.bandwidth.sigma
-        ).log_density
+        density = scorer.score(source, scorer.manifest.bandwidth.sigma).log_density
         row: dict[str, object] = {
             "scale": scale,
             "log_density": mean_interval(density, resamples).as_dict(),
@@ -440,8 +422,6 @@ def run_report(
     progress: bool = True,
 ) -> dict[str, Any]:
     """``latentsieve report``: build the report of ``model`` and write it into ``out``."""
-    from latentsieve.report_page import write_page
-
     store = LatentStore(store_root)
     if model not in store.models():
         raise ReportError(f"unknown model {model!r} in {store_root}; see 'index list'")
@@ -456,10 +436,10 @@ def run_report(
         seeds = sorted(table)
         user_quality = np.array([table[seed] for seed in seeds])
     seeds = range(0, 2000) if seeds is None else seeds
-    scorer = ModelScorer(store.load(model))
-    generator = scorer.manifest.generator
-    proxy = demo_quality_proxy(generator.spec if generator else None)
-    given = {"quality": user_quality} if user_quality is not None else None
-    data = make_report(scorer, seeds, given, proxy, resamples, progress)
+    with SyncScorer(store.load(model)) as scorer:
+        generator = scorer.manifest.generator
+        proxy = demo_quality_proxy(generator.spec if generator else None)
+        given = {"quality": user_quality} if user_quality is not None else None
+        data = make_report(scorer, seeds, given, proxy, resamples, progress)
     write_page(data, out)
     return data.numbers

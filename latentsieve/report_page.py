@@ -1,31 +1,53 @@
 """The report's files: ``report.json`` (every number) and ``index.html`` (one page of plots).
 
-Plots are inline SVG and image grids inline PNG (written with ``zlib``), so the page is one
-self-contained file with no plotting dependency.
+Plots are matplotlib figures written as inline SVG (text kept as text, ids from a fixed salt
+and no date, so a page is byte-for-byte reproducible) and image grids are inline PNG written
+by Pillow, so the page is one self-contained file. Both come with the ``report`` extra.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
-import struct
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from PIL import Image
 
+from latentsieve.report_data import ReportData
 from latentsieve.workers.evidence import REJECT_FRACTIONS
 
 if TYPE_CHECKING:
-    from latentsieve.report import ReportData
+    from matplotlib.typing import RcKeyType
 
-WIDTH, HEIGHT = 560, 260
-MARGIN = {"left": 60, "right": 16, "top": 16, "bottom": 42}
+WIDTH, HEIGHT = 560, 260  # CSS pixels of a chart
+PIXELS_PER_INCH = 96  # CSS pixels per inch: a chart is WIDTH x HEIGHT on the page
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f")
+# No pyplot, so no GUI backend and no open figures: each chart is a bare Figure that matplotlib's
+# SVG backend saves, under these settings (rc_context restores the caller's afterwards). Text
+# stays <text> (no font is embedded or fetched; matplotlib measures with its bundled DejaVu Sans);
+# the salt makes clip-path and marker ids content hashes, equal ids in two charts equal content.
+STYLE: dict[RcKeyType, Any] = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "latentsieve",
+    "font.family": "sans-serif",
+    "font.size": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+    "legend.fontsize": 7.5,
+}
+# Nothing that changes from run to run: no date, no generator version.
+SVG_METADATA: dict[str, str | None] = {"Date": None, "Creator": None, "Format": None,
+                                       "Type": None}
 
 
 def png_data_uri(image: np.ndarray, scale: int = 4) -> str:
@@ -47,92 +69,47 @@ def tile(images: np.ndarray, columns: int = 8, gap: int = 1) -> np.ndarray:
 
 
 def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
-    """A grey (H, W) or RGB (H, W, 3) image in [0, 1] as PNG bytes (``scale`` x ``scale``
-    pixel blocks), written with zlib alone."""
+    """A grey (H, W) or RGB (H, W, 3) image in [0, 1] as PNG bytes (mode L or RGB), each pixel
+    a ``scale`` x ``scale`` block."""
     pixels = np.clip(np.round(np.asarray(image, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
-    pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-    colour = 2 if pixels.ndim == 3 else 0
-    height, width = pixels.shape[:2]
-    rows = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-    return png + chunk(b"IEND", b"")
+    picture = Image.fromarray(pixels)
+    picture = picture.resize((picture.width * scale, picture.height * scale),
+                             Image.Resampling.NEAREST)
+    sink = io.BytesIO()
+    picture.save(sink, format="PNG")
+    return sink.getvalue()
 
 
-def _scale(low: float, high: float, start: float, stop: float) -> Any:
-    span = high - low if high > low else 1.0
-    return lambda value: start + (value - low) / span * (stop - start)
-
-
-def _frame(
-    x_range: tuple[float, float], y_range: tuple[float, float], xlabel: str, ylabel: str
-) -> tuple[list[str], Any, Any]:
-    """SVG axes with 5 ticks each; returns the parts and the x, y pixel maps."""
-    left, right = MARGIN["left"], WIDTH - MARGIN["right"]
-    top, bottom = MARGIN["top"], HEIGHT - MARGIN["bottom"]
-    fx = _scale(*x_range, left, right)
-    fy = _scale(*y_range, bottom, top)
-    parts = [
-        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#333"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#333"/>',
-    ]
-    for tick in np.linspace(*x_range, 5):
-        parts.append(
-            f'<text x="{fx(tick):.1f}" y="{bottom + 16}" font-size="11" '
-            f'text-anchor="middle">{tick:.3g}</text>'
-        )
-    for tick in np.linspace(*y_range, 5):
-        parts.append(
-            f'<text x="{left - 6}" y="{fy(tick) + 4:.1f}" font-size="11" '
-            f'text-anchor="end">{tick:.3g}</text>'
-        )
-    parts.append(
-        f'<text x="{(left + right) / 2}" y="{HEIGHT - 6}" font-size="12" '
-        f'text-anchor="middle">{html.escape(xlabel)}</text>'
-    )
-    parts.append(
-        f'<text x="14" y="{(top + bottom) / 2}" font-size="12" text-anchor="middle" '
-        f'transform="rotate(-90 14 {(top + bottom) / 2})">{html.escape(ylabel)}</text>'
-    )
-    return parts, fx, fy
-
-
-def _svg(parts: Sequence[str], legend: Sequence[str] = ()) -> str:
-    keys = [
-        f'<rect x="{WIDTH - 190}" y="{18 + 16 * i}" width="10" height="10" '
-        f'fill="{COLOURS[i % len(COLOURS)]}"/><text x="{WIDTH - 175}" y="{27 + 16 * i}" '
-        f'font-size="11">{html.escape(label)}</text>'
-        for i, label in enumerate(legend)
-    ]
-    body = "".join([*parts, *keys])
-    return f'<svg width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">{body}</svg>'
+def chart_svg(draw: Callable[[Axes], None], height: int = HEIGHT) -> str:
+    """One chart, ``WIDTH`` x ``height`` CSS pixels, drawn by ``draw(axes)``, as an inline
+    ``<svg>`` element."""
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(WIDTH / PIXELS_PER_INCH, height / PIXELS_PER_INCH),
+                        layout="constrained")
+        draw(figure.add_subplot())
+        sink = io.StringIO()
+        figure.savefig(sink, format="svg", metadata=SVG_METADATA)
+    text = sink.getvalue()
+    return text[text.index("<svg") :]  # no XML declaration or DOCTYPE inside HTML
 
 
 def histogram_svg(series: dict[str, np.ndarray], xlabel: str, bins: int = 40) -> str:
-    """Overlaid normalised histograms (outlines) of each named (n,) array."""
+    """Overlaid normalised histograms (outlines) of each named (n,) array, over the 0.1% to
+    99.9% quantiles of them all (values outside are counted in the edge bins)."""
     values = np.concatenate([np.asarray(v, dtype=np.float64) for v in series.values()])
     low, high = np.quantile(values, [0.001, 0.999])
     edges = np.linspace(low, high, bins + 1)
-    counts = {
-        name: np.histogram(np.clip(v, low, high), edges, density=True)[0]
-        for name, v in series.items()
-    }
-    top = max(float(c.max()) for c in counts.values()) or 1.0
-    parts, fx, fy = _frame((float(low), float(high)), (0.0, top), xlabel, "density")
-    for i, (_name, count) in enumerate(counts.items()):
-        points = " ".join(
-            f"{fx(edges[j + step]):.1f},{fy(count[j]):.1f}" for j in range(bins) for step in (0, 1)
-        )
-        parts.append(
-            f'<polyline points="{points}" fill="none" stroke="{COLOURS[i]}" stroke-width="1.5"/>'
-        )
-    return _svg(parts, list(series))
+
+    def draw(axes: Axes) -> None:
+        for i, (name, v) in enumerate(series.items()):
+            axes.hist(np.clip(np.asarray(v, dtype=np.float64), low, high), edges.tolist(),
+                      density=True, histtype="step", linewidth=1.5, label=name,
+                      color=COLOURS[i % len(COLOURS)])
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel("density")
+        axes.legend(loc="upper left")
+
+    return chart_svg(draw)
 
 
 def line_svg(
@@ -142,74 +119,45 @@ def line_svg(
     ylabel: str,
     log_x: bool = False,
 ) -> str:
-    """Lines with optional 95% bands: {label: (y, low or None, high or None)} over ``x``."""
-    xs = np.log10(np.asarray(x, dtype=np.float64)) if log_x else np.asarray(x, dtype=np.float64)
-    ys = [
-        np.asarray(v, dtype=np.float64)
-        for y, lo, hi in series.values()
-        for v in (y, lo, hi)
-        if v is not None
-    ]
-    finite = np.concatenate(ys)
-    finite = finite[np.isfinite(finite)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    pad = 0.05 * (high - low or 1.0)
-    parts, fx, fy = _frame(
-        (float(xs.min()), float(xs.max())),
-        (low - pad, high + pad),
-        f"log10 {xlabel}" if log_x else xlabel,
-        ylabel,
-    )
-    for i, (y, lo, hi) in enumerate(series.values()):
-        colour = COLOURS[i % len(COLOURS)]
-        if lo is not None and hi is not None:
-            upper = [f"{fx(a):.1f},{fy(b):.1f}" for a, b in zip(xs, hi, strict=True)]
-            lower = [f"{fx(a):.1f},{fy(b):.1f}" for a, b in zip(xs, lo, strict=True)][::-1]
-            parts.append(
-                f'<polygon points="{" ".join(upper + lower)}" fill="{colour}" opacity="0.18"/>'
-            )
-        points = " ".join(f"{fx(a):.1f},{fy(b):.1f}" for a, b in zip(xs, y, strict=True))
-        parts.append(
-            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>'
-        )
-    return _svg(parts, list(series))
+    """Lines with optional 95% bands: {label: (y, low or None, high or None)} over ``x``;
+    ``log_x`` draws x on a log scale. Non-finite values leave gaps."""
+    xs = np.asarray(x, dtype=np.float64)
+
+    def draw(axes: Axes) -> None:
+        for i, (label, (y, lo, hi)) in enumerate(series.items()):
+            colour = COLOURS[i % len(COLOURS)]
+            if lo is not None and hi is not None:
+                axes.fill_between(xs, np.asarray(lo, dtype=np.float64),
+                                  np.asarray(hi, dtype=np.float64), color=colour, alpha=0.18,
+                                  linewidth=0)
+            axes.plot(xs, np.asarray(y, dtype=np.float64), color=colour, linewidth=2,
+                      label=label)
+        if log_x:
+            axes.set_xscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.legend(loc="best")
+
+    return chart_svg(draw)
 
 
 def intervals_svg(rows: Sequence[tuple[str, float, float, float]], xlabel: str) -> str:
-    """One row per (label, value, ci_low, ci_high): a dot with its 95% whiskers, a line at 0."""
-    height = 24 * len(rows) + 50
-    values = [v for row in rows for v in row[1:] if math.isfinite(v)] + [0.0]
-    low, high = min(values), max(values)
-    pad = 0.05 * (high - low or 1.0)
-    left, right = 170, WIDTH - 20
-    fx = _scale(low - pad, high + pad, left, right)
-    parts = [
-        f'<line x1="{fx(0):.1f}" y1="10" x2="{fx(0):.1f}" y2="{height - 34}" stroke="#999" '
-        'stroke-dasharray="3,3"/>'
-    ]
-    for i, (label, value, ci_low, ci_high) in enumerate(rows):
-        y = 22 + 24 * i
-        parts.append(
-            f'<text x="{left - 8}" y="{y + 4}" font-size="11" text-anchor="end">'
-            f"{html.escape(label)}</text>"
-        )
-        if all(math.isfinite(v) for v in (value, ci_low, ci_high)):
-            parts.append(
-                f'<line x1="{fx(ci_low):.1f}" y1="{y}" x2="{fx(ci_high):.1f}" y2="{y}" '
-                f'stroke="{COLOURS[0]}" stroke-width="2"/>'
-                f'<circle cx="{fx(value):.1f}" cy="{y}" r="4" fill="{COLOURS[0]}"/>'
-            )
-    for tick in np.linspace(low - pad, high + pad, 5):
-        parts.append(
-            f'<text x="{fx(tick):.1f}" y="{height - 20}" font-size="11" '
-            f'text-anchor="middle">{tick:.2g}</text>'
-        )
-    parts.append(
-        f'<text x="{(left + right) / 2}" y="{height - 4}" font-size="12" '
-        f'text-anchor="middle">{html.escape(xlabel)}</text>'
-    )
-    body = "".join(parts)
-    return f'<svg width="{WIDTH}" height="{height}" xmlns="http://www.w3.org/2000/svg">{body}</svg>'
+    """One row per (label, value, ci_low, ci_high), top to bottom: a dot with its 95%
+    whiskers (none where a number is not finite), and a dashed line at 0."""
+
+    def draw(axes: Axes) -> None:
+        axes.axvline(0.0, color="#999999", linestyle=(0, (3, 3)), linewidth=1)
+        for i, (_label, value, ci_low, ci_high) in enumerate(rows):
+            if all(math.isfinite(v) for v in (value, ci_low, ci_high)):
+                axes.errorbar([value], [i], xerr=[[value - ci_low], [ci_high - value]], fmt="o",
+                              color=COLOURS[0], markersize=5, linewidth=2)
+        axes.set_yticks(range(len(rows)), [row[0] for row in rows])
+        axes.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+        axes.set_xlabel(xlabel)
+        axes.spines["left"].set_visible(False)
+        axes.tick_params(axis="y", length=0)
+
+    return chart_svg(draw, height=24 * len(rows) + 50)
 
 
 def grid_html(images: np.ndarray, seeds: Sequence[int], scores: Sequence[float]) -> str:

@@ -427,9 +427,9 @@ def load_pipeline_spec(spec: str) -> Any:
 
 
 class StoreScorer:
-    """A ``LatentScorer`` over a store's model, in process (``ModelScorer``, the synchronous
-    engine reports use): ``latents (n, ...)`` -> ``log_density (n,)``, flattened as
-    ``POST /score`` flattens them."""
+    """A ``LatentScorer`` over a store's model, in process (``SyncScorer``: the service's
+    engine behind synchronous calls, as reports use it): ``latents (n, ...)`` ->
+    ``log_density (n,)``, flattened as ``POST /score`` flattens them."""
 
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
@@ -688,16 +688,15 @@ def opened_scorer(
     index version, and the store's training latents (None for a service)."""
     if options.store is not None:
         from latentsieve.index.store import LatentStore
-        from latentsieve.workers.devices import resolve_device
-        from latentsieve.workers.scoring import ModelScorer
+        from latentsieve.service.offline import SyncScorer
 
         store = LatentStore(options.store)
         if model not in store.models():
             hint = " (latentsieve demo --store DIR builds it)" if model == DEMO_MODEL else ""
             raise StudyError(f"unknown model {model!r} in {options.store}{hint}; see "
                              f"'index list'")
-        scorer = ModelScorer(store.load(model), resolve_device(options.device))
-        yield StoreScorer(scorer), scorer.manifest.version, stored_training_latents(scorer)
+        with SyncScorer(store.load(model), options.device) as scorer:
+            yield StoreScorer(scorer), scorer.manifest.version, stored_training_latents(scorer)
         return
     from latentsieve.service.client import LatentSieveClient
 
@@ -716,6 +715,8 @@ def run_study(options: StudyOptions) -> StudyResult:
     from latentsieve.redaction import redact
 
     started = time.perf_counter()
+    # The page's charts need the report extra: fail before the work, not after it.
+    import latentsieve.study_page  # noqa: F401
     demo = options.pipeline == DEMO_PIPELINE
     if (options.store is None) == (options.url is None):
         raise StudyError("give one of --store (score in process) or --url (a running service); "

@@ -1,8 +1,8 @@
 """``study.html``: the study's page, from the numbers of ``study.json``.
 
-The frontier (mean delivered quality against denoiser evaluations per delivered image) is an
-inline SVG drawn with the report page's axes; the gains use its interval chart and its tables,
-so the page is one self-contained file with no plotting dependency.
+The frontier (mean delivered quality against denoiser evaluations per delivered image) is a
+matplotlib chart drawn by the report page's ``chart_svg``; the gains use its interval chart and
+its tables, so the page is one self-contained file (inline SVG and PNG).
 """
 
 from __future__ import annotations
@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.transforms import ScaledTranslation
 
 from latentsieve.report_page import (
     COLOURS,
     _ci,
-    _frame,
-    _svg,
     _table,
+    chart_svg,
     intervals_svg,
     png_data_uri,
 )
 
 BASELINE_COLOUR = "#7f7f7f"
-DODGE = 7  # pixels between rows of equal cost on the frontier chart
+DODGE = 5  # points between rows of equal cost on the frontier chart
 SIGNIFICANCE = 0.05  # Holm-adjusted level a verdict calls "pays"
 
 
@@ -39,18 +40,7 @@ def frontier_svg(rows: Sequence[dict[str, Any]], frontier: Sequence[str]) -> str
     """Each row at (evaluations per image, mean delivered quality) with its 95% interval;
     strategies in colour and named, baselines grey and hollow (named when on the frontier),
     the frontier as a dashed line through the rows' exact positions."""
-    costs = [float(r["denoiser_evaluations_per_image"]) for r in rows]
-    lows = [float(r["quality_ci"]["ci_low"]) for r in rows]
-    highs = [float(r["quality_ci"]["ci_high"]) for r in rows]
-    x_range = (0.0, _padded(costs)[1])
-    parts, fx, fy = _frame(x_range, _padded([*lows, *highs]),
-                           "denoiser evaluations per delivered image", "mean delivered quality")
     by_name = {r["strategy"]: r for r in rows}
-    line = " ".join(
-        f"{fx(by_name[name]['denoiser_evaluations_per_image']):.1f},"
-        f"{fy(by_name[name]['quality_mean']):.1f}" for name in frontier
-    )
-    parts.append(f'<polyline points="{line}" fill="none" stroke="#bbb" stroke-dasharray="4,3"/>')
     colour_of: dict[str, str] = {}
     for r in rows:
         if not r["baseline"]:
@@ -58,22 +48,33 @@ def frontier_svg(rows: Sequence[dict[str, Any]], frontier: Sequence[str]) -> str
     sharing: dict[float, list[str]] = {}  # rows at one cost are spread sideways to be seen
     for r in rows:
         sharing.setdefault(r["denoiser_evaluations_per_image"], []).append(r["strategy"])
-    for r in rows:
-        same = sharing[r["denoiser_evaluations_per_image"]]
-        dodge = DODGE * (same.index(r["strategy"]) - (len(same) - 1) / 2)
-        x, y = fx(r["denoiser_evaluations_per_image"]) + dodge, fy(r["quality_mean"])
-        colour = colour_of.get(r["strategy"], BASELINE_COLOUR)
-        parts.append(
-            f'<line x1="{x:.1f}" y1="{fy(r["quality_ci"]["ci_low"]):.1f}" x2="{x:.1f}" '
-            f'y2="{fy(r["quality_ci"]["ci_high"]):.1f}" stroke="{colour}" stroke-width="1.5"/>'
-        )
-        fill = "white" if r["baseline"] else colour
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{fill}" '
-                     f'stroke="{colour}" stroke-width="1.5"/>')
-        if not r["baseline"] or r["strategy"] in frontier:  # the table names the others
-            parts.append(f'<text x="{x + 6:.1f}" y="{y - 5:.1f}" font-size="10" '
-                         f'fill="{colour}">{html.escape(r["strategy"])}</text>')
-    return _svg(parts)
+
+    def draw(axes: Axes) -> None:
+        axes.plot([by_name[name]["denoiser_evaluations_per_image"] for name in frontier],
+                  [by_name[name]["quality_mean"] for name in frontier],
+                  color="#bbbbbb", linestyle=(0, (4, 3)), linewidth=1)
+        for r in rows:
+            same = sharing[r["denoiser_evaluations_per_image"]]
+            dodge = DODGE * (same.index(r["strategy"]) - (len(same) - 1) / 2)
+            shifted = axes.transData + ScaledTranslation(dodge / 72, 0,  # points to inches
+                                                         axes.figure.dpi_scale_trans)
+            x, y = r["denoiser_evaluations_per_image"], r["quality_mean"]
+            colour = colour_of.get(r["strategy"], BASELINE_COLOUR)
+            axes.plot([x, x], [r["quality_ci"]["ci_low"], r["quality_ci"]["ci_high"]],
+                      color=colour, linewidth=1.5, transform=shifted)
+            axes.plot([x], [y], marker="o", markersize=6, color=colour, transform=shifted,
+                      markerfacecolor="white" if r["baseline"] else colour)
+            if not r["baseline"] or r["strategy"] in frontier:  # the table names the others
+                axes.annotate(r["strategy"], (x, y), xycoords=shifted, xytext=(5, 4),
+                              textcoords="offset points", fontsize=7, color=colour)
+        # Set, not autoscaled: matplotlib leaves the dodged (shifted) artists out of autoscaling.
+        axes.set_xlim(0.0, _padded([r["denoiser_evaluations_per_image"] for r in rows])[1])
+        axes.set_ylim(*_padded([r["quality_ci"][end] for r in rows
+                                for end in ("ci_low", "ci_high")]))
+        axes.set_xlabel("denoiser evaluations per delivered image")
+        axes.set_ylabel("mean delivered quality")
+
+    return chart_svg(draw)
 
 
 def _p(value: float | None) -> str:

@@ -24,9 +24,8 @@ from latentsieve.index.store import LatentStore
 from latentsieve.service.access import RequestObserver
 from latentsieve.service.auth import OPEN_PATHS, ApiKeyMiddleware
 from latentsieve.service.cache import make_cache
-from latentsieve.service.direct_routes import install_direct_routes
 from latentsieve.service.drain import Drain, DrainMiddleware
-from latentsieve.service.engine import Compute, ScoringEngine
+from latentsieve.service.engine import ScoringEngine
 from latentsieve.service.errors import install_error_handlers
 from latentsieve.service.metrics import (
     FLUSH_INTERVAL_S,
@@ -36,12 +35,13 @@ from latentsieve.service.metrics import (
 )
 from latentsieve.service.registry import ModelRegistry
 from latentsieve.service.routers import health, models, scoring
-from latentsieve.service.runtime import Runtime, get_runtime
+from latentsieve.service.runtime import Runtime
 from latentsieve.service.schemas import ScoreRequest, SelectRequest
 from latentsieve.service.settings import Settings
 from latentsieve.service.stream_compute import StreamCompute
 from latentsieve.workers.devices import resolve_device
 from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
+from latentsieve.workers.transport import Compute, QueueLimits
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def _install_openapi(app: FastAPI, settings: Settings) -> None:
 
 
 def _every_shard(
-    registry: ModelRegistry, compute: StreamCompute
+    registry: ModelRegistry, live: dict[tuple[str, int], list[str]]
 ) -> dict[tuple[str, int], list[str]]:
     """Live worker devices for every shard of every served model (empty lists included)."""
-    live = compute.live_workers()
     return {
         (name, shard): live.get((name, shard), [])
         for name, served in registry.snapshot().items()
@@ -111,7 +110,8 @@ def _telemetry_options(enabled: bool) -> dict[str, Any]:
 
 
 async def _flush_metrics(metrics: ServiceMetrics) -> None:
-    """Multiprocess mode: write this worker's score histograms for the others' scrapes."""
+    """Multiprocess mode: write this gateway process's score histograms for the others'
+    scrapes."""
     while True:
         await asyncio.sleep(FLUSH_INTERVAL_S)
         metrics.flush()
@@ -121,6 +121,7 @@ def _make_compute(
     settings: Settings, registry: ModelRegistry, metrics: ServiceMetrics, device: str
 ) -> Compute:
     """The transport of ``settings.compute``: this process's batchers, or Redis workers."""
+    limits = QueueLimits(settings.queue_limit, settings.model_queue_limit)
     if settings.compute == "workers":
         assert settings.redis_url is not None  # Settings refuses workers without Redis
         return StreamCompute(
@@ -129,20 +130,18 @@ def _make_compute(
                 name: len(served.view.manifest.shard_layout())
                 for name, served in registry.snapshot().items()
             },
-            queue_limit=settings.queue_limit,
-            model_queue_limit=settings.model_queue_limit,
+            limits,
         )
     batchers = ModelBatchers(
         settings.max_batch_size,
         settings.max_wait_ms,
-        settings.queue_limit,
-        settings.model_queue_limit,
+        limits,
         on_batch=lambda key, size, seconds: metrics.observe_batch(
             key.model, device, size, seconds
         ),
         on_queue_change=metrics.queue_changed,
     )
-    return LocalCompute(batchers)
+    return LocalCompute(batchers, device)
 
 
 def create_app(
@@ -179,12 +178,14 @@ def create_app(
                 (name, s.version): s.view.manifest.n for name, s in registry.snapshot().items()
             }
         )
-        if isinstance(compute, StreamCompute):
-            await compute.start()
+        await compute.start()
+        if compute.live_workers() is not None:  # scored elsewhere: count the live workers
             metrics.watch_live_workers(
                 lambda: {
                     (model, str(shard)): len(devices)
-                    for (model, shard), devices in _every_shard(registry, compute).items()
+                    for (model, shard), devices in _every_shard(
+                        registry, compute.live_workers() or {}
+                    ).items()
                 }
             )
         app.state.runtime = Runtime(settings, engine, metrics, drain)
@@ -220,7 +221,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await flusher
                 metrics.flush()
-                # This worker's queue depth leaves the sum.
+                # This gateway process's queue depth leaves the sum.
                 mark_process_dead(os.getpid(), metrics.multiprocess_dir)
             app.state.runtime = None
 
@@ -237,8 +238,6 @@ def create_app(
     app.include_router(models.router)
     app.include_router(health.router)
     _install_openapi(app, settings)
-    # Innermost, so that auth and the request metrics wrap the direct routes too.
-    install_direct_routes(app, scoring.router, get_runtime)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     # Inside the observer, so that a drained request's 503 is timed and logged like any other.
     app.add_middleware(DrainMiddleware, drain=drain)

@@ -35,6 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from latentsieve.redaction import redact
+from latentsieve.workers.transport import ScoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -76,52 +77,32 @@ def _length_prefixed(part: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _prefix_digest(
-    model: str, index_version: str, sigma_hex: str, names: tuple[str, ...], generator_sha256: str,
-    bound_hex: str = "",
-) -> hashlib._Hash:
-    """SHA-256 state after the parts every key of one (model, version, sigma, descriptor set,
-    generator) shares; callers ``copy()`` it, never update it."""
+def _prefix_digest(spec_bytes: bytes, generator_sha256: str) -> hashlib._Hash:
+    """SHA-256 state after the parts every key of one spec and generator shares; callers
+    ``copy()`` it, never update it."""
     return hashlib.sha256(
         b"".join(
             _length_prefixed(part)
-            for part in (
-                KEY_PREFIX.encode(),
-                model.encode(),
-                index_version.encode(),
-                sigma_hex.encode(),
-                len(names).to_bytes(8, "big"),
-                *(name.encode() for name in names),
-                generator_sha256.encode(),
-                bound_hex.encode(),
-            )
+            for part in (KEY_PREFIX.encode(), spec_bytes, generator_sha256.encode())
         )
     )
 
 
 def cache_keys(
-    model: str,
-    index_version: str,
-    sigma: float,
-    descriptors: tuple[str, ...],
+    spec: ScoreSpec,
     latents: Sequence[bytes] | np.ndarray,
     generator_sha256: str = "",
-    max_error: float | None = None,
 ) -> list[str]:
     """``"ls:v1:<sha256 hex>"`` per latent, over every input that changes a score.
 
-    Each part is length-prefixed so no two different inputs share an encoding. ``sigma`` enters
-    exactly (``float.hex``: 1.0 and 1.0000000001 differ); descriptors are a set, so their order
-    and repeats do not matter; descriptor requests also carry the generator's sha256. A latent
-    is its bytes as the gateway normalises them (one dtype and byte order for every request
-    form): ``bytes`` each, or an ``(n, d)`` array whose rows are hashed in place. A certified
-    ivf version's scores also depend on the bound asked for (``max_error``, exactly). The shared
-    prefix is hashed once per (model, version, sigma, descriptors, generator, bound).
+    Every field of ``spec`` enters (``ScoreSpec.key_bytes``: each length-prefixed, so no two
+    different inputs share an encoding; ``sigma`` exactly, 1.0 and 1.0000000001 differ;
+    descriptors as a set; a certified ivf version's ``max_error`` exactly); descriptor requests
+    also carry the generator's sha256. A latent is its bytes as the gateway normalises them
+    (one dtype and byte order for every request form): ``bytes`` each, or an ``(n, d)`` array
+    whose rows are hashed in place. The shared prefix is hashed once per (spec, generator).
     """
-    prefix = _prefix_digest(  # sigma as its hex text: 0.0 and -0.0 are equal floats
-        model, index_version, float(sigma).hex(), tuple(sorted(set(descriptors))),
-        generator_sha256, "" if max_error is None else float(max_error).hex(),
-    )
+    prefix = _prefix_digest(spec.key_bytes(), generator_sha256)
     if isinstance(latents, np.ndarray) and latents.size:
         # Rows of one array share a length: hash its prefix once, then slice one flat view.
         flat = np.ascontiguousarray(latents).data.cast("B")
@@ -144,11 +125,9 @@ def cache_keys(
     return keys
 
 
-def cache_key(
-    model: str, index_version: str, sigma: float, descriptors: tuple[str, ...], latent: bytes
-) -> str:
+def cache_key(spec: ScoreSpec, latent: bytes) -> str:
     """The key of one latent (see :func:`cache_keys`)."""
-    return cache_keys(model, index_version, sigma, descriptors, [latent])[0]
+    return cache_keys(spec, [latent])[0]
 
 
 class ScoreCache(Protocol):

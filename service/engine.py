@@ -15,44 +15,34 @@ latents, so when its request gives up (deadline or cancellation) it stops at the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from latentsieve.index.kinds import default_bound
 from latentsieve.index.manifest import TORCHSCRIPT_DESCRIPTORS, IndexManifest, Policy
 from latentsieve.service.cache import CachedScore, ScoreCache, cache_keys
 from latentsieve.service.errors import ServiceError
 from latentsieve.service.registry import ModelRegistry, ServedModel
 from latentsieve.service.settings import Settings
 from latentsieve.workers.batcher import QueueFull
-from latentsieve.workers.local_compute import Computed, Work
+from latentsieve.workers.score_body import ScoreResponse
 from latentsieve.workers.scoring import BLOCK, ModelView, ScoredBatch, score_report
 from latentsieve.workers.selection import pick_diverse
-from latentsieve.workers.shard_scoring import ShardQuery, ShardScorer
+from latentsieve.workers.shard_scoring import ShardQuery
 from latentsieve.workers.streams import JobFailed, WorkersUnavailable
+from latentsieve.workers.transport import Compute, Computed, ScoreSpec, Space, Work
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "1"
 NO_DESCRIPTORS: tuple[str, ...] = ()
-
-
-class Compute(Protocol):
-    """A transport that scores a ``Work`` on every shard and merges the parts."""
-
-    mode: str
-
-    async def compute(
-        self, shards: Sequence[ShardScorer], work: Work, deadline: float
-    ) -> Computed: ...
-
-    def queued_by_model(self) -> dict[str, int]: ...
-
-    async def stop(self) -> None: ...
+NO_RULES = Policy()  # bounds no descriptor: ``score_batch`` computes only those it is asked
 
 
 class EngineHooks(Protocol):
@@ -68,7 +58,7 @@ class EngineHooks(Protocol):
     def observe_descriptors(self, model: str, values: dict[str, np.ndarray]) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScoreJob:
     """A validated ``POST /score`` (or ``latentsieve score``): latents (n, d) or seeds."""
 
@@ -81,7 +71,7 @@ class ScoreJob:
     max_error: float | None = None  # nats, certified ivf (None: the index's)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectJob:
     """A validated ``POST /select``: the best ``keep`` of ``count`` seeds from ``start``, or
     of a posted batch of ``latents`` (n, d) when given (then ``start`` and ``count`` are
@@ -124,9 +114,10 @@ class Calibrating:
 def bound_asked(manifest: IndexManifest, max_error: float | None) -> float | None:
     """The bound a certified ivf version scores to (the request's, else its own); None for
     exact kinds, whose scores meet any (so their batches and cache entries stay shared)."""
-    if manifest.certified is None:
+    default = default_bound(manifest)  # the kind's (index/kinds/)
+    if default is None:
         return None
-    return manifest.certified.max_error if max_error is None else max_error
+    return default if max_error is None else max_error
 
 
 def effective_policy(default: Policy, override: Policy | None) -> Policy:
@@ -205,7 +196,17 @@ class ScoringEngine:
         """Latents in one piece of long work (a calibration block, a ``/select`` chunk): within
         the queue limits, so it neither fills the queue for other requests nor is refused by
         it; the work checks its deadline between pieces."""
-        return min(BLOCK, self.settings.queue_limit, self.settings.model_queue_limit)
+        return min(BLOCK, self.compute.limits.largest)
+
+    def spec(
+        self, served: ServedModel, sigma: float, descriptors: tuple[str, ...] = NO_DESCRIPTORS,
+        max_error: float | None = None, space: Space = "raw",
+    ) -> ScoreSpec:
+        """The one spec of a computation on the served version (its batches, jobs and cache
+        keys derive from it); ``max_error`` as asked (None: the index's)."""
+        manifest = served.view.manifest
+        return ScoreSpec(manifest.model, manifest.version, sigma, descriptors, space,
+                         bound_asked(manifest, max_error))
 
     def calibrations_in_flight(self) -> dict[str, tuple[str, float]]:
         """Model -> (version, sigma) of the calibration it is computing now."""
@@ -233,7 +234,7 @@ class ScoringEngine:
             depth[model] = depth.get(model, 0) + rows
         return depth
 
-    async def score(self, job: ScoreJob) -> dict[str, Any]:
+    async def score(self, job: ScoreJob) -> ScoreResponse:
         """The docs/contract.md §3 body for ``job``; ServiceError for anything it cannot serve."""
         served = self.resolve(job.model)
         view = served.view
@@ -245,24 +246,49 @@ class ScoringEngine:
         sigma = self.sigma_of(manifest, job.sigma)
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, job.descriptors, policy)
-        latents = job.latents
+        batch, cached = await self._scored(
+            served, job.latents, job.seeds, self.spec(served, sigma, names, job.max_error)
+        )
+        return self._report(view, batch, cached, sigma, policy, job.seeds)
+
+    async def score_batch(
+        self,
+        model: str,
+        latents: np.ndarray,
+        sigma: float | None = None,
+        descriptors: Sequence[str] = NO_DESCRIPTORS,
+        max_error: float | None = None,
+    ) -> ScoredBatch:
+        """``/score``'s numbers for latents (n, d) as sent, without a policy: log densities,
+        percentiles and the ``descriptors`` named (only those), for the synchronous library
+        entry point (``service.offline.SyncScorer``); ServiceError as ``score``'s."""
+        served = self.resolve(model)
+        self.check_batch(len(latents), "latents")
+        sigma = self.sigma_of(served.view.manifest, sigma)
+        names = descriptor_names(served.view, descriptors, NO_RULES)
+        spec = self.spec(served, sigma, names, max_error)
+        return (await self._scored(served, latents, None, spec))[0]
+
+    async def _scored(
+        self, served: ServedModel, latents: np.ndarray | None, seeds: Sequence[int] | None,
+        spec: ScoreSpec,
+    ) -> tuple[ScoredBatch, list[bool]]:
+        """``latents`` (n, d) as sent, or ``seeds`` drawn, scored by ``spec`` within one
+        request's deadline (504 past it): scores and cache hit flags."""
         if latents is not None:
-            self._check_dim(manifest, latents)
+            self._check_dim(served.view.manifest, latents)
         deadline = self.deadline()
         try:
             if latents is None:
                 async with asyncio.timeout_at(deadline):
-                    latents = await self._draw(view, job.seeds or [])
+                    latents = await self._draw(served.view, seeds or [])
             # Bounded inside: the calibration and the compute wait until the deadline at most,
             # and Redis within its socket timeout.
-            batch, cached = await self._score_latents(
-                served, latents, sigma, deadline, names, bound_asked(manifest, job.max_error)
-            )
+            return await self._score_latents(served, latents, spec, deadline)
         except TimeoutError as exc:
             raise self._timed_out() from exc
-        return self._report(view, batch, cached, sigma, policy, job.seeds)
 
-    async def select(self, job: SelectJob) -> dict[str, Any]:
+    async def select(self, job: SelectJob) -> ScoreResponse:
         """The ``keep`` best seeds (or posted latents) by log density, best first; with
         ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
         served = self.resolve(job.model)
@@ -285,19 +311,17 @@ class ScoringEngine:
         policy = effective_policy(manifest.policy, job.policy)
         names = descriptor_names(view, None, policy)
         seeds = range(job.start, job.start + job.count)
-        bound = bound_asked(manifest, job.max_error)
+        spec = self.spec(served, sigma, max_error=job.max_error)
         deadline = self.deadline()
         try:
             async with asyncio.timeout_at(deadline):
                 if posted is None:
                     latents, batch, cached = await self._score_seeds(
-                        served, seeds, sigma, deadline, bound
+                        served, seeds, spec, deadline
                     )
                 else:
                     latents = posted
-                    batch, cached = await self._score_latents(
-                        served, latents, sigma, deadline, max_error=bound
-                    )
+                    batch, cached = await self._score_latents(served, latents, spec, deadline)
                 # Best first; equal scores keep the lower seed (or position) first:
                 # deterministic answers.
                 order = np.lexsort((np.arange(len(latents)), -batch.log_density))
@@ -308,7 +332,8 @@ class ScoringEngine:
                 kept_cached = [cached[row] for row in kept]
                 if names:  # the policy bounds descriptors: compute them for the kept rows
                     chosen, kept_cached = await self._score_latents(
-                        served, latents[kept], sigma, deadline, names, bound
+                        served, latents[kept], dataclasses.replace(spec, descriptors=names),
+                        deadline,
                     )
         except TimeoutError as exc:
             raise self._timed_out() from exc
@@ -340,10 +365,10 @@ class ScoringEngine:
             )
         return await asyncio.to_thread(view.draw, seeds)
 
-    async def _compute(self, served: ServedModel, work: Work, deadline: float) -> Computed:
+    async def _compute(self, work: Work, deadline: float) -> Computed:
         """``work`` through the transport, its failures as the statuses they mean."""
         try:
-            return await self.compute.compute(served.shards, work, deadline)
+            return await self.compute.compute(work, deadline)
         except QueueFull as exc:
             raise ServiceError(
                 429, f"the scoring queue is full ({exc}); retry after {RETRY_AFTER_S} s",
@@ -355,8 +380,7 @@ class ScoringEngine:
             raise ServiceError(502, str(exc)) from exc
 
     async def _score_seeds(
-        self, served: ServedModel, seeds: range, sigma: float, deadline: float,
-        max_error: float | None,
+        self, served: ServedModel, seeds: range, spec: ScoreSpec, deadline: float
     ) -> tuple[np.ndarray, ScoredBatch, list[bool]]:
         """``seeds`` drawn and scored ``work_rows`` at a time: latents (n, d), scores and hit
         flags. A request that gives up stops at the next chunk; no thread goes on drawing or
@@ -367,9 +391,7 @@ class ScoringEngine:
         size = self.work_rows()
         for start in range(0, len(seeds), size):
             latents = await self._draw(served.view, seeds[start : start + size])
-            batch, hits = await self._score_latents(
-                served, latents, sigma, deadline, max_error=max_error
-            )
+            batch, hits = await self._score_latents(served, latents, spec, deadline)
             drawn.append(latents)
             parts.append(batch)
             cached.extend(hits)
@@ -426,36 +448,30 @@ class ScoringEngine:
         blocks = view.calibration_blocks(size)
         scores = []
         while (block := await asyncio.to_thread(next, blocks, None)) is not None:
-            work = _work(served, run.sigma, NO_DESCRIPTORS, block.query, block.index_space)
-            scores.append((await self._compute(served, work, deadline)).log_density)
+            spec = self.spec(served, run.sigma, space="index" if block.index_space else "raw")
+            work = _work(served, spec, block.query)
+            scores.append((await self._compute(work, deadline)).log_density)
             run.blocks_done += 1
         view.keep_calibration(run.sigma, np.concatenate(scores))
 
     async def _score_latents(
-        self,
-        served: ServedModel,
-        latents: np.ndarray,
-        sigma: float,
-        deadline: float,
-        descriptors: tuple[str, ...] = NO_DESCRIPTORS,
-        max_error: float | None = None,
+        self, served: ServedModel, latents: np.ndarray, spec: ScoreSpec, deadline: float
     ) -> tuple[ScoredBatch, list[bool]]:
         """Cached scores where present, the transport for the rest; scores and hit flags.
-        ``max_error`` (certified ivf only) is part of the cache key and of the work."""
+        Every field of ``spec`` is part of the cache key and of the work."""
         manifest = served.view.manifest
+        descriptors = spec.descriptors
         generator = (
             f"{manifest.generator.sha256}:{manifest.generator.state_sha256 or ''}"
             if descriptors and manifest.generator
             else ""
         )
-        keys = cache_keys(
-            manifest.model, manifest.version, sigma, descriptors, latents, generator, max_error,
-        )
+        keys = cache_keys(spec, latents, generator)
         hits = await self.cache.get_many(keys)
         misses = [row for row, hit in enumerate(hits) if hit is None]
         if self.hooks is not None:
             self.hooks.count_cache(len(hits) - len(misses), len(misses))
-        limit = min(self.settings.queue_limit, self.settings.model_queue_limit)
+        limit = self.compute.limits.largest
         if len(misses) > limit:
             # Could never fit, however long the client waits: not a 429.
             raise ServiceError(
@@ -477,15 +493,14 @@ class ScoringEngine:
             for name in descriptors
         }
         bounds = None
-        if max_error is not None:
+        if spec.max_error is not None:
             bounds = np.array([np.nan if h is None else h.get("error_bound", np.nan)
                                for h in hits])
         if misses:
-            await self.calibration(served, sigma, deadline)
+            await self.calibration(served, spec.sigma, deadline)
             query = ShardQuery(np.ascontiguousarray(latents[misses], dtype=np.float32))
-            work = _work(served, sigma, descriptors, query, max_error=max_error)
-            computed = await self._compute(served, work, deadline)
-            fresh = served.view.scored(computed.log_density, sigma, computed.descriptors,
+            computed = await self._compute(_work(served, spec, query), deadline)
+            fresh = served.view.scored(computed.log_density, spec.sigma, computed.descriptors,
                                        computed.error_bound)
             log_density[misses] = fresh.log_density
             percentile[misses] = fresh.percentile
@@ -509,15 +524,14 @@ class ScoringEngine:
         policy: Policy,
         seeds: Sequence[int] | None,
         positions: Sequence[int] | None = None,
-    ) -> dict[str, Any]:
+    ) -> ScoreResponse:
         """The docs/contract.md §3 body; decisions are recomputed from the scores for this policy.
         ``positions``: each row's place in a posted batch (``/select`` over latents)."""
         report = score_report(view, batch, sigma, policy, seeds, cached, positions)
         if self.hooks is not None:
-            results: list[dict[str, Any]] = report["results"]  # type: ignore[assignment]
             self.hooks.observe_results(
                 view.manifest.model, batch.log_density, batch.percentile,
-                [result["reasons"] for result in results],
+                [result["reasons"] for result in report["results"]],
             )
             if batch.descriptors:
                 self.hooks.observe_descriptors(view.manifest.model, batch.descriptors)
@@ -533,14 +547,10 @@ class ScoringEngine:
         await self.cache.close()
 
 
-def _work(
-    served: ServedModel, sigma: float, descriptors: tuple[str, ...], query: ShardQuery,
-    index_space: bool = False, max_error: float | None = None,
-) -> Work:
+def _work(served: ServedModel, spec: ScoreSpec, query: ShardQuery) -> Work:
     """What the transport computes for ``query`` on every shard of the served version."""
     manifest = served.view.manifest
-    return Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
-                index_space, len(manifest.shard_layout()), max_error)
+    return Work(spec, query, manifest.n, len(manifest.shard_layout()), served.shards)
 
 
 def _joined(parts: Sequence[ScoredBatch]) -> ScoredBatch:

@@ -1,4 +1,6 @@
-"""The gateway's one error type and its one JSON shape: ``{"detail": "..."}``."""
+"""The gateway's one error type and its one JSON shape: ``{"detail": "..."}`` (``ErrorResponse``).
+
+Nothing here imports the request schemas (``service/schemas.py`` imports this module)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latentsieve.redaction import redact
 from latentsieve.service.responses import FastJSONResponse
 
 log = logging.getLogger(__name__)
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: what was wrong and what is allowed."""
+
+    detail: str
 
 
 class ServiceError(Exception):
@@ -42,8 +51,6 @@ ERROR_MEANINGS = {
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these error statuses, all with the one error body."""
-    from latentsieve.service.schemas import ErrorResponse
-
     return {
         status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]}
         for status in statuses
@@ -55,7 +62,7 @@ def error_response(
 ) -> FastJSONResponse:
     """The one error body (credentials in any URL it quotes redacted)."""
     return FastJSONResponse(
-        {"detail": redact(detail)}, status_code=status, headers=dict(headers or {})
+        ErrorResponse(detail=redact(detail)), status_code=status, headers=dict(headers or {})
     )
 
 

@@ -3,11 +3,18 @@
 With several worker processes (``latentsieve serve --workers N``) every process writes its
 counts to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
 multiprocess mode) and ``/metrics``, whichever worker answers it, sums them all.
+
+Only prometheus_client's public API is used (metric classes, ``prometheus_client.core``'s metric
+families and ``Sample``, ``Collector``, ``MultiProcessCollector``, ``floatToGoString`` for the
+``le`` label as ``Histogram`` writes it), so no release caps the version.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,19 +23,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import metrics as prometheus_metrics
-from prometheus_client import values as prometheus_values
-from prometheus_client.core import (
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, Sample
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from latentsieve.workers.stream_worker import BATCH_BUCKETS, DURATION_BUCKETS
+from latentsieve.workers.worker_metrics import BATCH_SIZE, COMPUTE_SECONDS, DURATION_BUCKETS
 
 PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
 FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))
@@ -74,14 +74,47 @@ class _GaugeCallback(Collector):
         yield family
 
 
+# Metrics made only to ask prometheus_client something; render() never shows them.
+CREATED_PROBE = "latentsieve_created_probe"
+MULTIPROCESS_PROBE = "latentsieve_multiprocess_probe"
+
+
+@functools.cache
+def _created_probe() -> Counter:
+    return Counter(CREATED_PROBE, "Asked whether _created series are on; never exported.",
+                   registry=None)
+
+
+def created_series_enabled() -> bool:
+    """Whether prometheus_client writes ``_created`` series now: off with
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` or after ``disable_created_metrics()``. The client
+    has no public getter for that switch, so a Counter of its own (never registered) is asked:
+    the switch ``Histogram`` follows too."""
+    return any(sample.name.endswith("_created")
+               for family in _created_probe().collect() for sample in family.samples)
+
+
+SLOT = "slot"  # the flushed gauge's label: a bucket's ``le``, or SUM_SLOT
+SUM_SLOT = "sum"
+
+
 class ArrayHistogram(Collector):
     """A labelled Prometheus histogram fed a whole array per call.
 
     ``prometheus_client.Histogram`` takes one value per ``observe`` (a lock and a bucket scan
     each); a scored batch has one value per latent, so this counts them in one vectorised pass
-    (``searchsorted`` into the bounds, ``bincount``) and renders the same exposition: cumulative
-    ``_bucket{le=..}`` series ending at ``+Inf``, ``_count`` and ``_sum``. A value equal to a
-    bound falls in that bound's bucket (``le`` is inclusive), as in ``Histogram``.
+    (``searchsorted`` into the bounds, ``bincount``) and renders the same exposition through the
+    public custom-collector API (``HistogramMetricFamily``): cumulative ``_bucket{le=..}``
+    series ending at ``+Inf``, ``_count``, ``_sum`` (only where no bound is negative, as
+    ``Histogram``) and ``_created`` (when the client writes them). A value equal to a bound
+    falls in that bound's bucket (``le`` is inclusive), as in ``Histogram``.
+
+    Multiprocess mode: prometheus_client aggregates only its own metric classes across
+    processes, not custom collectors. So ``flush`` writes this process's totals (per bucket,
+    not cumulative, and the sum) to a public ``Gauge`` named ``flushed_name`` with
+    ``multiprocess_mode="sum"`` and a ``slot`` label (a bucket's ``le``, or ``sum``);
+    ``MultiProcessCollector`` adds them over every process, dead ones included, as it adds a
+    ``Histogram``'s, and ``merged`` turns that sum back into this histogram at scrape time.
     """
 
     def __init__(
@@ -91,15 +124,21 @@ class ArrayHistogram(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = list(labelnames)
+        if SLOT in self.labelnames:
+            raise ValueError(f"{name}: the label {SLOT!r} is the flushed gauge's own")
         self.bounds = np.asarray(sorted(float(b) for b in buckets if b != float("inf")))
         self._les = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        self._slots = {le: index for index, le in enumerate(self._les)}
+        # OpenMetrics allows a sum only where no observation can be negative (Histogram's rule).
+        self._has_sum = bool(self.bounds[0] >= 0)
         self._counts: dict[tuple[str, ...], np.ndarray] = {}
         self._sums: dict[tuple[str, ...], float] = {}
         self._created: dict[tuple[str, ...], float] = {}
-        # Multiprocess mode: ``flush`` copies the counts into one file-backed value per bucket
-        # and one for the sum (None when a bound is negative), as Histogram lays them out.
         self.multiprocess = multiprocess
-        self._shared: dict[tuple[str, ...], tuple[list[Any], Any]] = {}
+        self.flushed_name = f"{name}_flushed"
+        self._flushed: Gauge | None = None  # made by the first flush (multiprocess mode)
+        self._flushed_series: dict[tuple[str, ...], list[Any]] = {}
+        self._dirty: set[tuple[str, ...]] = set()  # observed since the last flush
         self._lock = threading.Lock()
         registry.register(self)
 
@@ -113,7 +152,7 @@ class ArrayHistogram(Collector):
         ):
             raise ValueError(f"{self.name} takes string labels {self.labelnames}, got {key}")
         slots = np.bincount(self.bounds.searchsorted(array), minlength=len(self._les))
-        total = float(array.sum())
+        total = float(array.sum()) if self._has_sum else 0.0
         with self._lock:
             counts = self._counts.get(key)
             if counts is None:
@@ -123,65 +162,117 @@ class ArrayHistogram(Collector):
             else:
                 counts += slots
                 self._sums[key] += total
+            if self.multiprocess:
+                self._dirty.add(key)
 
     def flush(self) -> None:
-        """Multiprocess mode: write this process's counts (per bucket, not cumulative) and sums
-        to its mmap file, where ``MultiProcessCollector`` adds them to the other processes'.
-        Observing stays an in-memory ``bincount``: a file write per bucket per request (about
-        2 us each) would cost more than the rest of a cached request's metrics."""
+        """Multiprocess mode: write the totals of every series observed since the last flush
+        to this process's mmap file (the flushed gauge, see the class). Observing stays an
+        in-memory ``bincount``: a file write per bucket per request (about 2 us each) would
+        cost more than the rest of a cached request's metrics."""
         if not self.multiprocess:
             return
         with self._lock:
-            series = [(key, counts.copy(), self._sums[key]) for key, counts in self._counts.items()]
+            series = [(key, self._counts[key].tolist(), self._sums[key]) for key in self._dirty]
+            self._dirty.clear()
+        if not series:
+            return
+        if self._flushed is None:
+            self._flushed = Gauge(
+                self.flushed_name,
+                f"This process's bucket counts and sum of {self.name}; /metrics shows their "
+                "sum over processes as the histogram.",
+                [*self.labelnames, SLOT], multiprocess_mode="sum", registry=None,
+            )
         for key, counts, total in series:
-            shared = self._shared.get(key)
-            if shared is None:
-                shared = self._shared[key] = self._shared_series(key)
-            buckets, total_value = shared
-            for value, count in zip(buckets, counts.tolist(), strict=True):
-                value.set(float(count))
-            if total_value is not None:
-                total_value.set(total)
+            children = self._flushed_series.get(key)
+            if children is None:
+                slots = [*self._les, SUM_SLOT] if self._has_sum else self._les
+                children = [self._flushed.labels(*key, slot) for slot in slots]
+                self._flushed_series[key] = children
+            for child, value in zip(children, [*counts, total] if self._has_sum else counts,
+                                    strict=True):
+                child.set(value)
 
-    def _shared_series(self, key: tuple[str, ...]) -> tuple[list[Any], Any]:
-        value_class = prometheus_values.ValueClass  # chosen by prometheus_client at import
-        bucket_labels = [*self.labelnames, "le"]
-        buckets = [
-            value_class("histogram", self.name, f"{self.name}_bucket", bucket_labels,
-                        [*key, le], self.documentation)
-            for le in self._les
-        ]
-        total = (
-            value_class("histogram", self.name, f"{self.name}_sum", self.labelnames, list(key),
-                        self.documentation)
-            if self.bounds[0] >= 0 else None
+    def merged(self, flushed: Metric) -> Metric:
+        """This histogram from ``flushed``: ``MultiProcessCollector``'s family of the flushed
+        gauge, summed over processes. No ``_created``, as ``MultiProcessCollector`` writes
+        none. A slot of other bounds (a folder kept across a change of buckets) is skipped."""
+        names, slots, width = self.labelnames, self._slots, len(self._les)
+        counts: dict[tuple[str, ...], list[float]] = {}
+        sums: dict[tuple[str, ...], float] = {}
+        for sample in flushed.samples:
+            labels = sample.labels
+            key = tuple([labels.get(name, "") for name in names])
+            slot = labels.get(SLOT, "")
+            if slot == SUM_SLOT:
+                sums[key] = sums.get(key, 0.0) + sample.value
+                continue
+            index = slots.get(slot)
+            if index is None:
+                continue
+            row = counts.get(key)
+            if row is None:
+                row = counts[key] = [0.0] * width
+            row[index] += sample.value
+        family = self._family()
+        for key, row in counts.items():
+            self._add_series(family, key, row, sums.get(key, 0.0), None)
+        return family
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add_series(self, family: HistogramMetricFamily, key: tuple[str, ...],
+                    counts: list[float], total: float, created: float | None) -> None:
+        cumulative = list(itertools.accumulate(counts))
+        labels = dict(zip(self.labelnames, key, strict=True))
+        # Histogram's samples, in its order. Not add_metric: it drops _count along with _sum
+        # where a bound is negative, and Histogram drops only _sum.
+        bucket = f"{self.name}_bucket"
+        family.samples.extend(
+            Sample(bucket, {**labels, "le": le}, value)
+            for le, value in zip(self._les, cumulative, strict=True)
         )
-        return buckets, total
+        family.samples.append(Sample(f"{self.name}_count", labels, cumulative[-1]))
+        if self._has_sum:
+            family.samples.append(Sample(f"{self.name}_sum", labels, total))
+        if created is not None:
+            family.samples.append(Sample(f"{self.name}_created", labels, created))
 
     def describe(self) -> Iterable[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        yield self._family()
 
     def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        """This process's counts (the registry of one process)."""
         with self._lock:
             series = [
-                (key, counts.copy(), self._sums[key], self._created[key])
+                (key, counts.tolist(), self._sums[key], self._created[key])
                 for key, counts in self._counts.items()
             ]
-        for key, counts, total, created in series:  # first-observed order, as Histogram
-            cumulative = np.cumsum(counts).tolist()
-            # Written as Histogram writes them: add_metric would drop _count along with _sum
-            # when a bound is negative; Histogram drops only _sum (OpenMetrics allows a sum
-            # only where no observation can be negative).
-            family.add_metric(list(key), list(zip(self._les, cumulative, strict=True)), None)
-            labels = dict(zip(self.labelnames, key, strict=True))
-            family.samples.append(Sample(f"{self.name}_count", labels, float(cumulative[-1])))
-            if self.bounds[0] >= 0:
-                family.samples.append(Sample(f"{self.name}_sum", labels, total))
-            # Histogram's switch (PROMETHEUS_DISABLE_CREATED_SERIES, disable_created_metrics()).
-            if getattr(prometheus_metrics, "_use_created", True):
-                family.samples.append(Sample(f"{self.name}_created", labels, created))
+        # Histogram's switch; not asked in multiprocess mode, where its probe would be a file.
+        created = not self.multiprocess and created_series_enabled()
+        family = self._family()
+        for key, counts, total, when in series:  # first-observed order, as Histogram
+            self._add_series(family, key, counts, total, when if created else None)
         yield family
+
+
+class _MergedFiles(Collector):
+    """``MultiProcessCollector`` over ``folder``, with each ArrayHistogram's flushed gauge
+    turned back into its histogram and the probes left out."""
+
+    def __init__(self, folder: str, histograms: Iterable[ArrayHistogram]) -> None:
+        self.files = MultiProcessCollector(None, path=folder)
+        self.histograms = {histogram.flushed_name: histogram for histogram in histograms}
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.files.collect():
+            histogram = self.histograms.get(family.name)
+            if histogram is not None:
+                yield histogram.merged(family)
+            elif family.name not in (CREATED_PROBE, MULTIPROCESS_PROBE):
+                yield family
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -191,11 +282,26 @@ FLUSH_INTERVAL_S = 1.0
 
 def multiprocess_dir() -> str | None:
     """The multiprocess folder when this process runs in prometheus_client's multiprocess mode
-    (``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` was imported), else None."""
+    (``PROMETHEUS_MULTIPROC_DIR`` set before ``prometheus_client`` was imported), else None.
+
+    prometheus_client picks in-memory or file-backed values once, when imported, and says
+    which through no public name; so a live gauge of this process (never shown by ``render``,
+    its file removed by ``mark_process_dead``) is set to a fresh random value, and the folder
+    must show it under this process's pid."""
     folder = os.environ.get(MULTIPROC_ENV)
     if not folder:
         return None
-    if not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+    token = float(secrets.randbelow(2**52) + 1)
+    Gauge(MULTIPROCESS_PROBE, "Whether this process writes its metrics to the folder.",
+          registry=None, multiprocess_mode="liveall").set(token)
+    pid = str(os.getpid())
+    try:
+        families = list(MultiProcessCollector(None, path=folder).collect())
+    except ValueError:  # not a folder
+        families = []
+    if not any(sample.labels.get("pid") == pid and sample.value == token
+               for family in families if family.name == MULTIPROCESS_PROBE
+               for sample in family.samples):
         raise RuntimeError(
             f"{MULTIPROC_ENV} was set after prometheus_client was imported, so this process "
             "keeps its metrics to itself; set it before the process starts"
@@ -238,14 +344,9 @@ class ServiceMetrics:
             "latentsieve_request_duration_seconds", "HTTP request latency (seconds).",
             ["route", "status"], buckets=DURATION_BUCKETS, registry=self.registry,
         )
-        self.batch_size = Histogram(
-            "latentsieve_batch_size", "Latents per computed batch.", ["model"],
-            buckets=BATCH_BUCKETS, registry=self.registry,
-        )
-        self.compute_seconds = Histogram(
-            "latentsieve_compute_seconds", "Seconds to compute one batch, by scoring device.",
-            ["model", "device"], buckets=DURATION_BUCKETS, registry=self.registry,
-        )
+        # Also exported by every Redis worker: one definition (workers/worker_metrics.py).
+        self.batch_size = BATCH_SIZE.histogram(self.registry)
+        self.compute_seconds = COMPUTE_SECONDS.histogram(self.registry)
         self.descriptor = ArrayHistogram(
             "latentsieve_descriptor", "Local-geometry descriptors returned.", ["model", "name"],
             buckets=DESCRIPTOR_BUCKETS, registry=self.registry, multiprocess=shared,
@@ -402,7 +503,9 @@ class ServiceMetrics:
         self.flush()
         self.queue_changed()  # a model loaded since the last change shows its 0 too
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        merged.register(_MergedFiles(
+            self.multiprocess_dir, (self.log_density, self.percentile, self.descriptor)
+        ))
         for collector in self._scrape_time:
             merged.register(collector)
         return generate_latest(merged)

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 
 from latentsieve.index.errors import StoreError
-from latentsieve.index.store import LatentStore
-from latentsieve.workers.approximate import CertifiedDensity
+from latentsieve.index.store import LatentStore, LoadedVersion
+from latentsieve.workers.kinds import scorer_of
 from latentsieve.workers.scoring import ModelView
 from latentsieve.workers.shard_scoring import ShardScorer, open_shards
 
@@ -37,10 +37,9 @@ class ServedModel:
         """Rows each certified ivf path scored, summed over this process's shards (empty for
         a flat index or in front of workers)."""
         totals: dict[str, int] = {}
-        for shard in self.shards:
-            if isinstance(shard.engine, CertifiedDensity):
-                for path, count in shard.engine.index.decisions.items():
-                    totals[path] = totals.get(path, 0) + count
+        for shard in self.shards:  # none for a kind the store cannot open
+            for path, count in scorer_of(self.view.manifest.kind).paths(shard.engine).items():
+                totals[path] = totals.get(path, 0) + count
         return totals
 
 
@@ -91,9 +90,19 @@ class ModelRegistry:
         return newest
 
     def _load(self, name: str, version: str) -> ServedModel:
-        loaded = self.store.load(name, version, shards=None if self.load_shards else ())
+        return self._open(self.store.load(name, version,
+                                          shards=None if self.load_shards else ()))
+
+    def _open(self, loaded: LoadedVersion) -> ServedModel:
         shards = open_shards(loaded, self.device) if self.load_shards else ()
         return ServedModel(ModelView(loaded), shards)
+
+    def serve(self, loaded: LoadedVersion) -> ServedModel:
+        """Serve ``loaded`` for its model from now on, whatever the store holds (a version
+        pinned by an offline caller, ``service.offline.SyncScorer``); returns it."""
+        served = self._open(loaded)
+        self._models = {**self._models, loaded.manifest.model: served}
+        return served
 
     async def refresh(self) -> list[str]:
         """Load every model whose newest version is not the one served; returns

@@ -1,5 +1,10 @@
 """Request and response bodies of the HTTP API (docs/contract.md §3), and the strict JSON reader.
 
+The response types are what the routers answer with and what the OpenAPI document is generated
+from: ``ModelsResponse`` (a model, built and validated per request), the ``/score`` and
+``/select`` body (``latentsieve.workers.score_body``: typed dicts, built by the engine as they
+are written) and ``ErrorResponse`` (``latentsieve.service.errors``).
+
 Latents arrive as a nested list (first axis = batch, the rest flattened) or as base64 of a
 little-endian array; both are turned into one ``(n, d)`` float32 array here, the precision of
 the index, so that the cache key and the score see the same numbers.
@@ -11,7 +16,7 @@ import base64
 import binascii
 import math
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NotRequired, TypeVar
 
 import numpy as np
 import orjson
@@ -23,12 +28,18 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
     StrictInt,
     Tag,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
+    with_config,
 )
+from pydantic_core import CoreSchema
+from pydantic_core.core_schema import plain_serializer_function_ser_schema
+from typing_extensions import TypedDict
 
 from latentsieve.index.manifest import DESCRIPTOR_NAMES, SIGMA_MAX, SIGMA_MIN, Policy
 from latentsieve.service.errors import ServiceError, describe_validation_errors
@@ -253,12 +264,6 @@ def _select_schema(schema: dict[str, Any]) -> None:
     ]
 
 
-class ErrorResponse(BaseModel):
-    """Every error answer: what was wrong and what is allowed."""
-
-    detail: str
-
-
 class ScoreRequest(_Body):
     """``POST /score``: exactly one of ``latents`` or ``seeds`` (neither may be null)."""
 
@@ -352,31 +357,8 @@ class SelectRequest(_Body):
         return decoded_latents(self.latents)
 
 
-class ScoreResult(BaseModel):
-    """One latent's score and verdict."""
-
-    log_density: float
-    percentile: float
-    accept: bool
-    reasons: list[str]
-    seed: int | None = None
-    index: int | None = None  # position in the posted batch (``/select`` over latents)
-    error_bound: float | None
-    cached: bool
-
-
-class ScoreResponse(BaseModel):
-    """The body of a ``/score`` or ``/select`` answer."""
-
-    model: str
-    index_version: str
-    sigma: float
-    exact: bool
-    results: list[ScoreResult]
-    accepted: list[int]
-
-
-class ShardWorkers(BaseModel):
+@with_config(ConfigDict(extra="forbid"))
+class ShardWorkers(TypedDict):
     """One shard of a model in front of workers: its live workers and their devices."""
 
     shard: int
@@ -384,14 +366,18 @@ class ShardWorkers(BaseModel):
     devices: list[str]
 
 
-class ComputeInfo(BaseModel):
+@with_config(ConfigDict(extra="forbid"))
+class ComputeInfo(TypedDict):
     """Where a model's scores are computed: in the gateway process (``embedded``, on
     ``device``: ``cpu`` or ``cuda:I`` from ``--device``) or by Redis workers (``workers``,
-    with the live workers of each shard)."""
+    with the live workers of each shard). Each mode has only its own key."""
 
     mode: Literal["embedded", "workers"]
-    device: str | None = None
-    shards: list[ShardWorkers] | None = None
+    device: NotRequired[str]
+    shards: NotRequired[list[ShardWorkers]]
+
+
+COMPUTE_INFO: TypeAdapter[ComputeInfo] = TypeAdapter(ComputeInfo)
 
 
 class CalibrationInfo(BaseModel):
@@ -399,16 +385,34 @@ class CalibrationInfo(BaseModel):
     ``seed_start``), ``leave_one_out`` training latents, or ``latents`` the user supplied at
     build (``--calibration-latents``, named by ``latents_source`` and its sha256)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     source: Literal["sampler", "leave_one_out", "latents"]
     count: int
     sigma: float
-    seed_start: int | None = None
-    latents_source: str | None = None
-    latents_source_sha256: str | None = None
+    seed_start: int | None
+    latents_source: str | None
+    latents_source_sha256: str | None
+
+
+class _SetRules:
+    """A policy as ``GET /models`` writes it: the rules it sets, its null fields left out (as
+    docs/contract.md §7 writes policies), under ``Policy``'s own schema (whose fields may all
+    be left out)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Policy], handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        return {**handler(source), "serialization": plain_serializer_function_ser_schema(
+            lambda policy: policy.model_dump(mode="json", exclude_none=True)
+        )}
 
 
 class ModelInfo(BaseModel):
     """One served model as ``GET /models`` lists it."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     index_version: str
@@ -421,14 +425,25 @@ class ModelInfo(BaseModel):
     sampler: str | None
     descriptors: bool
     generator: bool
-    policy: Policy
+    policy: Annotated[Policy, _SetRules]
     shards: int
     compute: ComputeInfo
     calibration: CalibrationInfo
 
 
+class ReadyResponse(BaseModel):
+    """``GET /readyz`` when ready: the served models, sorted by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ready"]
+    models: list[str]
+
+
 class ModelsResponse(BaseModel):
     """``GET /models``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     models: list[ModelInfo]
 

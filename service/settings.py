@@ -1,34 +1,29 @@
-"""The gateway's one configuration object, read once from ``LATENTSIEVE_*`` variables."""
+"""The gateway's one configuration object, read once from ``LATENTSIEVE_*`` variables; the
+fields marked ``Option`` are also ``latentsieve serve``'s options (workers/settings.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from latentsieve.workers.devices import DEVICE_PATTERN
+from latentsieve.workers.settings import Option, ProcessSettings, Variable
 
 MIB = 1024 * 1024
 
 
-class Settings(BaseSettings):
+class Settings(ProcessSettings):
     """Limits, timeouts and locations of one gateway process; passed to ``create_app``."""
 
-    model_config = SettingsConfigDict(env_prefix="LATENTSIEVE_", extra="ignore")
-
-    store: Path
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    redis_url: str | None = None
+    host: Annotated[str, Option()] = Field(
+        default="127.0.0.1", description="address to listen on")
+    port: Annotated[int, Option()] = Field(
+        default=8000, ge=0, le=65535, description="port to listen on")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(default=64 * MIB, ge=1)
     max_batch: int = Field(default=4096, ge=1)
     max_json_depth: int = Field(default=32, ge=2, le=1024)  # 1024: the JSON parser's own cap
-    max_batch_size: int = Field(default=1024, ge=1)
-    max_wait_ms: float = Field(default=2.0, ge=0)
-    queue_limit: int = Field(default=262_144, ge=1)
     # Latents one model may have queued: one busy model cannot take the whole queue.
     model_queue_limit: int = Field(default=65_536, ge=1)
     request_timeout_s: float = Field(default=30.0, gt=0)
@@ -40,21 +35,28 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(default=64 * MIB, ge=0)
     cache_ttl_s: float = Field(default=3600.0, ge=0)
     select_max_count: int = Field(default=100_000, ge=1)
-    # False: a request's ``sigma`` other than the index's is 422, so no request can make the
-    # service rescore a calibration set (docs/service.md, "Bounded work").
-    allow_request_sigma: bool = True
-    workers: int = Field(default=1, ge=1, le=64)
-    # embedded: score in this process; workers: send uncached batches to ``latentsieve worker``
-    # processes over Redis Streams (needs redis_url).
-    compute: Literal["embedded", "workers"] = "embedded"
-    # auto | cpu | cuda | cuda:I (workers/devices.py); resolved once at start-up.
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    # docs/service.md, "Bounded work".
+    allow_request_sigma: Annotated[bool, Option()] = Field(
+        default=True, description="take a request's own sigma (off: a sigma other than the "
+        "index's is 422, and no request makes the service rescore a calibration set)")
+    # uvicorn's processes sharing the port (service/main.py); --workers and LATENTSIEVE_WORKERS
+    # are their old names (docs/contract.md, migration notes).
+    processes: Annotated[
+        int, Option(deprecated=("workers",)), Variable(deprecated=("LATENTSIEVE_WORKERS",))
+    ] = Field(default=1, ge=1, le=64, description="gateway processes sharing the port "
+              "(docs/service.md, 'Gateway processes')")
+    compute: Annotated[Literal["embedded", "workers"], Option()] = Field(
+        default="embedded", description="embedded: score in this process; workers: send "
+        "uncached batches to scoring workers ('latentsieve worker') over Redis Streams (needs "
+        "--redis)")
+    # ``device`` (ProcessSettings): auto | cpu | cuda | cuda:I, resolved once at start-up when
+    # this process scores (embedded compute).
     opentelemetry: bool = False
     # One JSON line per request on the latentsieve.access logger (service/access.py).
     access_log: bool = True
     # Bounds (nats) of latentsieve_score_log_density; None derives them from the store at
-    # start-up. ``serve --workers`` fixes them in the parent so that every worker, replacements
-    # included, writes the same buckets.
+    # start-up. ``serve --processes N`` fixes them in the parent so that every gateway process,
+    # replacements included, writes the same buckets.
     log_density_buckets: Annotated[list[float] | None, NoDecode] = None
 
     @field_validator("api_keys", mode="before")
@@ -78,14 +80,3 @@ class Settings(BaseSettings):
         if self.compute == "workers" and not self.redis_url:
             raise ValueError("--compute workers needs --redis URL (LATENTSIEVE_REDIS_URL)")
         return self
-
-    def environment(self) -> dict[str, str]:
-        """``LATENTSIEVE_*`` variables from which ``Settings()`` rebuilds these settings (unset
-        optional fields are absent: the caller removes them from the environment it passes)."""
-        env: dict[str, str] = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            env[f"LATENTSIEVE_{name.upper()}"] = text
-        return env

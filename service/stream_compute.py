@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,8 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from latentsieve.redaction import redact
-from latentsieve.workers.batcher import QueueFull
-from latentsieve.workers.local_compute import Computed, Work, merge
-from latentsieve.workers.shard_scoring import ShardScorer, ShardScores
+from latentsieve.workers.retry import Backoff
+from latentsieve.workers.shard_scoring import ShardScores
 from latentsieve.workers.streams import (
     REPLY_TTL_S,
     Job,
@@ -39,12 +38,12 @@ from latentsieve.workers.streams import (
     reply_stream,
     stopping,
 )
+from latentsieve.workers.transport import Computed, QueueLimits, Work, merge
 
 log = logging.getLogger(__name__)
 
 LIVENESS_INTERVAL_S = 0.5
 REPLY_BLOCK_MS = 1000
-BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 # model -> number of shards of the version served now
 ShardCounts = Callable[[], dict[str, int]]
@@ -70,14 +69,12 @@ class StreamCompute:
         self,
         redis_url: str,
         shard_counts: ShardCounts,
-        queue_limit: int,
-        model_queue_limit: int,
+        limits: QueueLimits,
         socket_timeout_s: float = 2.0,
     ) -> None:
         self.redis_url = redact(redis_url)  # for messages: the connections keep the password
         self.shard_counts = shard_counts
-        self.queue_limit = queue_limit
-        self.model_queue_limit = model_queue_limit
+        self.limits = limits  # latents per request sent and not yet answered
         self.gateway = uuid.uuid4().hex[:16]
         self.replies = reply_stream(self.gateway)
         options = {"socket_connect_timeout": socket_timeout_s, "retry_on_timeout": False}
@@ -123,6 +120,17 @@ class StreamCompute:
         """(model, shard) -> the devices of its live workers, as of the last heartbeat read."""
         return dict(self._live)
 
+    def describe(self, model: str, shards: int) -> dict[str, Any]:
+        """Each shard's live workers and their devices (the ``compute`` block of /models)."""
+        return {
+            "mode": self.mode,
+            "shards": [
+                {"shard": shard, "live_workers": len(self._live.get((model, shard), [])),
+                 "devices": sorted(set(self._live.get((model, shard), [])))}
+                for shard in range(shards)
+            ],
+        }
+
     def missing(self) -> list[str]:
         """What keeps the served models from being scored: Redis unreachable, or
         ``model/shard`` without a live worker."""
@@ -140,12 +148,9 @@ class StreamCompute:
             if not self._live.get((model, shard))
         ]
 
-    async def compute(
-        self, shards: Sequence[ShardScorer], work: Work, deadline: float
-    ) -> Computed:
+    async def compute(self, work: Work, deadline: float) -> Computed:
         """Send ``work`` to every shard's stream and wait (until ``deadline``, loop time) for
         all replies; 503 (WorkersUnavailable) at once when a shard has no live worker."""
-        del shards  # the workers hold them
         missing = self._missing_shards(work.model, work.shards)
         if missing:
             raise WorkersUnavailable(
@@ -153,30 +158,19 @@ class StreamCompute:
                 "it or retry"
             )
         rows = len(work.query)
-        queued = self._queued.get(work.model, 0)
-        if queued + rows > self.model_queue_limit:
-            raise QueueFull(
-                f"{queued} latents queued for {work.model}, {rows} more would pass its limit "
-                f"of {self.model_queue_limit}"
-            )
-        total = sum(self._queued.values())
-        if total + rows > self.queue_limit:
-            raise QueueFull(
-                f"{total} latents queued, {rows} more would pass the limit of {self.queue_limit}"
-            )
+        self.limits.check(self._queued, work.model, rows)
         loop = asyncio.get_running_loop()
         job_id = uuid.uuid4().hex
         count = work.shards
         waiting = _Waiting(work.model, rows, count, loop.create_future())
         self._waiting[job_id] = waiting
-        self._queued[work.model] = queued + rows
+        self._queued[work.model] = self._queued.get(work.model, 0) + rows
         expires = time.time() + (deadline - loop.time())
         try:
             pipe = self._redis.pipeline(transaction=False)
             for shard in range(count):
-                job = Job(job_id, self.replies, expires, work.model, work.version, shard,
-                          work.sigma, work.descriptors if shard == 0 else (),
-                          work.index_space, work.query, work.max_error)
+                job = Job(job_id, self.replies, expires, shard, work.spec.for_shard(shard),
+                          work.query)
                 pipe.xadd(job_stream(work.model, shard), job.to_fields())  # type: ignore[arg-type]
             await pipe.execute()
         except (RedisError, OSError) as exc:
@@ -230,14 +224,14 @@ class StreamCompute:
     async def _read_replies(self) -> None:
         """The one reader of this gateway's reply stream."""
         last = "0-0"
-        failures = 0
+        backoff = Backoff(first_s=0.05, cap_s=1.0)
         while True:
             stopping()
             try:
                 answer: Any = await self._reader.xread(
                     {self.replies: last}, count=512, block=REPLY_BLOCK_MS
                 )
-                failures = 0
+                backoff.reset()
                 for _, entries in answer:
                     ids = []
                     for entry_id, fields in entries:
@@ -255,8 +249,7 @@ class StreamCompute:
                     WorkersUnavailable(f"lost the connection to Redis at {self.redis_url} "
                                        f"({exc}); retry")
                 )
-                await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
-                failures += 1
+                await backoff.wait(exc)
 
     async def _read_liveness(self) -> None:
         try:

@@ -1,5 +1,6 @@
 """The density scorer of each index kind: the exact GEMM engine for ``flat``, certified IVF
-scoring for ``ivf`` (:mod:`latentsieve.workers.certified`)."""
+scoring for ``ivf`` (:mod:`latentsieve.workers.certified`). Each returns log-sums of eq. (1)
+(:class:`DensityScores`); :mod:`latentsieve.workers.log_sums` divides by N."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from latentsieve.index.gemm_operand import GemmOperand
 from latentsieve.index.ivf_lists import IvfLists, StoredRows
 from latentsieve.index.manifest import DEFAULT_MAX_ERROR, check_sigma
 from latentsieve.workers.certified import CertifiedIVF
-from latentsieve.workers.density import DensityEngine, DensityScorer, DensityScores
-from latentsieve.workers.log_sums import NO_ROW, merge_intervals
+from latentsieve.workers.density import DensityScores
+from latentsieve.workers.log_sums import NO_ROW, sum_intervals
 
 
 class CertifiedDensity:
-    """Eq. (1) over certified IVF lists with the :class:`DensityScorer` interface: every score
-    carries its bound (``DensityScores.error_bound``), at most ``max_error`` nats (the call's,
-    else ``default_max_error``) unless every list had to be summed (then exact)."""
+    """Log-sums of eq. (1) over certified IVF lists with the :class:`DensityScorer` interface:
+    every log-sum carries its bound (``DensityScores.error_bound``), at most ``max_error`` nats
+    (the call's, else ``default_max_error``) unless every list had to be summed (then exact)."""
 
     def __init__(self, lists: IvfLists, default_max_error: float = DEFAULT_MAX_ERROR) -> None:
         self.index = CertifiedIVF(lists)
@@ -26,14 +26,14 @@ class CertifiedDensity:
         self.default_max_error = default_max_error
         self.last_lists_probed: np.ndarray | None = None  # of the last batch, for the record
 
-    def log_density(
+    def log_sum(
         self,
         queries: np.ndarray,
         sigma: float,
         exclude: np.ndarray | None = None,
         max_error: float | None = None,
     ) -> DensityScores:
-        """Queries (Q, d) -> certified scores (Q,) nats; ``exclude`` as the exact engine's."""
+        """Queries (Q, d) -> certified log-sums (Q,) nats; ``exclude`` as the exact engine's."""
         q = np.asarray(queries, dtype=np.float64)
         if q.ndim != 2 or q.shape[1] != self.index.dim:
             raise ValueError(f"queries must have shape (Q, {self.index.dim}), got {q.shape}")
@@ -43,7 +43,7 @@ class CertifiedDensity:
         scores = self.index.score(q, check_sigma(sigma), max_error=bound, exclude=exclude)
         self.last_lists_probed = scores.lists_probed
         return DensityScores(
-            log_density=scores.estimate,
+            log_sum=scores.estimate,
             precision=np.zeros(q.shape[0], dtype=np.uint8),
             error_bound=scores.half_width,
         )
@@ -51,7 +51,8 @@ class CertifiedDensity:
 
 class ShardedCertified:
     """The certified ivf lists of every shard of a version as one scorer (build-time
-    calibration): each shard's interval of its log-sum, merged end by end (docs/contract.md §4)."""
+    calibration): each shard's interval of its log-sum, summed end by end (docs/contract.md
+    §4)."""
 
     def __init__(
         self, shards: list[IvfLists], starts: list[int], default_max_error: float
@@ -63,27 +64,28 @@ class ShardedCertified:
         self.latents = _JoinedRows(self.parts, self.starts, self.n)
         self.last_lists_probed: np.ndarray | None = None
 
-    def log_density(
+    def log_sum(
         self,
         queries: np.ndarray,
         sigma: float,
         exclude: np.ndarray | None = None,
         max_error: float | None = None,
     ) -> DensityScores:
+        """Queries (Q, d) -> certified log-sums (Q,) nats over every shard's latents."""
         q = np.asarray(queries)
         out = np.full(q.shape[0], NO_ROW, np.int64) if exclude is None else np.asarray(exclude)
         log_sums, bounds, probed = [], [], np.zeros(q.shape[0], dtype=np.int64)
         for part, start, count in zip(self.parts, self.starts, self.counts, strict=True):
             local = np.where((out >= start) & (out < start + count), out - start, NO_ROW)
-            scored = part.log_density(q, sigma, exclude=local, max_error=max_error)
+            scored = part.log_sum(q, sigma, exclude=local, max_error=max_error)
             assert part.last_lists_probed is not None
-            log_sums.append(scored.log_density
-                            + np.log(np.where(local != NO_ROW, count - 1, count)))
+            log_sums.append(scored.log_sum)
             bounds.append(scored.error_bound)
             probed += part.last_lists_probed
-        estimate, half_width = merge_intervals(log_sums, bounds, out, self.n)
+        low, high = sum_intervals(log_sums, bounds)
         self.last_lists_probed = probed
-        return DensityScores(estimate, np.zeros(q.shape[0], dtype=np.uint8), half_width)
+        return DensityScores((low + high) / 2.0, np.zeros(q.shape[0], dtype=np.uint8),
+                             (high - low) / 2.0)
 
 
 class _JoinedRows:
@@ -102,17 +104,3 @@ class _JoinedRows:
             out[inside] = self.parts[number].latents[rows[inside] - self.starts[number]]
         return out
 
-
-def open_density(
-    latents: np.ndarray,
-    lists: IvfLists | None = None,
-    device: str = "cpu",
-    default_max_error: float = DEFAULT_MAX_ERROR,
-    operand: GemmOperand | None = None,
-) -> DensityScorer:
-    """The scorer of an index: certified IVF over ``lists`` (on the CPU: its probing is a loop
-    of small GEMMs) when given, else the exact engine over ``latents`` on ``device`` (with its
-    stored GEMM operand when the version has one)."""
-    if lists is not None:
-        return CertifiedDensity(lists, default_max_error)
-    return DensityEngine(latents, device=device, operand=operand)

@@ -21,13 +21,17 @@ from typing import Generic, Protocol, Self, TypeVar
 log = logging.getLogger(__name__)
 
 
-class Rows(Protocol):
-    """A typed batch along its first axis: counted, sliced and concatenated (LitServe's
-    ``batch``/``unbatch``); ``workers.shard_scoring`` has the ones the service uses."""
+class Sliced(Protocol):
+    """A typed batch along its first axis, counted and sliced (LitServe's ``unbatch``): what a
+    compute call returns; ``workers.shard_scoring`` has the ones the service uses."""
 
     def __len__(self) -> int: ...
 
     def take(self, start: int, stop: int) -> Self: ...
+
+
+class Rows(Sliced, Protocol):
+    """A batch the batcher also concatenates (LitServe's ``batch``): what requests submit."""
 
     @classmethod
     def concat(cls, parts: Sequence[Self]) -> Self: ...
@@ -35,7 +39,7 @@ class Rows(Protocol):
 
 K = TypeVar("K", bound=Hashable)
 Q = TypeVar("Q", bound=Rows)
-R = TypeVar("R", bound=Rows)
+R = TypeVar("R", bound=Sliced)
 
 
 class QueueFull(Exception):
@@ -68,11 +72,7 @@ class DynamicBatcher(Generic[K, Q, R]):
         queue_limit: int,
         on_batch: Callable[[K, int, float], None] | None = None,
         on_queue_change: Callable[[], None] | None = None,
-        group_of: Callable[[K], Hashable] | None = None,
-        group_limit: int | None = None,
     ) -> None:
-        """``group_of`` maps a key to its group (e.g. the model) and ``group_limit`` caps the
-        rows one group may have queued, so one busy group cannot fill the whole queue."""
         if max_batch_size < 1 or queue_limit < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size, queue_limit must be >= 1 and max_wait_ms >= 0")
         self.compute = compute
@@ -83,9 +83,6 @@ class DynamicBatcher(Generic[K, Q, R]):
         self.on_queue_change = on_queue_change
         self._pending: dict[K, deque[_Item[Q, R]]] = {}
         self._queued_rows: dict[K, int] = {}
-        self.group_of = group_of
-        self.group_limit = group_limit
-        self._queued_groups: dict[Hashable, int] = {}
         self._queued = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -117,7 +114,6 @@ class DynamicBatcher(Generic[K, Q, R]):
                     item.future.cancel()
         self._pending.clear()
         self._queued_rows.clear()
-        self._queued_groups.clear()
         self._queued = 0
         self._queue_changed()
 
@@ -135,20 +131,11 @@ class DynamicBatcher(Generic[K, Q, R]):
                 f"{self._queued} rows queued, {count} more would pass the limit "
                 f"of {self.queue_limit}"
             )
-        group = self._group(key)
-        if self.group_limit is not None and (
-            self._queued_groups.get(group, 0) + count > self.group_limit
-        ):
-            raise QueueFull(
-                f"{self._queued_groups.get(group, 0)} rows queued for {group}, {count} more "
-                f"would pass its limit of {self.group_limit}"
-            )
         loop = asyncio.get_running_loop()
         item: _Item[Q, R] = _Item(rows, deadline, loop.time(), loop.create_future())
         item.future.add_done_callback(_retrieve)
         self._pending.setdefault(key, deque()).append(item)
         self._queued_rows[key] = self._queued_rows.get(key, 0) + count
-        self._queued_groups[group] = self._queued_groups.get(group, 0) + count
         self._queued += count
         self._queue_changed()
         self._wake.set()
@@ -177,9 +164,6 @@ class DynamicBatcher(Generic[K, Q, R]):
             if batch:
                 await self._compute(key, batch)
 
-    def _group(self, key: K) -> Hashable:
-        return self.group_of(key) if self.group_of is not None else None
-
     def _queue_changed(self) -> None:
         if self.on_queue_change is not None:
             self.on_queue_change()
@@ -197,10 +181,6 @@ class DynamicBatcher(Generic[K, Q, R]):
                 break
             items.popleft()
             self._queued_rows[key] -= count
-            group = self._group(key)
-            self._queued_groups[group] -= count
-            if not self._queued_groups[group]:
-                del self._queued_groups[group]
             self._queued -= count
             if expired:
                 if not item.future.done():

@@ -19,24 +19,37 @@ from latentsieve.index.build import (
     DescriptorCalibration,
     DescriptorOptions,
 )
-from latentsieve.index.ivf_lists import IvfLists
+from latentsieve.index.kinds import KINDS
 from latentsieve.index.manifest import (
-    DEFAULT_MAX_ERROR,
     DESCRIPTOR_NAMES,
     CertifiedMeasure,
     ModuleReference,
     SamplerRecipe,
 )
 from latentsieve.index.projection import project
-from latentsieve.workers.approximate import ShardedCertified, open_density
 from latentsieve.workers.density import DensityEngine, DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.kinds import scorer_of
+from latentsieve.workers.log_sums import merge_intervals, merge_log_sums
 from latentsieve.workers.modules import load_module, module_state_sha256
 from latentsieve.workers.seed_latents import SeedLatents
 
 BLOCK = 1024
 ERROR_SAMPLE = 500  # calibration latents whose approximate score is checked against exact
 Draw = Callable[[Sequence[int]], np.ndarray]
+
+
+def log_density(
+    engine: DensityScorer, queries: np.ndarray, sigma: float, exclude: np.ndarray | None = None
+) -> np.ndarray:
+    """Eq. (1) of queries (Q, d) over every training latent of ``engine``: its log-sums (with
+    their certified bounds) divided by N, or N - 1 leaving ``exclude`` out, in the one merge
+    (:mod:`latentsieve.workers.log_sums`): (Q,) nats."""
+    scored = engine.log_sum(queries, sigma, exclude)
+    n = int(engine.latents.shape[0])
+    if scored.error_bound is None:
+        return merge_log_sums([scored.log_sum], exclude, n)
+    return merge_intervals([scored.log_sum], [scored.error_bound], exclude, n)[0]
 
 
 def score_calibration(
@@ -61,11 +74,11 @@ def score_calibration(
         if indices is not None:
             rows = indices[start:stop]
             queries = np.asarray(engine.latents[rows], dtype=np.float32)
-            out[start:stop] = engine.log_density(queries, sigma, exclude=rows).log_density
+            out[start:stop] = log_density(engine, queries, sigma, exclude=rows)
         else:
             assert draw is not None and seed_start is not None
             queries = draw(range(seed_start + start, seed_start + stop))
-            out[start:stop] = engine.log_density(queries, sigma).log_density
+            out[start:stop] = log_density(engine, queries, sigma)
     return out
 
 
@@ -77,22 +90,23 @@ def measure_certified(
     exclude: np.ndarray | None = None,
 ) -> CertifiedMeasure:
     """A certified scorer against the exact engine on (n, d) held-out ``queries``: its largest
-    bound and true error (nats), and exact time / certified time (each the best of two runs,
-    interleaved, in this process)."""
+    bound and true error (nats: of the log-sums, so of eq. (1) too, both over the same
+    latents), and exact time / certified time (each the best of two runs, interleaved, in this
+    process)."""
     exact_s = certified_s = math.inf
     for _ in range(2):
         start = time.perf_counter()
-        want = exact.log_density(queries, sigma, exclude).log_density
+        want = exact.log_sum(queries, sigma, exclude).log_sum
         exact_s = min(exact_s, time.perf_counter() - start)
         start = time.perf_counter()
-        got = certified.log_density(queries, sigma, exclude)
+        got = certified.log_sum(queries, sigma, exclude)
         certified_s = min(certified_s, time.perf_counter() - start)
     bound = got.error_bound if got.error_bound is not None else np.zeros_like(want)
     probed = getattr(certified, "last_lists_probed", None)
     return CertifiedMeasure(
         sample=int(want.size),
         half_width_max=float(bound.max()),
-        error_max=float(np.abs(got.log_density - want).max()),
+        error_max=float(np.abs(got.log_sum - want).max()),
         lists_probed_mean=float(np.mean(probed)) if probed is not None else 0.0,
         speedup=exact_s / max(certified_s, 1e-9),
     )
@@ -101,19 +115,7 @@ def measure_certified(
 def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
     """The ``index build`` calibrator: scores the request's calibration set at its sigma and,
     with a generator, the descriptors of its first ``descriptors.calibration_count`` latents."""
-    certified = request.certified
-    engine: DensityScorer
-    if certified is not None and request.shards:
-        engine = ShardedCertified(
-            [IvfLists.load(request.version_dir, shard.file) for shard in request.shards],
-            [shard.start for shard in request.shards], certified.max_error,
-        )
-    else:
-        lists = IvfLists.load(request.version_dir) if certified is not None else None
-        engine = open_density(
-            request.latents, lists,
-            default_max_error=certified.max_error if certified is not None else DEFAULT_MAX_ERROR,
-        )
+    engine = scorer_of(request.kind).open_build(request)
     draw_source: Draw | None = None  # seeds -> latents as sent (before any PCA)
     draw: Draw | None = None  # seeds -> the index's space
     states: dict[str, str] = {}
@@ -147,7 +149,7 @@ def calibrate_build(request: CalibrationRequest) -> CalibrationResult:
         progress=request.progress,
     )
     measured = None
-    if certified is not None:
+    if not KINDS[request.kind].exact:  # a certified kind: its bound measured against exact
         sample = min(ERROR_SAMPLE, request.count)
         if draw is not None and first is not None:
             queries, rows = draw(range(first, first + sample)), None

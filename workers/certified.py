@@ -1,9 +1,12 @@
-"""Eq. (1) over an IVF partition of the training latents, with a certified error interval.
+"""The log-sum of eq. (1) over an IVF partition of the training latents, with a certified
+error interval.
 
 Equation (1) of Xu, Le & Samaras (ECCV 2024), in nats, as :mod:`latentsieve.workers.density`
-defines it:
+defines it, and the log-sum this index returns (:mod:`latentsieve.workers.log_sums` divides
+by N):
 
     log_density(q) = log( (1/N) * sum_i exp( -||q - z_i||^2 / (2 sigma^2) ) )
+    log_sum(q)     = log( sum_i exp( -||q - z_i||^2 / (2 sigma^2) ) )
 
 The N latents are split into L lists. For each list l the build stores its count n_l, the exact
 member mean mu_l, the radius r_l = max ||x - mu_l|| and the mean squared spread
@@ -19,7 +22,7 @@ could matter, the lists' shape tightens the upper bound: the range of q.x along 
 axes narrows [a, b], and the variance of the members' squared distances gives the two-point
 bound (:func:`log_two_point_upper`). A query's lists are probed (summed exactly: one GEMM per
 list over the queries probing it, with an a-priori rounding bound) in order of their upper
-bound, all open queries at once, until the interval [log S_low, log S_high] - log N is at most
+bound, all open queries at once, until the interval [log S_low, log S_high] is at most
 ``2 * max_error`` wide or every list is summed. Everything stays in log space, so a tiny sigma
 (exponents of -1e8) gives finite, valid bounds.
 
@@ -406,7 +409,7 @@ class _GroupedRows:
 
 @dataclass(frozen=True)
 class CertifiedScores:
-    """Scores of a batch, float64 (Q,) nats: the exact eq. (1) lies in [low, high].
+    """Scores of a batch, float64 (Q,) nats: the exact log-sum of eq. (1) lies in [low, high].
 
     ``estimate`` = (low + high) / 2, ``half_width`` = (high - low) / 2 bounds its error;
     ``lists_probed`` (int64 (Q,)) counts the lists summed exactly (every non-empty list for a
@@ -453,8 +456,9 @@ class _ProbeOrder:
 
 
 class CertifiedIVF:
-    """Eq. (1) over stored IVF lists (:class:`IvfLists`) with a certified interval: the exact
-    value over the stored latents (:meth:`IvfLists.reconstruct`) lies in [low, high]."""
+    """The log-sum of eq. (1) over stored IVF lists (:class:`IvfLists`) with a certified
+    interval: the exact value over the stored latents (:meth:`IvfLists.reconstruct`) lies in
+    [low, high]."""
 
     def __init__(self, lists: IvfLists) -> None:
         self.lists = lists
@@ -685,16 +689,13 @@ class CertifiedIVF:
         # Overflow (not expected under the shift): nothing is known.
         return np.where(finite, low, -np.inf), np.where(finite, high, np.inf)
 
-    def _interval(
-        self, lower: np.ndarray, upper: np.ndarray, count: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) of eq. (1) (R,) from per-list log bounds (R, L) over ``count`` (R,)
-        latents each (N, or N - 1 leaving one out), widened for rounding."""
-        shift = np.log(count)
+    def _interval(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) of the log-sum (R,) from per-list log bounds (R, L), widened for
+        rounding."""
         slack = (self.n + self.nlist) * UNIT_ROUNDOFF
         return (
-            widen_down(logsumexp_rows(lower) - shift - slack),
-            widen_up(logsumexp_rows(upper) - shift + slack),
+            widen_down(logsumexp_rows(lower) - slack),
+            widen_up(logsumexp_rows(upper) + slack),
         )
 
     def score(
@@ -707,13 +708,14 @@ class CertifiedIVF:
         exclude: np.ndarray | None = None,
         dense: bool = True,
     ) -> CertifiedScores:
-        """Eq. (1) for (Q, d) queries, each within ``max_error`` nats (half-width) if reachable.
+        """Log-sums of eq. (1) for (Q, d) queries, each within ``max_error`` nats (half-width) if
+        reachable.
 
         Lists are probed in order of their upper bound, for all open queries at once,
         ``probe_step`` in the first round and twice as many in each next one, until a query's
         half-width is <= ``max_error``, every non-empty list is summed, or ``max_probe`` lists
         are (then the interval is only wider). ``exclude`` (Q,) input rows, -1 for none:
-        leave-one-out, that row's list is summed first without it and the mean is over N - 1.
+        leave-one-out, that row's list is summed first without it.
 
         The dense fallback (``dense``, without ``max_probe``, for ``max_error`` > 0): a query
         whose bounds cannot prune is summed by float32 GEMMs over every stored latent, as the
@@ -849,16 +851,15 @@ class CertifiedIVF:
         self, q: np.ndarray, shift: np.ndarray, sigma: float, out: np.ndarray | None,
         rows: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) of eq. (1) by the dense pass for queries (R, d) that are ``rows`` of
+        """(low, high) of the log-sum by the dense pass for queries (R, d) that are ``rows`` of
         the batch whose leave-one-out rows are ``out`` (None: none)."""
         skip = np.full(q.shape[0], -1, dtype=np.int64)
-        count = np.full(q.shape[0], float(self.n))
         if out is not None:
             left = np.flatnonzero(out[rows] >= 0)
             skip[left] = self.lists.position[out[rows][left]]
-            count[left] = self.n - 1
         log_low, log_high = self._dense_log_sums(q, shift, sigma, skip)
-        return self._dense_interval(log_low, log_high, count)
+        slack = (self.n + self.nlist) * UNIT_ROUNDOFF  # as _interval's
+        return widen_down(log_low - slack), widen_up(log_high + slack)
 
     def _score_bounds(
         self,
@@ -881,7 +882,6 @@ class CertifiedIVF:
         tolerance = max(EXACT_SHARE * max_error, EXACT_FLOOR)
         filled = int(np.count_nonzero(self.stats.counts))
         limit = filled if max_probe is None else min(max_probe, filled)
-        count = np.full(q.shape[0], float(self.n))
         probed = np.zeros(q.shape[0], dtype=np.int64)
         ranking = upper.copy()  # the order's keys: probing overwrites ``upper``
         if out is not None:
@@ -895,10 +895,9 @@ class CertifiedIVF:
                         q[mine], int(label), two_s2, skip=grouped[labels == label]
                     )
                 ranking[left, labels] = np.inf  # first in the order: already summed
-                count[left] = self.n - 1
                 probed[left] = 1
         probe_order = _ProbeOrder(ranking, limit)
-        low, high = self._interval(lower, upper, count)
+        low, high = self._interval(lower, upper)
         open_ = (high - low > 2.0 * max_error) & (probed < limit)
         plan = _DensePlan(q.shape[0], self.n * (self.dim + 2.0))
         if dense and max_probe is None and max_error > 0.0:
@@ -944,7 +943,7 @@ class CertifiedIVF:
                 np.bincount(pair_q, minlength=q.shape[0]),
                 np.bincount(pair_q, weights=self.stats.counts[pair_l], minlength=q.shape[0]),
             )
-            low[rows], high[rows] = self._interval(lower[rows], upper[rows], count[rows])
+            low[rows], high[rows] = self._interval(lower[rows], upper[rows])
             open_[rows] = (high[rows] - low[rows] > 2.0 * max_error) & (probed[rows] < limit)
             step *= 2
             over = np.flatnonzero(open_ & (plan.spent > plan.cap))
@@ -988,14 +987,6 @@ class CertifiedIVF:
         fits = error <= DENSE_SHARE * max_error
         plan.shift[rows[fits]] = shift[fits]
         return rows[fits]
-
-    def _dense_interval(
-        self, log_low: np.ndarray, log_high: np.ndarray, count: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) of eq. (1) from the dense pass's bounds of log S, as :meth:`_interval`."""
-        shift = np.log(count)
-        slack = (self.n + self.nlist) * UNIT_ROUNDOFF
-        return widen_down(log_low - shift - slack), widen_up(log_high - shift + slack)
 
     def _record(self, probed: np.ndarray, plan: _DensePlan) -> None:
         """Count the batch's rows by path in ``decisions`` (and log the dense ones)."""

@@ -1,9 +1,15 @@
-"""Exact Gaussian-kernel log-density of latents among training latents.
+"""Exact Gaussian-kernel log-sums of latents among training latents.
 
-Implements equation (1) of Xu, Le & Samaras, "Assessing Sample Quality via the Latent Space of
-Generative Models" (ECCV 2024), in log space and without a Gaussian normalising constant:
+Equation (1) of Xu, Le & Samaras, "Assessing Sample Quality via the Latent Space of Generative
+Models" (ECCV 2024), in log space and without a Gaussian normalising constant, is
 
     log_density(q) = log( (1/N) * sum_i exp( -||q - z_i||^2 / (2 sigma^2) ) )      [nats]
+
+An engine here returns its sum over the training latents it holds (a shard's, or every one):
+
+    log_sum(q) = log( sum_i exp( -||q - z_i||^2 / (2 sigma^2) ) )                  [nats]
+
+and :mod:`latentsieve.workers.log_sums` alone divides by N (docs/contract.md §4).
 
 The fast path is one GEMM per block of training latents. With centred latents ``z_c`` and queries
 ``q_c`` (centring limits cancellation) each block computes the *augmented* product
@@ -13,8 +19,8 @@ The fast path is one GEMM per block of training latents. With centred latents ``
 (``s2 = sigma^2``, ``m`` a per-query shift), so the bias and the shift ride inside the matrix
 multiply and the only elementwise passes left are ``exp`` and a row sum. The row constant
 ``-||q_c||^2 / (2 s2)`` is added once after the log-sum-exp, which equals
-``-||q - z_i||^2 / (2 s2)`` summed in log space; clamping the result at 0 nats is the log-space
-form of clamping distances at 0 (every kernel term is <= 1).
+``-||q - z_i||^2 / (2 s2)`` summed in log space; clamping the result at log N nats is the
+log-space form of clamping distances at 0 (every kernel term is <= 1).
 
 Precision is chosen per query from an a-priori rounding bound (see :func:`rounding_bound`):
 float32 when the bound is under the tolerance. Otherwise, where few terms carry the sum, a float32
@@ -22,8 +28,9 @@ GEMM picks them and they are recomputed from direct float64 differences, with a 
 what the float32 rest can add (:func:`float32_logit_bound`, :func:`log_sum_certificate`); else
 float64, and an exact re-computation of the dominant terms by direct differences when even
 float64 cannot meet it (tiny ``sigma``, where every ``exp`` underflows). The streaming
-log-sum-exp keeps memory at one ``query_block x latent_block`` buffer for any ``N``; the float64
-GEMM centres the latents tile by tile into one reused buffer of ``FLOAT64_TILE_BYTES``.
+log-sum-exp keeps memory at one ``query_block x latent_block`` buffer for any ``N`` (float32
+blocks of few queries widen within ``FLOAT32_LOGITS_BYTES``); the float64 GEMM centres the
+latents tile by tile into one reused buffer of ``FLOAT64_TILE_BYTES``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,16 @@ DEFAULT_TOLERANCE = 2.5e-5
 EXACT_WINDOW_NATS = 60.0
 # Largest trusted sum of shifted exps, by dtype size: past it the float32/64 sum may overflow.
 _SUM_LIMIT = {4: 1e37, 8: 1e300}
+# Latents per GEMM block, and the float32 logits of one block when the engine is given no block
+# size: the block widens (in multiples of LATENT_BLOCK, up to N) while the block's logits
+# (query rows x block, float32) fit in FLOAT32_LOGITS_BYTES, the buffer a full query block of
+# 1024 always had. Each multi-threaded BLAS call starts and synchronises its threads, which
+# costs milliseconds on a loaded machine, so a call of few queries runs a few wide GEMMs, not
+# N / LATENT_BLOCK narrow ones (W1, 60,000 x 512, 2-core CPU under other work: 500 queries
+# 15 -> 8 GEMMs, 1.3x-1.6x faster; 16 to 128 queries 15 -> 1 or 2, 2x-3x; no change measured
+# on the idle machine, nor for full query blocks, which keep 4,096).
+LATENT_BLOCK = 4096
+FLOAT32_LOGITS_BYTES = 16 * 2**20
 # Bytes of the float64 tile the latents are centred into before the float64 GEMM (cache-sized:
 # a latent block of 4096 x 16,384 in float64 would be half a gigabyte per call).
 FLOAT64_TILE_BYTES = 32 * 2**20
@@ -81,21 +98,21 @@ Backend = Literal["auto", "numpy", "torch"]
 FloatArray = np.ndarray
 
 
-def log_density_reference(
+def log_sum_reference(
     queries: np.ndarray,
     latents: np.ndarray,
     sigma: float,
     exclude: np.ndarray | None = None,
     query_block: int = 64,
 ) -> np.ndarray:
-    """Eq. (1) by direct float64 differences: (Q, d), (N, d) -> (Q,) nats; the slow ground truth.
+    """The log-sum of eq. (1) by direct float64 differences: (Q, d), (N, d) -> (Q,) nats; the
+    slow ground truth of every engine here.
 
     ``exclude[k]`` (optional, (Q,) ints) drops training latent ``exclude[k]`` from query k's
-    sum and divides by N - 1 (leave-one-out).
+    sum (leave-one-out).
     """
     q = np.asarray(queries, dtype=np.float64)
     z = np.asarray(latents, dtype=np.float64)
-    n = z.shape[0] - (0 if exclude is None else 1)
     out = np.empty(q.shape[0], dtype=np.float64)
     for start in range(0, q.shape[0], query_block):
         block = q[start : start + query_block]
@@ -105,10 +122,22 @@ def log_density_reference(
             rows = np.arange(block.shape[0])
             logits[rows, exclude[start : start + query_block]] = -np.inf
         top = logits.max(axis=1)
-        out[start : start + query_block] = (
-            top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - math.log(n)
-        )
+        out[start : start + query_block] = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
     return out
+
+
+def log_density_reference(
+    queries: np.ndarray,
+    latents: np.ndarray,
+    sigma: float,
+    exclude: np.ndarray | None = None,
+    query_block: int = 64,
+) -> np.ndarray:
+    """Eq. (1) by direct float64 differences: (Q, d), (N, d) -> (Q,) nats; the slow ground truth
+    of a merged score. With ``exclude`` (as :func:`log_sum_reference`'s) the mean is over
+    N - 1."""
+    n = np.asarray(latents).shape[0] - (0 if exclude is None else 1)
+    return log_sum_reference(queries, latents, sigma, exclude, query_block) - math.log(n)
 
 
 def rounding_bound(
@@ -243,11 +272,12 @@ def _mask_excluded(logits: np.ndarray, exclude: np.ndarray, start: int) -> None:
 
 @dataclass(frozen=True)
 class DensityScores:
-    """Scores of one batch: log densities (Q,) in nats and the path that computed each row;
-    a certified approximate scorer adds each row's bound (nats: the exact value lies within
-    ``log_density +- error_bound``), None from exact engines."""
+    """Scores of one batch: the log-sums (Q,) in nats of eq. (1) over the engine's training
+    latents (module docstring; not divided by N) and the path that computed each row; a
+    certified approximate scorer adds each row's bound (nats: the exact log-sum lies within
+    ``log_sum +- error_bound``), None from exact engines."""
 
-    log_density: np.ndarray
+    log_sum: np.ndarray
     # (Q,) uint8: 32 = float32 GEMM, 64 = float64 GEMM, 0 = exact terms, 1 = float32 GEMM with
     # the dominant terms recomputed exactly, certified within the engine's tolerance (proven)
     precision: np.ndarray
@@ -270,7 +300,7 @@ class DensityScorer(Protocol):
     @property
     def latents(self) -> LatentRows: ...  # (N, d) training latents in the index's space
 
-    def log_density(
+    def log_sum(
         self,
         queries: np.ndarray,
         sigma: float,
@@ -280,7 +310,7 @@ class DensityScorer(Protocol):
 
 
 class DensityEngine:
-    """Streaming exact scorer of eq. (1) over a fixed set of training latents.
+    """Streaming exact log-sums of eq. (1) over a fixed set of training latents.
 
     ``latents`` is an (N, d) float32 array (a memory map is fine: it is read block by block).
     The engine multiplies by a centred, augmented float32 operand (N, d + 2) and keeps the
@@ -299,7 +329,7 @@ class DensityEngine:
         device: str = "cpu",
         backend: Backend = "auto",
         query_block: int = 1024,
-        latent_block: int = 4096,
+        latent_block: int | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         operand: GemmOperand | None = None,
     ) -> None:
@@ -314,13 +344,15 @@ class DensityEngine:
             raise ValueError("the numpy backend runs on the CPU only")
         self.backend: Backend = backend
         self.query_block = query_block
-        self.latent_block = latent_block
+        # None: LATENT_BLOCK, and float32 blocks widen for few queries (_float32_width)
+        self.latent_block = LATENT_BLOCK if latent_block is None else latent_block
+        self._widen = latent_block is None
         self.tolerance = tolerance
         # Rows of the float64 tile the latents are centred into (at most one latent block).
-        self._tile64 = max(1, min(latent_block, FLOAT64_TILE_BYTES // (8 * (self.dim + 2))))
+        self._tile64 = max(1, min(self.latent_block, FLOAT64_TILE_BYTES // (8 * (self.dim + 2))))
 
         if operand is None:
-            operand = gemm_operand(latents, latent_block)
+            operand = gemm_operand(latents, self.latent_block)
         elif (operand.n, operand.dim) != (self.n, self.dim):
             raise ValueError(f"the GEMM operand is {operand.n} x {operand.dim}, the latents "
                              f"{self.n} x {self.dim}")
@@ -334,18 +366,18 @@ class DensityEngine:
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 self._augmented_torch = torch.from_numpy(self.augmented).to(self.device)
 
-    def log_density(
+    def log_sum(
         self,
         queries: np.ndarray,
         sigma: float,
         exclude: np.ndarray | None = None,
         max_error: float | None = None,
     ) -> DensityScores:
-        """Eq. (1) for a batch: queries (Q, d) -> log densities (Q,) float64 nats.
+        """The log-sums of eq. (1) for a batch: queries (Q, d) -> (Q,) float64 nats.
 
         ``exclude`` (Q,) ints: leave-one-out, training latent ``exclude[k]`` is left out of
-        query k's sum and the mean is over N - 1 latents. ``max_error`` is for approximate
-        scorers: this one is exact (within 1e-4 nats of float64), so it meets any.
+        query k's sum. ``max_error`` is for approximate scorers: this one is exact (within
+        1e-4 nats of float64), so it meets any.
         """
         del max_error
         q = np.asarray(queries)
@@ -377,7 +409,7 @@ class DensityEngine:
         certified = np.zeros(q.shape[0], dtype=bool)
         for start in range(0, tried.size, self.query_block):
             rows = tried[start : start + self.query_block]
-            values, ok = self._log_density_dominant(
+            values, ok = self._log_sum_dominant(
                 q64[rows], q_centred[rows], q_sq[rows], sigma,
                 None if exclude is None else exclude[rows], term_error[rows],
             )
@@ -405,14 +437,14 @@ class DensityEngine:
                     q_centred[again], sigma, None if exclude is None else exclude[again]
                 )[0]
         gemm = np.union1d(fast, slow)
-        out[gemm] += -q_sq[gemm] / (2.0 * sigma * sigma) - math.log(count)
+        out[gemm] += -q_sq[gemm] / (2.0 * sigma * sigma)
         if exact.size:
             precision[exact] = PRECISION_EXACT
-            out[exact] = self._log_density_exact(
+            out[exact] = self._log_sum_exact(
                 q[exact], q_centred[exact], sigma, None if exclude is None else exclude[exact]
             )
-        np.minimum(out, 0.0, out=out)
-        return DensityScores(log_density=out, precision=precision)
+        np.minimum(out, math.log(count), out=out)
+        return DensityScores(log_sum=out, precision=precision)
 
     def _augmented_query(self, q_centred: np.ndarray, sigma: float, dtype: type) -> np.ndarray:
         """``[q_c / s2, 1 / s2, 0]`` in ``dtype``: (B, d) -> (B, d + 2); the last column is the
@@ -434,24 +466,34 @@ class DensityEngine:
         whose first block held no term) come back with ok = False.
         """
         q_aug = self._augmented_query(q_centred, sigma, dtype)
+        width = self._float32_width(q_aug.shape[0])
 
         def product32(start: int, out: np.ndarray) -> None:
-            np.matmul(q_aug, self._augmented_block(start).T, out=out)
+            np.matmul(q_aug, self.augmented[start : start + width].T, out=out)
 
         if dtype == np.float32 and self.backend == "torch":
             shift, sums = self._exp_sums_torch(q_aug, exclude)
         elif dtype == np.float32:
-            shift, sums = self._exp_sums_numpy(q_aug, exclude, product32)
+            shift, sums = self._exp_sums_numpy(q_aug, exclude, product32, width)
         else:
             tile = np.empty((self._tile64, self.dim + 2))
             shift, sums = self._exp_sums_numpy(
-                q_aug, exclude, lambda start, out: self._product64(q_aug, start, out, tile)
+                q_aug, exclude, lambda start, out: self._product64(q_aug, start, out, tile),
+                self.latent_block,
             )
         limit = _SUM_LIMIT[np.dtype(dtype).itemsize]
         ok = np.isfinite(sums) & (sums > 0) & (sums < limit)
         with np.errstate(divide="ignore", invalid="ignore"):
             lse = shift + np.log(sums)
         return lse, ok
+
+    def _float32_width(self, rows: int) -> int:
+        """Latents per float32 GEMM block for ``rows`` queries: ``latent_block`` when one was
+        given, else widened while the block's logits fit in ``FLOAT32_LOGITS_BYTES``."""
+        if not self._widen:
+            return self.latent_block
+        fits = FLOAT32_LOGITS_BYTES // (4 * max(rows, 1)) // self.latent_block
+        return min(self.n, max(1, fits) * self.latent_block)
 
     def _augmented_block(self, start: int) -> np.ndarray:
         """Rows [start, start + block) of the stored float32 [z_c, -|z_c|^2/2, 1]."""
@@ -480,22 +522,23 @@ class DensityEngine:
         q_aug: np.ndarray,
         exclude: np.ndarray | None,
         product: Callable[[int, np.ndarray], None],
+        width: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row shift (B,) and sum of exp(logit - shift) (B,); ``product(start, out)``
-        writes one latent block's logits (B, m) into ``out``.
+        """Per-row shift (B,) and sum of exp(logit - shift) (B,) over blocks of ``width``
+        latents; ``product(start, out)`` writes one block's logits (B, m) into ``out``.
 
         The GEMM runs in ``q_aug``'s dtype (the logits' rounding is what needs float64); the
         shifted exponents, at most a few hundred nats, are exponentiated in float32, which adds
         under u32 * (log N + 10) nats to the log-sum (float32 exp is ~5x faster than float64).
         """
         rows = q_aug.shape[0]
-        width = min(self.latent_block, self.n)
+        width = min(width, self.n)
         buffer = np.empty((rows, width), dtype=q_aug.dtype)
         exps = buffer if q_aug.dtype == np.float32 else np.empty((rows, width), np.float32)
         sums = np.zeros(rows, dtype=np.float64)
         shift = np.zeros(rows, dtype=np.float64)
-        for start in self._blocks():
-            logits = buffer[:, : min(self.latent_block, self.n - start)]
+        for start in range(0, self.n, width):
+            logits = buffer[:, : min(width, self.n - start)]
             product(start, logits)
             if exclude is not None:
                 _mask_excluded(logits, exclude, start)
@@ -644,7 +687,7 @@ class DensityEngine:
             inside += np.count_nonzero(estimates(start) >= floor[:, None], axis=1)
         return np.asarray(inside <= limit), np.asarray(top - 4.0 * noise, dtype=np.float64)
 
-    def _log_density_dominant(
+    def _log_sum_dominant(
         self,
         q: np.ndarray,
         q_centred: np.ndarray,
@@ -653,7 +696,7 @@ class DensityEngine:
         exclude: np.ndarray | None,
         term_error: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Eq. (1) with a proven error under ``tolerance``: (B, d) -> log densities (B,) nats,
+        """Log-sums of eq. (1) with a proven error under ``tolerance``: (B, d) -> (B,) nats,
         ok (B,) (rows not ok are left to the float64 paths).
 
         One float32 GEMM pass ranks the terms (each within ``e`` = :func:`float32_logit_bound`
@@ -731,16 +774,18 @@ class DensityEngine:
             scale = np.exp(top - q_sq / (2.0 * s2) - best)
             rest_sum = rest * scale
             rest_bound = (rest + count * 2.0**-1022) * scale  # + exps that underflowed to 0
-            values = best + np.log(dominant_sum + rest_sum) - math.log(count)
+            values = best + np.log(dominant_sum + rest_sum)
         bound = log_sum_certificate(term_error, exact_error, rest_bound, dominant_sum, count)
-        bound += 4.0 * UNIT_ROUNDOFF_F64 * (np.abs(best) + math.log(count) + 1.0)  # the sum above
+        # rounding of the sum above, whose log term is at most about log(count)
+        bound += 4.0 * UNIT_ROUNDOFF_F64 * (np.abs(best) + math.log(count) + 1.0)
         ok &= np.isfinite(values) & (bound <= self.tolerance)
         return values, ok
 
-    def _log_density_exact(
+    def _log_sum_exact(
         self, q: np.ndarray, q_centred: np.ndarray, sigma: float, exclude: np.ndarray | None
     ) -> np.ndarray:
-        """Eq. (1) from direct float64 differences of the dominant terms: (B, d) -> (B,) nats.
+        """Log-sums of eq. (1) from direct float64 differences of the dominant terms: (B, d) ->
+        (B,) nats.
 
         A float64 GEMM pass finds each row's largest logit; a second pass keeps the terms within
         ``EXACT_WINDOW_NATS`` plus twice the GEMM's rounding bound of it and recomputes them as
@@ -767,5 +812,4 @@ class DensityEngine:
         np.maximum.at(best, rows, terms)
         sums = np.zeros(q.shape[0])
         np.add.at(sums, rows, np.exp(terms - best[rows]))
-        count = self.n - (0 if exclude is None else 1)
-        return np.asarray(best + np.log(sums) - math.log(count))
+        return np.asarray(best + np.log(sums))

@@ -1,30 +1,25 @@
-"""One loaded index version: the view a gateway routes and decides with, and the scorer that
-computes it whole in process (every shard, merged)."""
+"""One loaded index version: the view a gateway routes and decides with (scores come from
+``service.engine.ScoringEngine``; ``service.offline.SyncScorer`` is its synchronous entry
+point), and the docs/contract.md §3 body of scored latents."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
-from latentsieve.index.manifest import (
-    TORCHSCRIPT_DESCRIPTORS,
-    IndexManifest,
-    Policy,
-    check_sigma,
-)
+from latentsieve.index.manifest import IndexManifest, Policy
 from latentsieve.index.store import LatentStore, LoadedVersion
 from latentsieve.workers.calibration import BLOCK
-from latentsieve.workers.density import DensityScorer
-from latentsieve.workers.descriptors import DescriptorEngine
-from latentsieve.workers.local_compute import Computed, Work, merge, shard_key
 from latentsieve.workers.modules import load_module
 from latentsieve.workers.policy import decide
+from latentsieve.workers.score_body import Descriptors, ScoreResponse, ScoreResult
 from latentsieve.workers.seed_latents import SeedLatents
-from latentsieve.workers.shard_scoring import ShardQuery, open_shards
+from latentsieve.workers.shard_scoring import ShardQuery
 
 CALIBRATIONS_KEPT = 8
 
@@ -190,133 +185,25 @@ class ModelView:
         return batch
 
 
-class ModelScorer:
-    """A whole version scored in this thread: the view and a scorer per shard, merged
-    (docs/contract.md §4). The library's synchronous entry point (reports, studies, tests); the
-    service goes through the engine's batchers and transports instead. ``device`` (``cpu``
-    or ``cuda:I``, see workers/devices.py) runs the exact density GEMMs and the generator's
-    Jacobians; certified ivf probing, seed draws and the mapping stay on the CPU, where the
-    sampler recipe is defined."""
-
-    def __init__(self, loaded: LoadedVersion, device: str = "cpu") -> None:
-        self.loaded = loaded
-        self.device = device
-        self.view = ModelView(loaded)
-        self.shards = open_shards(loaded, device)
-        # One calibration computed at a time per model: concurrent callers for a new sigma
-        # wait for the first one's result instead of each scoring the whole calibration set.
-        self._compute_lock = threading.Lock()
-
-    @property
-    def manifest(self) -> IndexManifest:
-        return self.loaded.manifest
-
-    @property
-    def seed_latents(self) -> SeedLatents | None:
-        return self.view.seed_latents
-
-    @property
-    def engine(self) -> DensityScorer:
-        """The density engine of an unsharded version."""
-        if len(self.shards) != 1:
-            raise ValueError(f"model {self.manifest.model!r} is sharded; score through shards")
-        return self.shards[0].engine
-
-    @property
-    def descriptor_engine(self) -> DescriptorEngine | None:
-        return self.shards[0].descriptor_engine
-
-    @property
-    def has_descriptors(self) -> bool:
-        return self.descriptor_engine is not None
-
-    @property
-    def descriptor_names(self) -> frozenset[str]:
-        return self.view.descriptor_names if self.has_descriptors else frozenset()
-
-    def draw(self, seeds: Sequence[int]) -> np.ndarray:
-        """seeds (n,) -> latents (n, d) float32 as sent; needs a sampler."""
-        return self.view.draw(seeds)
-
-    def _log_sums(
-        self, query: ShardQuery, sigma: float, descriptors: tuple[str, ...], index_space: bool,
-        max_error: float | None = None,
-    ) -> Computed:
-        """Every shard in this thread, merged as the transports merge them."""
-        manifest = self.manifest
-        work = Work(manifest.model, manifest.version, manifest.n, sigma, descriptors, query,
-                    index_space, len(self.shards), max_error)
-        parts = [shard.score(shard_key(work, shard), query) for shard in self.shards]
-        return merge(work, parts)
-
-    def calibration(self, sigma: float) -> np.ndarray:
-        """Sorted calibration scores at ``sigma``; other sigmas than the build's are computed
-        once (same calibration set) and the last ``CALIBRATIONS_KEPT`` are kept."""
-        cached = self.view.cached_calibration(sigma)
-        if cached is not None:
-            return cached
-        with self._compute_lock:
-            cached = self.view.cached_calibration(sigma)
-            if cached is not None:
-                return cached
-            scores = [
-                self._log_sums(block.query, sigma, (), block.index_space).log_density
-                for block in self.view.calibration_blocks()
-            ]
-            return self.view.keep_calibration(sigma, np.concatenate(scores))
-
-    def score(
-        self,
-        latents: np.ndarray,
-        sigma: float | None = None,
-        descriptors: Collection[str] = (),
-        max_error: float | None = None,
-    ) -> ScoredBatch:
-        """Latents (n, d) -> log densities and percentiles at ``sigma`` (default: the index's),
-        and the named descriptors (docs/contract.md §2) with their calibration percentiles; a
-        certified
-        ivf index bounds each score by ``max_error`` nats (default: the index's)."""
-        sigma = self.manifest.bandwidth.sigma if sigma is None else check_sigma(sigma)
-        names = tuple(sorted(set(descriptors)))
-        if names:
-            if not self.has_descriptors or self.loaded.descriptor_calibration is None:
-                raise ValueError(
-                    f"model {self.manifest.model!r} has no generator for descriptors"
-                )
-            missing = set(names) - self.descriptor_names
-            if missing:
-                raise ValueError(
-                    f"model {self.manifest.model!r} does not compute "
-                    f"{', '.join(sorted(missing))} ({TORCHSCRIPT_DESCRIPTORS})"
-                )
-        self.calibration(sigma)
-        computed = self._log_sums(
-            ShardQuery(np.asarray(latents, dtype=np.float32)), sigma, names, False, max_error
-        )
-        return self.view.scored(computed.log_density, sigma, computed.descriptors,
-                                computed.error_bound)
-
-
 def score_report(
-    scorer: ModelView | ModelScorer,
+    scorer: ModelView,
     batch: ScoredBatch,
     sigma: float,
     policy: Policy,
     seeds: Sequence[int] | None = None,
     cached: Sequence[bool] | None = None,
     positions: Sequence[int] | None = None,
-) -> dict[str, object]:
-    """The JSON body of a ``POST /score`` answer (docs/contract.md §3) for a scored batch;
-    ``cached``
-    marks the rows served from the score cache (all ``False`` when omitted); ``positions``
-    gives each row's place in a posted batch (``/select`` over latents: each result's
-    ``index``, and what ``accepted`` lists)."""
+) -> ScoreResponse:
+    """The body of a ``POST /score`` answer (docs/contract.md §3, workers/score_body.py) for a
+    scored batch; ``cached`` marks the rows served from the score cache (all ``False`` when
+    omitted); ``positions`` gives each row's place in a posted batch (``/select`` over latents:
+    each result's ``index``, and what ``accepted`` lists)."""
     reasons = decide(batch.percentile, policy, batch.descriptor_percentiles)
     count = len(batch.log_density)
     # 0 in exact mode and for PCA+flat (exact in the stored space the score is defined in);
     # certified ivf: each score's own bound.
     bounds = [0.0] * count if batch.error_bound is None else batch.error_bound.tolist()
-    results: list[dict[str, object]] = [
+    results: list[ScoreResult] = [
         {
             "log_density": log_density,
             "percentile": percentile,
@@ -342,12 +229,15 @@ def score_report(
             for name, values in batch.descriptors.items()
         }
         ranks = {name: values.tolist() for name, values in batch.descriptor_percentiles.items()}
-        for row, result in enumerate(results):
-            described: dict[str, float] = {}
-            for name in batch.descriptors:
-                described[name] = columns[name][row]
-                described[f"{name}_percentile"] = ranks[name][row]
-            result["descriptors"] = described
+        described: list[dict[str, float]] = [{} for _ in results]
+        for name in batch.descriptors:
+            rank_key = f"{name}_percentile"
+            for values, value, rank in zip(described, columns[name], ranks[name], strict=True):
+                values[name] = value
+                values[rank_key] = rank
+        # Keys named at run time (DESCRIPTOR_NAMES): the schema tests hold them to the type.
+        for result, row in zip(results, cast(list[Descriptors], described), strict=True):
+            result["descriptors"] = row
     labels = seeds if seeds is not None else positions
     accepted = [
         (int(labels[row]) if labels is not None else row) for row, why in enumerate(reasons)

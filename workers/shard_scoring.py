@@ -9,26 +9,25 @@ A version split into K row-disjoint shards scores a latent as
 so each shard (in process or on a worker) returns its log-sum (with its certified bound for an
 ivf version) and the caller merges them.
 The types here are the batches the batcher combines and splits: ``ShardQuery`` in,
-``ShardScores`` out, both concatenating and slicing along the batch axis.
+``ShardScores`` out, sliced along the batch axis (queries are concatenated too).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
 import numpy as np
 
-from latentsieve.index.manifest import DEFAULT_MAX_ERROR
 from latentsieve.index.store import LoadedShard, LoadedVersion
-from latentsieve.workers.approximate import open_density
 from latentsieve.workers.calibration import score_descriptors
 from latentsieve.workers.density import DensityScorer
 from latentsieve.workers.descriptors import DescriptorEngine
+from latentsieve.workers.kinds import scorer_of
 from latentsieve.workers.log_sums import NO_ROW
 from latentsieve.workers.modules import load_module
+from latentsieve.workers.transport import DESCRIPTOR_SHARD, ScoreSpec
 
 
 @dataclass(frozen=True)
@@ -86,36 +85,20 @@ class ShardScores:
             None if self.bound is None else self.bound[start:stop],
         )
 
-    @classmethod
-    def concat(cls, parts: Sequence[ShardScores]) -> Self:
-        """One result of all ``parts``, in order (the batcher splits results; it never joins
-        them, so this is the protocol's other half, kept for symmetry and tested)."""
-        names = parts[0].descriptors
-        bounds = None
-        if any(part.bound is not None for part in parts):
-            bounds = np.concatenate([
-                np.zeros(len(part)) if part.bound is None else part.bound for part in parts
-            ])
-        return cls(
-            np.concatenate([part.log_sum for part in parts]),
-            {name: np.concatenate([part.descriptors[name] for part in parts]) for name in names},
-            bounds,
-        )
-
 
 @dataclass(frozen=True)
 class ShardKey:
-    """What one computed shard batch shares; the scorer rides along (not compared), so a
-    request keeps the version it was queued for across a reload."""
+    """What one computed shard batch shares: the request's spec as this shard computes it
+    (``ScoreSpec.for_shard``) and the shard number. The scorer rides along (not compared), so
+    a request keeps the version it was queued for across a reload."""
 
-    model: str
-    version: str
+    spec: ScoreSpec
     shard: int
-    sigma: float
-    descriptors: tuple[str, ...]
-    index_space: bool  # True: the latents are already projected (leave-one-out rows)
     scorer: ShardScorer = field(compare=False, hash=False, repr=False)
-    max_error: float | None = None  # certified ivf: the bound asked for (None: the index's)
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
 
 
 class ShardScorer:
@@ -129,14 +112,11 @@ class ShardScorer:
         self.start = shard.start
         self.count = int(shard.latents.shape[0])
         self.device = device
-        certified = manifest.certified
-        self.engine: DensityScorer = open_density(
-            shard.latents, shard.lists, device,
-            certified.max_error if certified is not None else DEFAULT_MAX_ERROR, shard.operand,
-        )
+        self.engine: DensityScorer = scorer_of(manifest.kind).open_shard(manifest, shard, device)
         self.descriptor_engine: DescriptorEngine | None = None
         settings = manifest.descriptors
-        if shard.number == 0 and settings is not None and manifest.generator is not None:
+        if (shard.number == DESCRIPTOR_SHARD and settings is not None
+                and manifest.generator is not None):
             self.descriptor_engine = DescriptorEngine(
                 load_module(manifest.generator, loaded.path).to(device),
                 manifest.latent_shape,
@@ -149,8 +129,9 @@ class ShardScorer:
 
     def score(self, key: ShardKey, query: ShardQuery) -> ShardScores:
         """This shard's log-sums (and shard 0's descriptors) for a batch of latents."""
+        spec = key.spec
         latents = np.asarray(query.latents, dtype=np.float32)
-        index_space = latents if key.index_space else self.loaded.to_index_space(latents)
+        index_space = latents if spec.space == "index" else self.loaded.to_index_space(latents)
         log_sum = np.empty(len(query), dtype=np.float64)
         bound = np.zeros(len(query), dtype=np.float64)
         certified = False
@@ -159,28 +140,24 @@ class ShardScorer:
             np.zeros(len(query), dtype=bool) if local is None
             else (local >= 0) & (local < self.count)
         )
-        plain = np.flatnonzero(~inside)
-        if plain.size:
-            scored = self.engine.log_density(index_space[plain], key.sigma,
-                                             max_error=key.max_error)
-            log_sum[plain] = scored.log_density + math.log(self.count)
-            if scored.error_bound is not None:
-                bound[plain], certified = scored.error_bound, True
-        if inside.any():
-            assert local is not None
-            rows = np.flatnonzero(inside)
-            scored = self.engine.log_density(
-                index_space[rows], key.sigma, exclude=local[rows], max_error=key.max_error
-            )
-            log_sum[rows] = scored.log_density + math.log(self.count - 1)
+        # The engine's log-sums as they are: rows leaving one of this shard's latents out sum
+        # without it (the merge divides by N - 1).
+        for rows, exclude in ((np.flatnonzero(~inside), None), (np.flatnonzero(inside), local)):
+            if not rows.size:
+                continue
+            scored = self.engine.log_sum(index_space[rows], spec.sigma,
+                                         None if exclude is None else exclude[rows],
+                                         spec.max_error)
+            log_sum[rows] = scored.log_sum
             if scored.error_bound is not None:
                 bound[rows], certified = scored.error_bound, True
         descriptors: dict[str, np.ndarray] = {}
-        if key.descriptors and self.number == 0:
+        if spec.descriptors:  # only ever on DESCRIPTOR_SHARD (ScoreSpec.for_shard)
             if self.descriptor_engine is None:
-                raise ValueError(f"model {key.model!r} has no generator for descriptors")
+                raise ValueError(f"model {spec.model!r} shard {self.number} has no generator "
+                                 "for descriptors")
             values = score_descriptors(self.descriptor_engine, latents)
-            descriptors = {name: values[name] for name in key.descriptors}
+            descriptors = {name: values[name] for name in spec.descriptors}
         return ShardScores(log_sum, descriptors, bound if certified else None)
 
 

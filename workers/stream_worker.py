@@ -38,11 +38,10 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 from redis.exceptions import RedisError, ResponseError
 
 from latentsieve.index.errors import StoreError
@@ -50,6 +49,8 @@ from latentsieve.index.store import LatentStore
 from latentsieve.workers.batcher import QueueFull
 from latentsieve.workers.local_compute import ModelBatchers
 from latentsieve.workers.modules import ModuleLoadError
+from latentsieve.workers.retry import Backoff
+from latentsieve.workers.settings import WorkerOptions
 from latentsieve.workers.shard_scoring import ShardKey, ShardScorer, open_shards
 from latentsieve.workers.streams import (
     GROUP,
@@ -64,15 +65,12 @@ from latentsieve.workers.streams import (
     read_job,
     stopping,
 )
+from latentsieve.workers.transport import QueueLimits
+from latentsieve.workers.worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 VERSIONS_KEPT = 2  # per model: the served version and the one before it (during a roll-out)
-OUTCOMES = ("done", "expired", "reclaimed", "dead_letter", "error")
-# Shared with the gateway's metrics (service/metrics.py): one set of buckets per name.
-BATCH_BUCKETS = tuple(float(2**power) for power in range(13))
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PENDING_PAGE = 256  # pending entries read at once when looking for orphaned jobs
 # What a dead-letter record keeps of a job: its protocol's text fields, each cut to this length.
 RECORD_FIELDS = frozenset(name.encode() for name in (
@@ -94,56 +92,6 @@ def _reply_key(fields: Fields) -> str | None:
         return None
 
 
-@dataclass(frozen=True)
-class WorkerOptions:
-    """How one worker process runs (``latentsieve worker`` options, docs/contract.md §4)."""
-
-    store: str
-    redis_url: str
-    device: str = "cpu"  # resolved: cpu or cuda:I
-    models: tuple[str, ...] | None = None  # None: every model in the store
-    shards: tuple[int, ...] | None = None  # None: every shard
-    max_batch_size: int = 1024
-    max_wait_ms: float = 2.0
-    read_count: int = 64  # jobs read at once
-    claim_idle_ms: int = 10_000
-    max_deliveries: int = 3
-    heartbeat_ttl_s: float = 3.0
-    refresh_interval_s: float = 2.0  # how often the store is checked for new models/shards
-    queue_limit: int = 262_144
-
-
-class WorkerMetrics:
-    """The worker's own ``/metrics`` (docs/contract.md §6, distributed mode)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.batch_size = Histogram(
-            "latentsieve_batch_size", "Latents per computed batch.", ["model"],
-            buckets=BATCH_BUCKETS, registry=self.registry,
-        )
-        self.compute_seconds = Histogram(
-            "latentsieve_compute_seconds", "Seconds to compute one batch, by scoring device.",
-            ["model", "device"], buckets=DURATION_BUCKETS, registry=self.registry,
-        )
-        self.jobs = Counter(
-            "latentsieve_worker_jobs", "Jobs handled, by outcome.", ["model", "outcome"],
-            registry=self.registry,
-        )
-        self.up = Gauge(
-            "latentsieve_worker_up", "1 while this worker serves the model shard.",
-            ["model", "shard", "device"], registry=self.registry,
-        )
-
-    def serving(self, model: str, shard: int, device: str) -> None:
-        """Initialise every series of a newly served model shard (dashboards see zeros)."""
-        self.up.labels(model=model, shard=str(shard), device=device).set(1)
-        self.batch_size.labels(model=model)
-        self.compute_seconds.labels(model=model, device=device)
-        for outcome in OUTCOMES:
-            self.jobs.labels(model=model, outcome=outcome)
-
-
 class StreamWorker:
     """One worker process's loops; ``run`` until ``stop`` is set."""
 
@@ -156,8 +104,8 @@ class StreamWorker:
             options.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0
         )
         self.batchers = ModelBatchers(
-            options.max_batch_size, options.max_wait_ms, options.queue_limit,
-            options.queue_limit, on_batch=self._observe_batch,
+            options.max_batch_size, options.max_wait_ms,
+            QueueLimits(options.queue_limit, options.queue_limit), on_batch=self._observe_batch,
         )
         # Keyed by model: a job reaches them only once its model is its stream's (read_job),
         # so both hold at most the served models, each at most VERSIONS_KEPT versions.
@@ -251,20 +199,18 @@ class StreamWorker:
 
     async def _guard(self, body: Callable[[], Awaitable[None]]) -> None:
         """Run one loop forever; a Redis error (restart, outage) backs off and retries."""
-        failures = 0
+        backoff = Backoff(first_s=0.05, cap_s=2.0)
         while True:
             stopping()
             try:
                 await body()
-                failures = 0
+                backoff.reset()
             except (RedisError, OSError) as exc:
                 stopping(exc)
                 self._groups_ready = False
-                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
-                failures += 1
                 log.warning("redis error; backing off", extra={
-                    "error": str(exc) or type(exc).__name__, "retry_in_s": delay})
-                await asyncio.sleep(delay)
+                    "error": str(exc) or type(exc).__name__, "retry_in_s": backoff.delay_s})
+                await backoff.wait(exc)
 
     async def _ensure_groups(self) -> None:
         if self._groups_ready:
@@ -330,18 +276,17 @@ class StreamWorker:
                 self.metrics.jobs.labels(model=model, outcome="expired").inc()
                 return
             try:
-                scorer = await self._scorer(job.model, job.version, job.shard)
+                scorer = await self._scorer(job.model, job.spec.version, job.shard)
             except (StoreError, ModuleLoadError) as exc:  # missing, corrupted, modules changed
                 await self._give_up(stream, entry_id, fields, str(exc), "error")
                 self.metrics.jobs.labels(model=model, outcome="error").inc()
                 log.error("job for a version that does not load dead-lettered", extra={
-                    "stream": stream, "version": job.version, "error": str(exc)})
+                    "stream": stream, "version": job.spec.version, "error": str(exc)})
                 return
             try:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + (job.deadline - time.time())
-                key = ShardKey(job.model, job.version, job.shard, job.sigma, job.descriptors,
-                               job.index_space, scorer, job.max_error)
+                key = ShardKey(job.spec, job.shard, scorer)
                 scores = await self.batchers.submit(key, job.query, deadline)
                 reply = Reply(job.id, job.shard, "ok", scores)
                 outcome = "done"
@@ -536,22 +481,3 @@ async def run_worker(options: WorkerOptions, metrics_port: int | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     await StreamWorker(options, metrics).run(stop)
-
-
-def parse_list(text: str | None, what: str) -> tuple[str, ...] | None:
-    """``"a,b"`` -> ("a", "b"); None or blank -> None (all)."""
-    if text is None or not text.strip():
-        return None
-    items = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not items:
-        raise ValueError(f"--{what} names nothing")
-    return items
-
-
-def parse_shards(text: str | None) -> tuple[int, ...] | None:
-    items = parse_list(text, "shards")
-    if items is None:
-        return None
-    if not all(item.isdigit() for item in items):
-        raise ValueError(f"--shards must be shard numbers like 0,1; got {text!r}")
-    return tuple(int(item) for item in items)

@@ -37,14 +37,8 @@ from typing import Literal
 
 import numpy as np
 
-from latentsieve.index.errors import StoreError
-from latentsieve.index.manifest import (
-    DESCRIPTOR_NAMES,
-    check_model_name,
-    check_sigma,
-    check_version_name,
-)
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
+from latentsieve.workers.transport import ScoreSpec
 
 GROUP = "latentsieve-workers"
 REPLY_PREFIX = "latentsieve:replies:"
@@ -107,20 +101,23 @@ def _text(fields: Fields, name: str) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """One shard's part of one request. ``deadline`` is Unix time in seconds: a worker that
-    reads the job after it drops it instead of computing it."""
+    """One shard's part of one request: its spec as the shard computes it
+    (``ScoreSpec.for_shard``) and its latents. ``deadline`` is Unix time in seconds: a worker
+    that reads the job after it drops it instead of computing it.
+
+    The wire fields are the job's own (``id``, ``reply``, ``deadline``, ``shard``, ``shape``,
+    ``latents``, ``exclude``) and the spec's, generated from ``ScoreSpec`` (protocol v1)."""
 
     id: str
     reply: str
     deadline: float
-    model: str
-    version: str
     shard: int
-    sigma: float
-    descriptors: tuple[str, ...]
-    index_space: bool
+    spec: ScoreSpec
     query: ShardQuery
-    max_error: float | None = None  # certified ivf: the bound asked for (None: the index's)
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.deadline
@@ -131,19 +128,13 @@ class Job:
             "id": self.id,
             "reply": self.reply,
             "deadline": repr(self.deadline),
-            "model": self.model,
-            "version": self.version,
             "shard": str(self.shard),
-            "sigma": repr(self.sigma),
-            "descriptors": ",".join(self.descriptors),
-            "space": "index" if self.index_space else "raw",
+            **self.spec.to_fields(),
             "shape": f"{latents.shape[0]},{latents.shape[1]}",
             "latents": latents.tobytes(),
         }
         if self.query.exclude is not None:
             fields["exclude"] = np.ascontiguousarray(self.query.exclude, dtype="<i8").tobytes()
-        if self.max_error is not None:
-            fields["max_error"] = repr(float(self.max_error))
         return fields
 
     @classmethod
@@ -156,19 +147,13 @@ class Job:
         )
         if exclude is not None and exclude.shape != (rows,):
             raise ValueError(f"exclude has {exclude.size} rows for {rows} latents")
-        names = _text(fields, "descriptors")
         return cls(
             id=_text(fields, "id"),
             reply=_text(fields, "reply"),
             deadline=float(_text(fields, "deadline")),
-            model=_text(fields, "model"),
-            version=_text(fields, "version"),
             shard=int(_text(fields, "shard")),
-            sigma=float(_text(fields, "sigma")),
-            descriptors=tuple(names.split(",")) if names else (),
-            index_space=_text(fields, "space") == "index",
+            spec=ScoreSpec.from_fields(fields),
             query=ShardQuery(latents, exclude),
-            max_error=float(_text(fields, "max_error")) if b"max_error" in fields else None,
         )
 
 
@@ -182,20 +167,10 @@ def read_job(stream: str, fields: Fields) -> Job:
             f"job for {job.model!r} shard {job.shard} read from {stream}, the stream of "
             f"{model!r} shard {shard}"
         )
-    try:
-        check_model_name(job.model)
-        check_version_name(job.version)
-    except StoreError as exc:
-        raise ValueError(str(exc)) from exc
+    job.spec.check()
     check_reply_stream(job.reply)
-    check_sigma(job.sigma)
     if not math.isfinite(job.deadline):
         raise ValueError(f"deadline {job.deadline!r} is not a time")
-    if job.max_error is not None and not (math.isfinite(job.max_error) and job.max_error >= 0):
-        raise ValueError(f"max_error {job.max_error!r} is not a bound in nats >= 0")
-    unknown = sorted(set(job.descriptors) - set(DESCRIPTOR_NAMES))
-    if unknown:
-        raise ValueError(f"unknown descriptors {unknown}; known: {', '.join(DESCRIPTOR_NAMES)}")
     return job
 
 

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from latentsieve.service.errors import ServiceError, error_responses
 from latentsieve.service.responses import FastJSONResponse
 from latentsieve.service.runtime import RuntimeDep, current_runtime
-from latentsieve.service.stream_compute import StreamCompute
+from latentsieve.service.schemas import ReadyResponse
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +20,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=error_responses(503))
+@router.get(
+    "/readyz",
+    response_class=FastJSONResponse,
+    responses={200: {"model": ReadyResponse}, **error_responses(503)},
+)
 async def readyz(request: Request) -> FastJSONResponse:
     """200 when at least one model is loaded and (in front of workers) every shard of every
     served model has a live worker; 503 naming what is missing otherwise."""
@@ -34,12 +38,10 @@ async def readyz(request: Request) -> FastJSONResponse:
         raise ServiceError(
             503, f"not ready: no model has a loadable index version in {runtime.settings.store}"
         )
-    compute = runtime.engine.compute
-    if isinstance(compute, StreamCompute):
-        missing = compute.missing()
-        if missing:
-            raise ServiceError(503, f"not ready: no live worker for {', '.join(missing)}")
-    return FastJSONResponse({"status": "ready", "models": served})
+    missing = runtime.engine.compute.missing()
+    if missing:
+        raise ServiceError(503, f"not ready: no live worker for {', '.join(missing)}")
+    return FastJSONResponse(ReadyResponse(status="ready", models=served).model_dump())
 
 
 @router.get("/metrics", response_class=Response, responses=error_responses(401, 503))

@@ -10,8 +10,12 @@ from latentsieve.service.errors import error_responses
 from latentsieve.service.registry import ServedModel
 from latentsieve.service.responses import FastJSONResponse
 from latentsieve.service.runtime import Runtime, RuntimeDep
-from latentsieve.service.schemas import ModelsResponse
-from latentsieve.service.stream_compute import StreamCompute
+from latentsieve.service.schemas import (
+    COMPUTE_INFO,
+    CalibrationInfo,
+    ModelInfo,
+    ModelsResponse,
+)
 
 router = APIRouter(tags=["models"])
 
@@ -19,45 +23,39 @@ router = APIRouter(tags=["models"])
 def describe_compute(runtime: Runtime, served: ServedModel) -> dict[str, Any]:
     """Where a model's scores are computed: this process's device, or the live workers (and
     their devices) of each shard."""
-    compute = runtime.engine.compute
-    if not isinstance(compute, StreamCompute):
-        device = served.shards[0].device if served.shards else "cpu"
-        return {"mode": "embedded", "device": device}
-    live = compute.live_workers()
-    model = served.view.manifest.model
-    return {
-        "mode": "workers",
-        "shards": [
-            {"shard": shard, "live_workers": len(live.get((model, shard), [])),
-             "devices": sorted(set(live.get((model, shard), [])))}
-            for shard in range(len(served.view.manifest.shard_layout()))
-        ],
-    }
+    manifest = served.view.manifest
+    return runtime.engine.compute.describe(manifest.model, len(manifest.shard_layout()))
 
 
-def describe_model(runtime: Runtime, served: ServedModel) -> dict[str, Any]:
+def describe_model(runtime: Runtime, served: ServedModel) -> ModelInfo:
     """One ``ModelInfo`` row for a served version."""
     view = served.view
     manifest = view.manifest
-    return {
-        "name": manifest.model,
-        "index_version": manifest.version,
-        "d": manifest.dim,
-        "N": manifest.n,
-        "latent_shape": list(manifest.latent_shape),
-        "sigma": manifest.bandwidth.sigma,
-        "kind": manifest.kind,
-        "exact": manifest.exact,
-        "sampler": str(manifest.sampler) if manifest.sampler is not None else None,
-        "descriptors": view.has_descriptors,
-        "generator": manifest.generator is not None,
-        "policy": manifest.policy.model_dump(exclude_none=True),
-        "shards": len(manifest.shard_layout()),
-        "compute": describe_compute(runtime, served),
-        "calibration": manifest.calibration.model_dump(include={
-            "source", "count", "sigma", "seed_start", "latents_source", "latents_source_sha256",
-        }),
-    }
+    calibration = manifest.calibration
+    return ModelInfo(
+        name=manifest.model,
+        index_version=manifest.version,
+        d=manifest.dim,
+        N=manifest.n,
+        latent_shape=list(manifest.latent_shape),
+        sigma=manifest.bandwidth.sigma,
+        kind=manifest.kind,
+        exact=manifest.exact,
+        sampler=str(manifest.sampler) if manifest.sampler is not None else None,
+        descriptors=view.has_descriptors,
+        generator=manifest.generator is not None,
+        policy=manifest.policy,
+        shards=len(manifest.shard_layout()),
+        compute=COMPUTE_INFO.validate_python(describe_compute(runtime, served)),
+        calibration=CalibrationInfo(
+            source=calibration.source,
+            count=calibration.count,
+            sigma=calibration.sigma,
+            seed_start=calibration.seed_start,
+            latents_source=calibration.latents_source,
+            latents_source_sha256=calibration.latents_source_sha256,
+        ),
+    )
 
 
 @router.get(
@@ -69,5 +67,5 @@ async def list_models(runtime: RuntimeDep) -> FastJSONResponse:
     """Every served model, sorted by name."""
     served = runtime.engine.registry.snapshot()
     return FastJSONResponse(
-        {"models": [describe_model(runtime, served[name]) for name in sorted(served)]}
+        ModelsResponse(models=[describe_model(runtime, served[name]) for name in sorted(served)])
     )

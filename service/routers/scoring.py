@@ -9,13 +9,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from latentsieve.service.direct_routes import direct
 from latentsieve.service.engine import ScoreJob, SelectJob
 from latentsieve.service.errors import ServiceError, error_responses
 from latentsieve.service.requests import json_body, read_json
 from latentsieve.service.responses import FastJSONResponse
-from latentsieve.service.runtime import RuntimeDep
-from latentsieve.service.schemas import ScoreRequest, ScoreResponse, SelectRequest, validate_body
+from latentsieve.service.runtime import get_runtime
+from latentsieve.service.schemas import ScoreRequest, SelectRequest, validate_body
+from latentsieve.workers.score_body import ScoreResponse
 
 router = APIRouter(tags=["scoring"])
 INLINE_VALIDATION_LATENTS = 256  # larger bodies are decoded in a worker thread
@@ -48,9 +48,9 @@ ERRORS = error_responses(401, 404, 413, 422, 429, 502, 503, 504)
     responses={200: {"model": ScoreResponse}, **ERRORS},
     openapi_extra=json_body(ScoreRequest),
 )
-@direct
-async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
+async def score(request: Request) -> FastJSONResponse:
     """Score latents or seeds and decide on each with the model's (or the given) policy."""
+    runtime = await get_runtime(request)
     engine = runtime.engine
     data = await read_json(request, runtime.settings)
     declared = declared_batch(data)
@@ -67,8 +67,8 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
         )
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
-    job = ScoreJob(body.model, latents, body.seeds, body.sigma, body.descriptors, body.policy,
-                   body.max_error)
+    job = ScoreJob(model=body.model, latents=latents, seeds=body.seeds, sigma=body.sigma,
+                   descriptors=body.descriptors, policy=body.policy, max_error=body.max_error)
     return FastJSONResponse(await engine.score(job))
 
 
@@ -78,11 +78,11 @@ async def score(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
     responses={200: {"model": ScoreResponse}, **ERRORS},
     openapi_extra=json_body(SelectRequest),
 )
-@direct
-async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
+async def select(request: Request) -> FastJSONResponse:
     """The ``keep`` best seeds of ``start .. start + count - 1`` (or of a posted batch of
     ``latents``, each result with its ``index`` in it) by log density, best first; with
     ``min_distance``, greedily diverse (fewer than ``keep`` when diversity runs out)."""
+    runtime = await get_runtime(request)
     engine = runtime.engine
     data = await read_json(request, runtime.settings)
     declared = declared_batch(data)
@@ -101,6 +101,7 @@ async def select(request: Request, runtime: RuntimeDep) -> FastJSONResponse:
         )
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
-    job = SelectJob(body.model, body.start or 0, body.count or 0, body.keep, body.min_distance,
-                    body.sigma, body.policy, body.max_error, latents)
+    job = SelectJob(model=body.model, start=body.start or 0, count=body.count or 0,
+                    keep=body.keep, min_distance=body.min_distance, sigma=body.sigma,
+                    policy=body.policy, max_error=body.max_error, latents=latents)
     return FastJSONResponse(await engine.select(job))

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -22,13 +23,12 @@ from asgi_lifespan import LifespanManager
 from latentsieve import cli
 from latentsieve.service import main as service_main
 from latentsieve.service.app import create_app
-from latentsieve.service.engine import Compute, ScoringEngine
+from latentsieve.service.engine import ScoringEngine
 from latentsieve.service.settings import Settings
 from latentsieve.workers.calibration import BLOCK
-from latentsieve.workers.local_compute import Computed, Work
 from latentsieve.workers.scoring import ModelView
-from latentsieve.workers.shard_scoring import ShardScorer
 from latentsieve.workers.streams import JobFailed
+from latentsieve.workers.transport import Compute, Computed, Work
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
@@ -45,6 +45,7 @@ class WatchedCompute:
     def __init__(self, inner: Compute, hold: int = 0) -> None:
         self.inner = inner
         self.mode = inner.mode
+        self.limits = inner.limits
         self.hold = hold
         self.release = asyncio.Event()
         self.arrived: dict[float, asyncio.Event] = {}
@@ -58,11 +59,9 @@ class WatchedCompute:
     def sigmas_in_flight(self) -> int:
         return sum(1 for count in self.in_flight.values() if count)
 
-    async def compute(
-        self, shards: Sequence[ShardScorer], work: Work, deadline: float
-    ) -> Computed:
+    async def compute(self, work: Work, deadline: float) -> Computed:
         self.started.append(time.monotonic())
-        sigma = work.sigma
+        sigma = work.spec.sigma
         first = len(work.query) > 1 and not self.blocks[sigma]
         if len(work.query) > 1:
             self.blocks[sigma] += 1
@@ -79,12 +78,24 @@ class WatchedCompute:
                     self.release.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.release.wait(), 10)
-            return await self.inner.compute(shards, work, deadline)
+            return await self.inner.compute(work, deadline)
         finally:
             self.in_flight[sigma] -= 1
 
     def queued_by_model(self) -> dict[str, int]:
         return self.inner.queued_by_model()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    def describe(self, model: str, shards: int) -> dict[str, Any]:
+        return self.inner.describe(model, shards)
+
+    def missing(self) -> list[str]:
+        return self.inner.missing()
+
+    def live_workers(self) -> dict[tuple[str, int], list[str]] | None:
+        return self.inner.live_workers()
 
     async def stop(self) -> None:
         await self.inner.stop()
@@ -200,9 +211,8 @@ def test_serve_takes_the_sigma_option(monkeypatch: pytest.MonkeyPatch, tmp_path:
     flag wins over the variable."""
     seen: list[bool] = []
 
-    def run_server(store: str, allow_request_sigma: bool | None = None, **_: object) -> None:
-        given = {} if allow_request_sigma is None else {"allow_request_sigma": allow_request_sigma}
-        seen.append(Settings(store=Path(store), **given).allow_request_sigma)
+    def run_server(settings: Settings, **_: object) -> None:
+        seen.append(settings.allow_request_sigma)
 
     monkeypatch.setattr(service_main, "run_server", run_server)
     monkeypatch.setenv("LATENTSIEVE_ALLOW_REQUEST_SIGMA", "true")

@@ -3,7 +3,7 @@ generator, decided by policy bounds, exported as metrics (docs/contract.md §2, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -14,9 +14,9 @@ import torch
 
 from latentsieve.cli import main
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.service.settings import Settings
 from latentsieve.workers.demo_models.digits_vae import decoder, training_latents
-from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
@@ -24,8 +24,9 @@ ALL = ["psi", "nu", "delta"]
 
 
 @pytest.fixture(scope="module")
-def scorer(store_root: Path) -> ModelScorer:
-    return ModelScorer(LatentStore(store_root).load(MODEL))
+def scorer(store_root: Path) -> Iterator[SyncScorer]:
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        yield scorer
 
 
 def latents(count: int, seed: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def latents(count: int, seed: int) -> np.ndarray:
 
 
 async def test_descriptors_match_the_scorer_and_are_cached(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     batch = latents(6, seed=11)
     body = {"model": MODEL, "latents": batch.tolist(), "descriptors": ALL}
@@ -127,7 +128,7 @@ async def test_delta_on_a_torchscript_generator_is_refused(
 
 
 async def test_a_rank_sum_policy_rejects_by_the_mean_of_two_percentiles(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     batch = latents(64, seed=21)
     body = {"model": MODEL, "latents": batch.tolist(),

@@ -1,10 +1,10 @@
-"""``POST /score`` in-process: the numbers equal ``ModelScorer.score``, decisions follow the
+"""``POST /score`` in-process: the numbers equal ``SyncScorer.score``, decisions follow the
 policy, the second identical request is served from the cache."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,10 @@ import torch
 
 from latentsieve.demo import index_latents
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.service.settings import Settings
 from latentsieve.workers.demo_models.digits_vae import training_latents
 from latentsieve.workers.policy import PERCENTILE_BELOW_MIN, decide
-from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
@@ -26,8 +26,9 @@ NOSAMPLER = "nosampler"
 
 
 @pytest.fixture(scope="module")
-def scorer(store_root: Path) -> ModelScorer:
-    return ModelScorer(LatentStore(store_root).load(MODEL))
+def scorer(store_root: Path) -> Iterator[SyncScorer]:
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        yield scorer
 
 
 def sample_latents(count: int, dim: int = 8, seed: int = 3) -> np.ndarray:
@@ -36,7 +37,7 @@ def sample_latents(count: int, dim: int = 8, seed: int = 3) -> np.ndarray:
 
 
 async def test_nested_latents_match_the_scorer(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     latents = sample_latents(5)
     response = await app_client.post("/score", json={"model": MODEL, "latents": latents.tolist()})
@@ -63,7 +64,7 @@ async def test_nested_latents_match_the_scorer(
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
 async def test_base64_latents_match_nested(
-    app_client: httpx.AsyncClient, scorer: ModelScorer, dtype: str
+    app_client: httpx.AsyncClient, scorer: SyncScorer, dtype: str
 ) -> None:
     latents = sample_latents(4, seed=11).astype(dtype)
     encoded = {
@@ -79,7 +80,7 @@ async def test_base64_latents_match_nested(
 
 
 async def test_multi_axis_nested_latents_are_flattened(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     latents = sample_latents(3, seed=5)
     response = await app_client.post(
@@ -90,7 +91,7 @@ async def test_multi_axis_nested_latents_are_flattened(
     np.testing.assert_allclose(got, scorer.score(latents).log_density, atol=1e-9)
 
 
-async def test_seeds_match_the_sampler(app_client: httpx.AsyncClient, scorer: ModelScorer) -> None:
+async def test_seeds_match_the_sampler(app_client: httpx.AsyncClient, scorer: SyncScorer) -> None:
     seeds = [0, 7, 2**64 - 1]
     response = await app_client.post("/score", json={"model": MODEL, "seeds": seeds})
     assert response.status_code == 200, response.text
@@ -104,7 +105,7 @@ async def test_seeds_match_the_sampler(app_client: httpx.AsyncClient, scorer: Mo
 
 
 async def test_sigma_override_changes_scores(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     latents = sample_latents(3, seed=8)
     response = await app_client.post(
@@ -121,7 +122,7 @@ async def test_sigma_override_changes_scores(
 
 
 async def test_policy_override_and_cached_verdicts(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     # Near the data and far from it: the far ones are rejected under any strict policy.
     near = training_latents()[:3].copy()  # as sent: 8 numbers, not the 4 stored coordinates
@@ -216,7 +217,7 @@ async def test_redis_down_keeps_answering_and_counts_errors(
 
 
 async def test_a_partial_policy_override_keeps_the_models_other_rules(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     """Only the fields a request sets replace the model's policy."""
     model_min = scorer.manifest.policy.min_percentile
@@ -231,7 +232,7 @@ async def test_a_partial_policy_override_keeps_the_models_other_rules(
 
 
 async def test_percentiles_at_another_sigma_match_a_float64_reference(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     """Independent of the engine: equation (1) in float64 over the demo's kept coordinates,
     and the percentile as the share of the calibration draws (the recorded seeds, drawn here

@@ -1,10 +1,11 @@
 """``POST /select`` over a posted batch: a back end ranks its own previews (x0-predictions,
 finished latents) in one call and gets the best ``keep`` back, each with its ``index`` in the
-batch. Expected rankings come from ``ModelScorer`` (the float64 engine in process), not from
+batch. Expected rankings come from ``SyncScorer`` (the float64 engine in process), not from
 the route under test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,17 @@ from asgi_lifespan import LifespanManager
 from latentsieve.index.store import LatentStore
 from latentsieve.service.app import create_app
 from latentsieve.service.client import AsyncLatentSieveClient, encode_latents
+from latentsieve.service.offline import SyncScorer
 from latentsieve.service.settings import Settings
-from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
 
 
 @pytest.fixture(scope="module")
-def scorer(store_root: Path) -> ModelScorer:
-    return ModelScorer(LatentStore(store_root).load(MODEL))
+def scorer(store_root: Path) -> Iterator[SyncScorer]:
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        yield scorer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def previews() -> np.ndarray:
 
 
 async def test_the_best_of_a_posted_batch_come_first_with_their_positions(
-    app_client: httpx.AsyncClient, scorer: ModelScorer, previews: np.ndarray
+    app_client: httpx.AsyncClient, scorer: SyncScorer, previews: np.ndarray
 ) -> None:
     for latents in (previews.tolist(), encode_latents(previews)):
         response = await app_client.post(
@@ -101,7 +103,7 @@ async def test_a_batch_over_max_batch_is_413(settings: Settings, serve: Any) -> 
 
 
 async def test_the_client_ranks_a_batch(
-    settings: Settings, scorer: ModelScorer, previews: np.ndarray
+    settings: Settings, scorer: SyncScorer, previews: np.ndarray
 ) -> None:
     app = create_app(settings)
     async with LifespanManager(app, startup_timeout=60) as manager:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +12,23 @@ import pytest
 
 from latentsieve.demo import DEMO_POLICY
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.service.settings import Settings
 from latentsieve.workers.devices import resolve_device
 from latentsieve.workers.policy import decide
-from latentsieve.workers.scoring import ModelScorer
 
 pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
 
 
 @pytest.fixture(scope="module")
-def scorer(store_root: Path) -> ModelScorer:
-    return ModelScorer(LatentStore(store_root).load(MODEL))
+def scorer(store_root: Path) -> Iterator[SyncScorer]:
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        yield scorer
 
 
 async def test_select_returns_the_best_seeds_first(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     response = await app_client.post(
         "/select", json={"model": MODEL, "start": 100, "count": 200, "keep": 10}
@@ -49,7 +50,7 @@ async def test_select_returns_the_best_seeds_first(
 
 
 async def test_select_min_distance_keeps_latents_apart(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     min_distance = 3.0
     response = await app_client.post(
@@ -79,7 +80,7 @@ async def test_select_with_huge_min_distance_keeps_fewer(app_client: httpx.Async
 
 
 async def test_models_lists_every_served_model(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     response = await app_client.get("/models")
     assert response.status_code == 200
@@ -206,7 +207,7 @@ async def test_metrics_after_requests(app_client: httpx.AsyncClient) -> None:
 
 
 async def test_log_density_buckets_cover_the_calibration(
-    app_client: httpx.AsyncClient, scorer: ModelScorer
+    app_client: httpx.AsyncClient, scorer: SyncScorer
 ) -> None:
     await app_client.post("/score", json={"model": MODEL, "seeds": [4]})
     text = (await app_client.get("/metrics")).text
@@ -260,7 +261,7 @@ async def test_api_keys_non_ascii_and_several_headers(
 
 
 async def test_select_without_descriptor_rules_honours_sigma_and_the_cache(
-    settings: Settings, serve: Callable[..., Any], store_root: Path
+    settings: Settings, serve: Callable[..., Any], store_root: Path, scorer: SyncScorer
 ) -> None:
     """A policy without descriptor bounds takes the density-only path: the kept seeds' scores at
     the request's sigma equal float64 equation (1), and a repeat is served from the cache."""
@@ -278,8 +279,7 @@ async def test_select_without_descriptor_rules_honours_sigma_and_the_cache(
     assert [r["cached"] for r in rows] == [False] * 4
     assert [r["cached"] for r in second["results"]] == [True] * 4
     assert all("descriptors" not in r for r in rows)
-    loaded = LatentStore(store_root).load(MODEL)
-    scorer = ModelScorer(loaded)
+    loaded = scorer.loaded
     seeds = [r["seed"] for r in rows]
     queries = loaded.to_index_space(scorer.draw(seeds))
     expected = log_density_reference(queries, np.asarray(loaded.latents), 0.9)

@@ -52,10 +52,10 @@ def clean_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_server(
-    store: Path, reload_interval_s: float, log: Path, workers: int = 1,
+    store: Path, reload_interval_s: float, log: Path, processes: int = 1,
     env: dict[str, str] | None = None, args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """``latentsieve serve --store STORE [--workers N] [args]`` on a free port, ready, until
+    """``latentsieve serve --store STORE [--processes N] [args]`` on a free port, ready, until
     the block ends; ``env`` adds to the environment (without this one's LATENTSIEVE_*)."""
     port = _free_port()
     environment = clean_environment({"LATENTSIEVE_RELOAD_INTERVAL_S": str(reload_interval_s)})
@@ -63,8 +63,8 @@ def running_server(
     command = [
         *latentsieve_command(), "serve", "--store", str(store), "--port", str(port), *args
     ]
-    if workers != 1:
-        command += ["--workers", str(workers)]
+    if processes != 1:
+        command += ["--processes", str(processes)]
     with log.open("wb") as sink:
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, env=environment,

@@ -21,7 +21,7 @@ def log_lines(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object
     ensure_demo_index(store)
     log = tmp_path_factory.mktemp("access-logs") / "serve.log"
     answers = {}
-    with running_server(store, 60.0, log, workers=2,
+    with running_server(store, 60.0, log, processes=2,
                         env={"LATENTSIEVE_LOG_LEVEL": "info"}) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             answers["given"] = client.post(

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from servers import running_server
 from test_uvicorn import build_small_version
-from test_workers import worker_pids
+from test_workers import process_pids
 
 from latentsieve.demo import ensure_demo_indexes
 
@@ -57,12 +57,12 @@ def test_shutdown_answers_a_request_past_the_drain_in_json(store: Path, tmp_path
 
 
 def test_rolling_restart_drops_no_request(store: Path, tmp_path: Path) -> None:
-    """SIGHUP to ``serve --workers 2``: uvicorn restarts each worker (SIGTERM to the old one)
-    while clients on kept-alive connections send requests without pause."""
+    """SIGHUP to ``serve --processes 2``: uvicorn restarts each gateway process (SIGTERM to the
+    old one) while clients on kept-alive connections send requests without pause."""
     failures: list[str] = []
     statuses: list[int] = []
     stop = threading.Event()
-    with running_server(store, 600.0, tmp_path / "serve.log", workers=2) as server:
+    with running_server(store, 600.0, tmp_path / "serve.log", processes=2) as server:
 
         def hammer(offset: int) -> None:
             with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -75,7 +75,7 @@ def test_rolling_restart_drops_no_request(store: Path, tmp_path: Path) -> None:
                         failures.append(repr(exc))
                     seed += 4
 
-        pids = worker_pids(server)
+        pids = process_pids(server)
         build_small_version(server.store, tmp_path)
         threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
         for thread in threads:
@@ -85,7 +85,7 @@ def test_rolling_restart_drops_no_request(store: Path, tmp_path: Path) -> None:
             server.process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                now = worker_pids(server)
+                now = process_pids(server)
                 if len(now) == 2 and now.isdisjoint(pids):
                     break
                 time.sleep(0.2)

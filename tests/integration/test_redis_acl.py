@@ -38,6 +38,7 @@ from latentsieve.service.settings import Settings
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
 from latentsieve.workers.streams import GROUP, dead_letter_stream, job_stream, live_key
+from latentsieve.workers.transport import ScoreSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docker" / "redis" / "write-acl.sh"
@@ -198,7 +199,7 @@ def test_the_worker_user_runs_the_streams_protocol_and_nothing_else(acl_redis: A
         ("XGROUP", "DESTROY", jobs, GROUP), ("DEL", jobs), ("SET", "latentsieve:x", "1"),
         ("GET", "latentsieve:x"), ("XADD", "elsewhere", "*", "a", "b"),
         ("XREADGROUP", "GROUP", GROUP, "w1", "STREAMS", "elsewhere", ">"),
-        ("MGET", cache_key("m", "v", 1.0, (), b"x")),
+        ("MGET", cache_key(ScoreSpec("m", "v", 1.0), b"x")),
     ]
     for command in refused:
         with pytest.raises(NoPermissionError):
@@ -224,7 +225,7 @@ def test_the_gateway_user_runs_what_the_gateway_runs(acl_redis: AclRedis) -> Non
     assert gateway.expire(replies, 3600)
     assert gateway.delete(replies, jobs) == 2
     # service/cache.py: MGET, and SET ... PX under its own prefix.
-    key = cache_key("m", "v", 1.0, (), b"latent")
+    key = cache_key(ScoreSpec("m", "v", 1.0), b"latent")
     assert gateway.set(key, b"[1.0,0.5]", px=60_000)
     assert gateway.mget([key, key + "0"]) == [b"[1.0,0.5]", None]
     refused = [
@@ -325,7 +326,7 @@ def test_the_score_cache_counts_no_error_as_the_gateway_user(acl_redis: AclRedis
     cache = RedisCache(acl_redis.url("gateway"), ttl_s=60)
 
     async def round_trip() -> list[object]:
-        key = cache_key("m", "v", 0.5, (), b"row")
+        key = cache_key(ScoreSpec("m", "v", 0.5), b"row")
         await cache.set_many([(key, {"log_density": -1.5, "percentile": 0.25})])
         found = await cache.get_many([key])
         await cache.close()

@@ -18,6 +18,7 @@ from conftest import free_port, start_redis
 
 from latentsieve.service.cache import CachedScore, RedisCache, _Throttled, cache_key, make_cache
 from latentsieve.service.settings import Settings
+from latentsieve.workers.transport import ScoreSpec
 
 pytestmark = pytest.mark.anyio
 
@@ -52,7 +53,7 @@ def _redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisPro
 
 
 def key(i: int) -> str:
-    return cache_key("digits-vae", "v0001", 1.5, (), i.to_bytes(4, "little"))
+    return cache_key(ScoreSpec("digits-vae", "v0001", 1.5), i.to_bytes(4, "little"))
 
 
 def score(i: int) -> CachedScore:

@@ -48,6 +48,7 @@ from latentsieve.workers.streams import (
     job_stream,
     live_key,
 )
+from latentsieve.workers.transport import QueueLimits, ScoreSpec
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 300, 6, 1.0
@@ -188,7 +189,7 @@ async def test_a_forged_job_is_dead_lettered_and_nothing_it_names_is_used(
     fields.update({key: value.format(**names) if isinstance(value, str) else value
                    for key, value in forged.items()})
     job = Job(f"forged-{uuid.uuid4().hex[:6]}", fields["reply"], time.time() + 30,
-              fields["model"], fields["version"], fields["shard"], SIGMA, (), False,
+              fields["shard"], ScoreSpec(fields["model"], fields["version"], SIGMA),
               ShardQuery(np.zeros((2, DIM), dtype=np.float32)))
     stream, dead = job_stream(model, shard), dead_letter_stream(model, shard)
     with caplog.at_level(logging.ERROR, logger="latentsieve.workers.stream_worker"):
@@ -229,8 +230,9 @@ async def test_names_in_jobs_do_not_grow_the_workers_tables(store: Path, redis_u
     client = await fresh_redis(redis_url)
     async with worker(store, redis_url) as running:
         for number in range(12):
-            job = Job(f"ghost-version-{number}", REPLIES, time.time() + 30, "plain",
-                      f"20000101T0000000000{number:02d}Z-0000aaaa", 0, SIGMA, (), False,
+            ghost = f"20000101T0000000000{number:02d}Z-0000aaaa"
+            job = Job(f"ghost-version-{number}", REPLIES, time.time() + 30, 0,
+                      ScoreSpec("plain", ghost, SIGMA),
                       ShardQuery(np.zeros((1, DIM), dtype=np.float32)))
             await client.xadd(job_stream("plain", 0), job.to_fields())  # type: ignore[arg-type]
         for _ in range(250):
@@ -250,7 +252,7 @@ async def test_a_late_reply_to_a_deleted_reply_stream_expires(
     """A gateway keeps its reply stream alive while it runs and deletes it at stop; a reply
     that arrives after that re-creates the stream, which then expires (PTTL > 0, bounded)."""
     client = await fresh_redis(redis_url)
-    gateway = StreamCompute(redis_url, dict, queue_limit=10, model_queue_limit=10)
+    gateway = StreamCompute(redis_url, dict, QueueLimits(10, 10))
     await gateway.start()
     await client.xadd(gateway.replies, {"stray": "x"})  # the reader reads and deletes it
     await client.pexpire(gateway.replies, 1000)  # about to run out
@@ -260,8 +262,8 @@ async def test_a_late_reply_to_a_deleted_reply_stream_expires(
     await gateway.stop()
     assert not await client.exists(gateway.replies)
     query = np.random.default_rng(22).standard_normal((2, DIM)).astype(np.float32)
-    late = Job("late", gateway.replies, time.time() + 30, "plain", newest(store, "plain"), 0,
-               SIGMA, (), False, ShardQuery(query))
+    late = Job("late", gateway.replies, time.time() + 30, 0,
+               ScoreSpec("plain", newest(store, "plain"), SIGMA), ShardQuery(query))
     async with worker(store, redis_url):
         await client.xadd(job_stream("plain", 0), late.to_fields())  # type: ignore[arg-type]
         answer = await client.xread({gateway.replies: "0-0"}, block=5000)
@@ -289,8 +291,8 @@ async def test_only_jobs_of_a_consumer_whose_heartbeat_lapsed_are_reclaimed(
     now_ms = seconds * 1000 + micros // 1000
     await client.zadd(live, {"slowpoke|cpu": now_ms + 60_000})
     query = np.random.default_rng(23).standard_normal((1, DIM)).astype(np.float32)
-    job = Job("slow", REPLIES, time.time() + 60, "plain", newest(store, "plain"), 0, SIGMA, (),
-              False, ShardQuery(query))
+    job = Job("slow", REPLIES, time.time() + 60, 0,
+              ScoreSpec("plain", newest(store, "plain"), SIGMA), ShardQuery(query))
     await client.xadd(stream, job.to_fields())  # type: ignore[arg-type]
     taken = await client.xreadgroup(GROUP, "slowpoke", {stream: ">"}, count=1)
     assert taken

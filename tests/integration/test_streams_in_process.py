@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import socket
@@ -20,13 +21,23 @@ from conftest import free_port, start_redis
 
 from latentsieve.index.build import BuildOptions, build_version
 from latentsieve.index.store import LatentStore
+from latentsieve.service.cache import cache_keys
 from latentsieve.service.settings import Settings
 from latentsieve.service.stream_compute import StreamCompute
+from latentsieve.workers import streams
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
-from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
+from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
+from latentsieve.workers.shard_scoring import (
+    ShardKey,
+    ShardQuery,
+    ShardScorer,
+    ShardScores,
+    open_shards,
+)
 from latentsieve.workers.stream_worker import StreamWorker, WorkerOptions
 from latentsieve.workers.streams import GROUP, Job, Reply, dead_letter_stream, job_stream, live_key
+from latentsieve.workers.transport import QueueLimits, ScoreSpec, Work
 
 pytestmark = pytest.mark.anyio
 N, DIM, SIGMA = 600, 6, 1.2
@@ -365,8 +376,8 @@ async def test_a_worker_scores_the_version_a_job_names(
     query = rng.standard_normal((3, DIM)).astype(np.float32)
     async with worker(store, redis_url, models=("rolling",)):
         for number, (version, _) in enumerate(versions):
-            job = Job(f"job-{number}", "latentsieve:replies:test", time.time() + 30, "rolling",
-                      version, 0, 1.0, (), False, ShardQuery(query))
+            job = Job(f"job-{number}", "latentsieve:replies:test", time.time() + 30, 0,
+                      ScoreSpec("rolling", version, 1.0), ShardQuery(query))
             await client_redis.xadd(job_stream("rolling", 0), job.to_fields())  # type: ignore[arg-type]
         replies: dict[str, Reply] = {}
         last = "0-0"
@@ -436,8 +447,8 @@ async def test_the_gateway_keeps_its_books_and_ignores_stray_replies(
 
 async def test_two_gateways_read_their_own_reply_streams(redis_url: str) -> None:
     counts = dict
-    first = StreamCompute(redis_url, counts, queue_limit=10, model_queue_limit=10)
-    second = StreamCompute(redis_url, counts, queue_limit=10, model_queue_limit=10)
+    first = StreamCompute(redis_url, counts, QueueLimits(10, 10))
+    second = StreamCompute(redis_url, counts, QueueLimits(10, 10))
     assert first.replies != second.replies
     assert first.replies.startswith("latentsieve:replies:") and first.gateway in first.replies
 
@@ -449,7 +460,7 @@ async def test_a_silent_redis_is_reported_not_waited_for() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        compute = StreamCompute(url, lambda: {"plain": 1}, queue_limit=10, model_queue_limit=10,
+        compute = StreamCompute(url, lambda: {"plain": 1}, QueueLimits(10, 10),
                                 socket_timeout_s=0.3)
         await asyncio.wait_for(compute.start(), timeout=5)
         try:
@@ -502,7 +513,7 @@ async def test_a_job_that_expires_in_the_workers_queue_is_dropped_not_computed(
     assert version is not None
     async with worker(store, redis_url, models=("plain",), max_wait_ms=2000.0) as running:
         sent = time.monotonic()
-        job = Job("late", replies, time.time() + 0.8, "plain", version, 0, SIGMA, (), False,
+        job = Job("late", replies, time.time() + 0.8, 0, ScoreSpec("plain", version, SIGMA),
                   ShardQuery(np.zeros((2, DIM), dtype=np.float32)))
         await client_redis.xadd(stream, job.to_fields())  # type: ignore[arg-type]
         for _ in range(200):
@@ -688,7 +699,7 @@ async def test_a_model_published_after_the_start_is_served(
             if await client_redis.zcard(live_key("late", 0)):
                 break
             await asyncio.sleep(0.02)
-        job = Job("late-1", replies, time.time() + 30, "late", version, 0, 1.0, (), False,
+        job = Job("late-1", replies, time.time() + 30, 0, ScoreSpec("late", version, 1.0),
                   ShardQuery(query))
         await client_redis.xadd(job_stream("late", 0), job.to_fields())  # type: ignore[arg-type]
         answer = await client_redis.xread({replies: "0-0"}, block=5000)
@@ -712,7 +723,7 @@ async def test_a_job_whose_reply_cannot_be_written_is_retried_then_dead_lettered
     await client_redis.set(replies, "not a stream")
     version = LatentStore(store).newest("plain")
     assert version is not None
-    job = Job("unanswerable", replies, time.time() + 30, "plain", version, 0, SIGMA, (), False,
+    job = Job("unanswerable", replies, time.time() + 30, 0, ScoreSpec("plain", version, SIGMA),
               ShardQuery(np.zeros((1, DIM), dtype=np.float32)))
     with caplog.at_level(logging.WARNING, logger="latentsieve.workers.stream_worker"):
         async with worker(store, redis_url, models=("plain",), max_deliveries=2) as running:
@@ -728,3 +739,61 @@ async def test_a_job_whose_reply_cannot_be_written_is_retried_then_dead_lettered
     assert len(failed) >= 2 and "WRONGTYPE" in failed[0].error  # type: ignore[attr-defined]
     assert await client_redis.xlen(job_stream("plain", 0)) == 0
     await client_redis.aclose()
+
+
+@dataclasses.dataclass(frozen=True)
+class DummySpec(ScoreSpec):
+    """``ScoreSpec`` with one field more, added the way a contributor adds one: nothing else
+    in the transports, the wire form or the cache key is edited for it."""
+
+    dummy: str | None = None
+
+
+async def test_a_field_added_to_the_spec_reaches_the_worker_and_the_cache_key(
+    store: Path, redis_url: str, training: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The field travels from the ``Work`` through each transport to every shard's batch key
+    (in process, and over the wire to a worker that decodes jobs with the new spec), and it
+    changes the cache key."""
+    monkeypatch.setattr(streams, "ScoreSpec", DummySpec)  # the worker's job decoder
+    seen: list[ScoreSpec] = []
+    score = ShardScorer.score
+
+    def recording(self: ShardScorer, key: ShardKey, query: ShardQuery) -> ShardScores:
+        seen.append(key.spec)
+        return score(self, key, query)
+
+    monkeypatch.setattr(ShardScorer, "score", recording)
+    loaded = LatentStore(store).load("split")
+    spec = DummySpec("split", loaded.manifest.version, SIGMA, dummy="added")
+    latents = np.random.default_rng(8).standard_normal((3, DIM)).astype(np.float32)
+    expected = log_density_reference(latents, training, SIGMA)
+    loop = asyncio.get_running_loop()
+
+    local = LocalCompute(ModelBatchers(64, 1.0, QueueLimits(100, 100)))
+    try:
+        work = Work(spec, ShardQuery(latents), N, 3, open_shards(loaded))
+        computed = await local.compute(work, loop.time() + 30)
+    finally:
+        await local.stop()
+    np.testing.assert_allclose(computed.log_density, expected, atol=1e-4, rtol=0)
+    assert [(type(got), got.dummy) for got in seen] == [(DummySpec, "added")] * 3
+    seen.clear()
+
+    client = redis.Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+    async with worker(store, redis_url, models=("split",)):
+        gateway = StreamCompute(redis_url, lambda: {"split": 3}, QueueLimits(100, 100))
+        await gateway.start()
+        try:
+            computed = await gateway.compute(Work(spec, ShardQuery(latents), N, 3),
+                                             loop.time() + 30)
+        finally:
+            await gateway.stop()
+    np.testing.assert_allclose(computed.log_density, expected, atol=1e-4, rtol=0)
+    assert sorted((type(got), got.dummy) for got in seen) == [(DummySpec, "added")] * 3
+
+    keys = {cache_keys(dataclasses.replace(spec, dummy=value), latents)[0]
+            for value in (None, "added", "other")}
+    assert len(keys) == 3

@@ -31,10 +31,10 @@ from latentsieve.cli import main
 from latentsieve.demo import ensure_demo_index, index_latents
 from latentsieve.index.store import LatentStore
 from latentsieve.integrations.diffusers import best_of_g, parse_strategy
+from latentsieve.service.offline import SyncScorer
 from latentsieve.study import StoreScorer, holm, label_entropy, pareto_front
 from latentsieve.workers.demo_models.digits_ldm_pipeline import load_pipeline
 from latentsieve.workers.demo_models.digits_quality import digits_quality
-from latentsieve.workers.scoring import ModelScorer
 
 # diffusers' sigma schedulers call np.array on a tensor with copy=False (NumPy 2 deprecation).
 pytestmark = pytest.mark.filterwarnings(
@@ -63,6 +63,13 @@ def ldm_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root.mkdir()
     ensure_demo_index(root, MODEL)
     return root
+
+
+@pytest.fixture(scope="module")
+def store_scorer(ldm_store: Path) -> Iterator[SyncScorer]:
+    """The index scored in process, as ``study --store`` opens it."""
+    with SyncScorer(LatentStore(ldm_store).load(MODEL)) as scorer:
+        yield scorer
 
 
 def study_args(scoring: list[str], out: Path, *extra: str, groups: int = GROUPS,
@@ -211,14 +218,15 @@ def test_p_values_come_from_one_paired_bootstrap_over_groups(study: dict[str, An
     assert numbers["bootstrap"]["holm_family"] == [e["strategy"] for e in tested]
 
 
-def test_raw_candidates_are_the_plain_pipelines(study: dict[str, Any], ldm_store: Path) -> None:
+def test_raw_candidates_are_the_plain_pipelines(
+    study: dict[str, Any], store_scorer: SyncScorer
+) -> None:
     """Group 0's raw columns against an independent rendering: ``pipe(seed)`` alone for the
     final latent and image, the classifier for the quality, the store's scorer for the
     final score, torch.randn for the noise's norm."""
     rows = [row for row in study["rows"] if row["group"] == "0"]
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    scorer = ModelScorer(LatentStore(ldm_store).load(MODEL))
     classifier = digits_quality().classifier
     for row in rows:
         seed = int(row["seed"])
@@ -226,7 +234,7 @@ def test_raw_candidates_are_the_plain_pipelines(study: dict[str, Any], ldm_store
                      num_inference_steps=T, output_type="latent").images
         image = pipe("", generator=torch.Generator("cpu").manual_seed(seed),
                      num_inference_steps=T, output_type="np").images
-        density = scorer.score(alone.reshape(1, -1).numpy()).log_density[0]
+        density = store_scorer.score(alone.reshape(1, -1).numpy()).log_density[0]
         assert float(row["final"]) == pytest.approx(density, abs=1e-9)
         assert float(row["prior_norm@final"]) == pytest.approx(
             float(alone.double().norm()), abs=1e-9)
@@ -248,7 +256,7 @@ def test_raw_candidates_are_the_plain_pipelines(study: dict[str, Any], ldm_store
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kept_seeds_are_what_best_of_g_keeps(
-    study: dict[str, Any], ldm_store: Path, strategy: str
+    study: dict[str, Any], store_scorer: SyncScorer, strategy: str
 ) -> None:
     """best_of_g called directly on every group: the same candidate scores (bit for bit), the
     same kept seeds in the same order, its counted cost the formula, its images' quality the
@@ -256,7 +264,7 @@ def test_kept_seeds_are_what_best_of_g_keeps(
     numbers, rows = study["numbers"], study["rows"]
     entry = next(e for e in numbers["strategies"] if e["strategy"] == strategy)
     pipe = load_pipeline()
-    scorer = StoreScorer(ModelScorer(LatentStore(ldm_store).load(MODEL)))
+    scorer = StoreScorer(store_scorer)
     classifier = digits_quality().classifier
     column = by_group(rows, strategy)
     quality = {int(row["seed"]): float(row["quality"]) for row in rows}

@@ -1,6 +1,6 @@
-"""``latentsieve serve --workers 2``: two real uvicorn worker processes on one loopback port,
-one ``/metrics`` summing both, SIGHUP restarting both on the new version, nothing left behind
-on exit."""
+"""``latentsieve serve --processes 2``: two real gateway processes (uvicorn's) on one loopback
+port, one ``/metrics`` summing both, SIGHUP restarting both on the new version, nothing left
+behind on exit."""
 
 from __future__ import annotations
 
@@ -36,17 +36,17 @@ def metrics_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, metrics_dir: Path) -> Iterator[Server]:
-    """Two workers on a private demo store that poll only every 10 minutes."""
+    """Two gateway processes on a private demo store that poll only every 10 minutes."""
     store = tmp_path_factory.mktemp("serve") / "store"
     ensure_demo_index(store)
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     with running_server(
-        store, 600.0, log, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        store, 600.0, log, processes=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     ) as server:
         yield server
 
 
-def worker_pids(server: Server) -> set[int]:
+def process_pids(server: Server) -> set[int]:
     out = subprocess.run(
         ["pgrep", "-P", str(server.process.pid), "-f", "multiprocessing.spawn"],
         capture_output=True, text=True, check=False,
@@ -62,12 +62,12 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return total
 
 
-def test_two_workers_serve_and_metrics_count_every_request(
+def test_two_processes_serve_and_metrics_count_every_request(
     server: Server, metrics_dir: Path
 ) -> None:
-    pids = worker_pids(server)
+    pids = process_pids(server)
     assert len(pids) == 2
-    deadline = time.monotonic() + 60  # /readyz answered once the first worker was ready
+    deadline = time.monotonic() + 60  # /readyz answered once the first process was ready
     while True:
         files = {path.name for path in metrics_dir.glob("*.db")}
         writers = {int(name.rsplit("_", 1)[1][:-3]) for name in files
@@ -81,7 +81,7 @@ def test_two_workers_serve_and_metrics_count_every_request(
     failures: list[str] = []
 
     def client(offset: int) -> None:
-        # A connection per request: the workers share the listening socket.
+        # A connection per request: the processes share the listening socket.
         for index in range(REQUESTS_EACH):
             first = 1_000 * offset + SEEDS_EACH * index
             seeds = list(range(first, first + SEEDS_EACH))
@@ -130,7 +130,7 @@ def test_two_workers_serve_and_metrics_count_every_request(
 
 def versions_seen(server: Server, count: int) -> set[str]:
     """The digits-vae versions of ``count`` concurrent ``GET /models``, each on its own
-    connection, so that both workers answer some of them."""
+    connection, so that both processes answer some of them."""
     seen: list[str] = []
 
     def ask() -> None:
@@ -145,14 +145,14 @@ def versions_seen(server: Server, count: int) -> set[str]:
     return set(seen)
 
 
-def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
+def test_sighup_reaches_every_process(server: Server, tmp_path: Path) -> None:
     before = LatentStore(server.store).newest(MODEL)
     new = build_small_version(server.store, tmp_path)
     assert new != before
-    pids = worker_pids(server)  # before the signal: uvicorn starts each replacement at once
+    pids = process_pids(server)  # before the signal: uvicorn starts each replacement at once
     assert len(pids) == 2
     server.process.send_signal(signal.SIGHUP)
-    # One by one, each new worker imports torch and loads the store before the next restarts:
+    # One by one, each new process imports torch and loads the store before the next restarts:
     # seconds each when idle, tens of seconds on a busy 2-core machine.
     deadline = time.monotonic() + 90
     while True:
@@ -161,25 +161,25 @@ def test_sighup_reaches_every_worker(server: Server, tmp_path: Path) -> None:
             break
         time.sleep(0.2)
     assert seen == {new}
-    # uvicorn replaced the workers one by one (its SIGHUP: the new one ready, then the old one
+    # uvicorn replaced the processes one by one (its SIGHUP: the new one ready, then the old one
     # stopped); an old one may still be finishing its shutdown for a moment.
     deadline = time.monotonic() + 30
     while True:
-        now = worker_pids(server)
+        now = process_pids(server)
         if (len(now) == 2 and now.isdisjoint(pids)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert len(now) == 2 and now.isdisjoint(pids), (pids, now)
 
 
-def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+def test_a_dead_process_is_replaced(tmp_path: Path) -> None:
     store = tmp_path / "store"
     ensure_demo_index(store)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    with running_server(store, 600.0, tmp_path / "serve.log", workers=2,
+    with running_server(store, 600.0, tmp_path / "serve.log", processes=2,
                         env={"TMPDIR": str(scratch)}) as server:
-        pids = worker_pids(server)
+        pids = process_pids(server)
         assert len(pids) == 2
         assert [path.name[:20] for path in scratch.iterdir()] == ["latentsieve-metrics-"]
         victim, survivor = min(pids), max(pids)
@@ -192,7 +192,7 @@ def test_a_dead_worker_is_replaced(tmp_path: Path) -> None:
             assert response.status_code == 200
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            now = worker_pids(server)
+            now = process_pids(server)
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.2)

@@ -3,15 +3,25 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
+from latentsieve.service import metrics
 from latentsieve.service.metrics import DESCRIPTOR_BUCKETS, ArrayHistogram
 
 BOUNDS = (-10.0, -2.5, -1.0, 0.0, 0.5, 1.0, 3.0)
@@ -83,12 +93,39 @@ def test_labels_are_checked() -> None:
         array.observe_many(("m", 3), [1.0])  # type: ignore[arg-type]
 
 
-def test_created_series_follow_the_client_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prometheus_client.metrics
+@pytest.fixture
+def created_series_off() -> Iterator[None]:
+    """prometheus_client's public switch, turned back on after (its default)."""
+    disable_created_metrics()
+    try:
+        yield
+    finally:
+        enable_created_metrics()
 
-    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
+
+@pytest.mark.usefixtures("created_series_off")
+def test_created_series_follow_the_client_switch() -> None:
     reference_registry, reference, array_registry, array = both(BOUNDS)
     reference.labels(model="m", name="psi").observe(1.0)
     array.observe_many(("m", "psi"), [1.0])
     assert b"_created" not in generate_latest(array_registry)
     assert generate_latest(array_registry) == generate_latest(reference_registry)
+
+
+def test_metrics_use_only_public_prometheus_client_names() -> None:
+    """service/metrics.py takes no private name of prometheus_client and builds no value class
+    (issue 20), so no release of the client needs to be excluded."""
+    tree = ast.parse(Path(metrics.__file__).read_text())
+    imported = [(node.module, alias.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prometheus")
+                for alias in node.names]
+    assert imported and not [name for _, name in imported if name.startswith("_")
+                             or name in {"values", "metrics", "mmap_dict", "samples"}]
+    assert {module for module, _ in imported} <= {
+        "prometheus_client", "prometheus_client.core", "prometheus_client.multiprocess",
+        "prometheus_client.registry", "prometheus_client.utils",
+    }
+    assert not [node for node in ast.walk(tree) if isinstance(node, ast.Import)
+                and any(alias.name.startswith("prometheus") for alias in node.names)]
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert not attributes & {"ValueClass", "_use_created", "_multiprocess", "values"}

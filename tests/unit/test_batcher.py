@@ -220,52 +220,15 @@ def test_bad_limits_are_refused() -> None:
         DynamicBatcher(Recorder(), 0, 1.0, 10)
 
 
-async def test_a_group_limit_keeps_one_busy_group_from_filling_the_queue() -> None:
-    recorder = Recorder()
-    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
-        recorder, 100, 10_000.0, 1000, group_of=lambda key: key[0], group_limit=5
-    )
-    batcher.start()
-    try:
-        waiting = [
-            asyncio.ensure_future(batcher.submit("a1", rows(3, 0), deadline())),
-            asyncio.ensure_future(batcher.submit("a2", rows(2, 0), deadline())),
-        ]
-        await asyncio.sleep(0)
-        # Keys a1 and a2 share group "a", now at its limit of 5 rows; group "b" is free.
-        with pytest.raises(QueueFull, match="for a, 1 more would pass its limit of 5"):
-            await batcher.submit("a3", rows(1, 0), deadline())
-        other = asyncio.ensure_future(batcher.submit("b1", rows(5, 0), deadline()))
-        await asyncio.sleep(0)
-        assert batcher.queued == 10
-    finally:
-        await batcher.stop()
-    outcomes = await asyncio.gather(*waiting, other, return_exceptions=True)
-    assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
-    assert batcher.queued == 0
-
-
-async def test_a_group_gets_its_room_back_once_computed() -> None:
-    batcher: DynamicBatcher[str, Block, Block] = DynamicBatcher(
-        Recorder(), 100, 1.0, 1000, group_of=lambda key: key[0], group_limit=5
-    )
-    batcher.start()
-    try:
-        for _ in range(3):  # each time the whole limit, each time accepted again
-            result = await batcher.submit("a1", rows(5, 1.0), deadline())
-            np.testing.assert_array_equal(result, rows(5, 1.0) * 2 + 2)
-        assert batcher.queued == 0
-    finally:
-        await batcher.stop()
-
-
 async def test_every_model_batcher_reports_queue_changes() -> None:
     """``ModelBatchers`` hands its callbacks to each model's batcher: with ``serve --workers N``
     the shared queue-depth gauge is written from ``on_queue_change``."""
     from latentsieve.workers.local_compute import ModelBatchers
+    from latentsieve.workers.transport import QueueLimits
 
     changed: list[int] = []
-    batchers = ModelBatchers(8, 1.0, 100, 50, on_queue_change=lambda: changed.append(1))
+    batchers = ModelBatchers(8, 1.0, QueueLimits(100, 50),
+                             on_queue_change=lambda: changed.append(1))
     try:
         for model in ("a", "b"):
             batcher = batchers.of(model)

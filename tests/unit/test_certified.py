@@ -1,4 +1,5 @@
-"""Certified IVF scoring of eq. (1): the float64 reference always lies inside the interval."""
+"""Certified IVF scoring of eq. (1)'s log-sum: the float64 reference always lies inside the
+interval."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from latentsieve.workers.certified import (
     log_list_bounds,
     log_two_point_upper,
 )
-from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.density import log_sum_reference
 
 SLACK = 1e-9  # nats: absolute slack of every comparison with the float64 reference
 
@@ -63,11 +64,11 @@ def make_labels(rng: np.random.Generator, latents: np.ndarray, nlist: int, how: 
 def exact_list_logs(
     queries: np.ndarray, latents: np.ndarray, labels: np.ndarray, nlist: int, sigma: float
 ) -> np.ndarray:
-    """log S_l(q) (Q, L) from the float64 reference: eq. (1) over list l plus log n_l."""
+    """log S_l(q) (Q, L) from the float64 reference: the log-sum of eq. (1) over list l."""
     out = np.full((queries.shape[0], nlist), -np.inf)
     for label in np.unique(labels):
         members = latents[labels == label]
-        out[:, label] = log_density_reference(queries, members, sigma) + math.log(len(members))
+        out[:, label] = log_sum_reference(queries, members, sigma)
     return out
 
 
@@ -105,7 +106,7 @@ def test_reference_inside_interval_at_every_depth(
         ivf = CertifiedIVF.from_labels(latents, make_labels(rng, latents, nlist, how), nlist)
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
-    want = log_density_reference(queries, ivf.reconstruct(), sigma)
+    want = log_sum_reference(queries, ivf.reconstruct(), sigma)
     filled = np.count_nonzero(ivf.stats.counts)
     depths = np.arange(nlist + 1)
     if nlist > 48:  # every depth costs O(nlist^2) rounds: all shallow and deep ones, some between
@@ -179,7 +180,7 @@ def test_probing_every_list_is_exact(
     queries = make_queries(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
     got = ivf.score(queries, sigma, max_error=0.0, probe_step=probe_step)
-    want = log_density_reference(queries, ivf.reconstruct(), sigma)
+    want = log_sum_reference(queries, ivf.reconstruct(), sigma)
     np.testing.assert_allclose(got.estimate, want, rtol=0.0, atol=SLACK)
     assert np.all(got.half_width <= SLACK + 1e-11 * np.abs(want))  # only the rounding margin
     assert np.all(got.lists_probed == np.count_nonzero(ivf.stats.counts))
@@ -203,7 +204,7 @@ def test_clustered_set_meets_max_error_and_stops_early() -> None:
     broad = math.sqrt(d)  # a blob's RMS radius
     probes = {}
     for sigma in (narrow, broad):
-        want = log_density_reference(queries, ivf.reconstruct(), sigma)
+        want = log_sum_reference(queries, ivf.reconstruct(), sigma)
         # Probing alone (at 5,000 latents the cost model sends most rows to the dense pass).
         got = ivf.score(queries, sigma, max_error=0.05, dense=False)
         assert not got.dense.any()
@@ -359,11 +360,11 @@ def test_storage_rounds_offsets_only_and_is_certified_over_what_it_stores(storag
     queries = blobs(rng, centres, 50) + np.float32(50.0)
     sigma = 1.5
     got = ivf.score(queries, sigma, max_error=0.01)
-    want = log_density_reference(queries, stored, sigma)
+    want = log_sum_reference(queries, stored, sigma)
     assert np.all((got.low - SLACK <= want) & (want <= got.high + SLACK))
     assert np.all(got.half_width <= 0.01)
     # Against the float32 input, the float16 store moves scores by a measured amount (docs).
-    moved = np.abs(log_density_reference(queries, latents, sigma) - want).max()
+    moved = np.abs(log_sum_reference(queries, latents, sigma) - want).max()
     assert moved <= (1e-4 if storage == "float32" else 0.05), moved
 
 
@@ -407,7 +408,7 @@ def test_far_from_the_origin_the_interval_holds_without_slack() -> None:
     queries = latents[:20] + rng.normal(0.0, 5e-6, (20, 6))
     for sigma in (5e-6, 2e-5, 1e-4):
         got = ivf.score(queries, sigma, max_error=0.0)
-        want = log_density_reference(queries, ivf.reconstruct(), sigma)
+        want = log_sum_reference(queries, ivf.reconstruct(), sigma)
         assert np.all((got.low <= want) & (want <= got.high)), (got.low - want, want - got.high)
 
 
@@ -430,7 +431,7 @@ def test_a_score_does_not_depend_on_its_batch() -> None:
         np.testing.assert_allclose(batched.half_width[1:], alone.half_width, rtol=1e-6)
         assert np.all(np.abs(batched.estimate[1:] - alone.estimate)
                       <= batched.half_width[1:] + alone.half_width)
-        want = log_density_reference(near, ivf.reconstruct(), sigma)
+        want = log_sum_reference(near, ivf.reconstruct(), sigma)
         for got in (alone, batched):
             rows = slice(got.low.size - near.shape[0], None)
             assert np.all((got.low[rows] <= want) & (want <= got.high[rows]))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import latentsieve.workers.certified as certified
 from latentsieve.workers.certified import DENSE_SHARE, CertifiedIVF
-from latentsieve.workers.density import log_density_reference
+from latentsieve.workers.density import log_sum_reference
 
 SLACK = 1e-9  # nats, as tests/unit/test_certified.py
 
@@ -89,13 +89,13 @@ def test_dense_rows_hold_the_reference(
         got = ivf.score(queries, sigma, max_error=max_error, exclude=exclude)
     event(f"{route}: dense rows {bool(got.dense.any())}")  # --hypothesis-show-statistics
     if exclude is None:
-        want = log_density_reference(queries, stored, sigma)
+        want = log_sum_reference(queries, stored, sigma)
     else:
         want = np.empty(queries.shape[0])
         plain = exclude < 0
-        want[plain] = log_density_reference(queries[plain], stored, sigma)
+        want[plain] = log_sum_reference(queries[plain], stored, sigma)
         if (~plain).any():
-            want[~plain] = log_density_reference(queries[~plain], stored, sigma,
+            want[~plain] = log_sum_reference(queries[~plain], stored, sigma,
                                                  exclude=exclude[~plain])
     assert np.all(got.low - SLACK <= want), (got.low - want, got.dense)
     assert np.all(want <= got.high + SLACK), (want - got.high, got.dense)
@@ -130,7 +130,7 @@ def test_the_dense_pass_is_certified_for_any_shift(
     queries = queries_for(rng, latents, scale)
     sigma = scale * 10.0**log_sigma
     stored = ivf.reconstruct()
-    log_sum = log_density_reference(queries, stored, sigma) + math.log(n)
+    log_sum = log_sum_reference(queries, stored, sigma)
     shift = log_sum + shift_error
     low, high = ivf._dense_log_sums(queries, shift, sigma, np.full(queries.shape[0], -1))
     assert np.all(low - SLACK <= log_sum), low - log_sum
@@ -155,7 +155,7 @@ def test_the_bail_out_sends_open_rows_to_the_dense_pass(monkeypatch: pytest.Monk
     queries = queries_for(rng, latents, 1.0)
     sigma = 0.5
     got = ivf.score(queries, sigma, max_error=0.01, probe_step=1)
-    want = log_density_reference(queries, ivf.reconstruct(), sigma)
+    want = log_sum_reference(queries, ivf.reconstruct(), sigma)
     assert np.all((got.low - SLACK <= want) & (want <= got.high + SLACK))
     assert got.dense.any() and ivf.decisions["bailed"] == int(got.dense.sum())
     assert ivf.decisions["dense"] == 0
@@ -173,7 +173,7 @@ def test_the_cost_model_picks_dense_where_bounds_cannot_prune() -> None:
     got = ivf.score(queries, 2.0, max_error=0.01)
     assert got.dense.all()
     assert ivf.decisions["dense"] == queries.shape[0]
-    want = log_density_reference(queries, ivf.reconstruct(), 2.0)
+    want = log_sum_reference(queries, ivf.reconstruct(), 2.0)
     assert np.all((got.low - SLACK <= want) & (want <= got.high + SLACK))
     assert np.all(got.half_width <= DENSE_SHARE * 0.01)
     # Probing alone still answers, within the bound, summing many lists.

@@ -37,9 +37,11 @@ def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dic
 
 
 def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option --help shows (a deprecated name, e.g. ``serve --workers``, is hidden)."""
     return [
         action for action in parser._actions
         if action.option_strings and action.dest not in ("help", "version")
+        and action.help != argparse.SUPPRESS
     ]
 
 

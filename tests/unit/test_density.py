@@ -1,4 +1,5 @@
-"""The density engine against a float64 reference of eq. (1): every path, every regime."""
+"""The density engine against a float64 reference of eq. (1)'s log-sum (the engine does not
+divide by N: workers/log_sums.py does): every path, every regime."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from latentsieve.workers.density import (
     DensityEngine,
     direct_term_error,
     float32_logit_bound,
-    log_density_reference,
     log_sum_certificate,
+    log_sum_reference,
 )
 from latentsieve.workers.scoring import percentile_of
 
@@ -65,10 +66,10 @@ def test_matches_float64_reference(
     queries = np.concatenate([near, clustered(rng, q, d, scale * 3, offset)]).astype(dtype)
     sigma = 10.0**log_sigma
     engine = DensityEngine(latents, backend=backend, latent_block=block)  # type: ignore[arg-type]
-    got = engine.log_density(queries, sigma)
-    want = log_density_reference(queries, latents, sigma)
-    assert np.all(np.isfinite(got.log_density))
-    np.testing.assert_allclose(got.log_density, want, rtol=0, atol=CONTRACT_TOLERANCE)
+    got = engine.log_sum(queries, sigma)
+    want = log_sum_reference(queries, latents, sigma)
+    assert np.all(np.isfinite(got.log_sum))
+    np.testing.assert_allclose(got.log_sum, want, rtol=0, atol=CONTRACT_TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -81,12 +82,12 @@ def test_total_underflow_stays_finite_and_exact(backend: str, sigma: float) -> N
     sq = ((queries[:, None, :].astype(np.float64) - latents[None].astype(np.float64)) ** 2).sum(-1)
     assert np.all(np.exp(-sq.min(1) / (2 * sigma**2)) == 0.0)  # the naive sum is 0 everywhere
     engine = DensityEngine(latents, backend=backend)  # type: ignore[arg-type]
-    got = engine.log_density(queries, sigma).log_density
-    want = log_density_reference(queries, latents, sigma)
+    got = engine.log_sum(queries, sigma).log_sum
+    want = log_sum_reference(queries, latents, sigma)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=CONTRACT_TOLERANCE)
-    # Dominated by the nearest neighbour: log p = -d_min^2 / (2 sigma^2) - log N (+ ties).
-    np.testing.assert_allclose(got, -sq.min(1) / (2 * sigma**2) - math.log(500), rtol=1e-9)
+    # Dominated by the nearest neighbour: log S = -d_min^2 / (2 sigma^2) (+ ties).
+    np.testing.assert_allclose(got, -sq.min(1) / (2 * sigma**2), rtol=1e-9)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -102,9 +103,9 @@ def test_a_much_closer_latent_in_a_later_block_is_rescaled_not_overflowed(
     latents = np.concatenate([far, near]).astype(np.float32)
     queries = near[:5].astype(np.float32) + 0.01
     engine = DensityEngine(latents, backend=backend, latent_block=64)  # type: ignore[arg-type]
-    got = engine.log_density(queries, sigma)
-    want = log_density_reference(queries, latents, sigma)
-    np.testing.assert_allclose(got.log_density, want, atol=CONTRACT_TOLERANCE, rtol=0)
+    got = engine.log_sum(queries, sigma)
+    want = log_sum_reference(queries, latents, sigma)
+    np.testing.assert_allclose(got.log_sum, want, atol=CONTRACT_TOLERANCE, rtol=0)
     assert np.all(got.precision != 32)  # the float32 pass flagged the overflow
 
 
@@ -112,9 +113,9 @@ def test_float32_path_is_used_where_it_is_accurate_enough() -> None:
     rng = np.random.default_rng(2)
     latents = clustered(rng, 2000, 128, 1.0, 0.0)
     engine = DensityEngine(latents)
-    scores = engine.log_density(latents[:50] + 0.1, sigma=20.0)
+    scores = engine.log_sum(latents[:50] + 0.1, sigma=20.0)
     assert np.all(scores.precision == 32)
-    tiny = engine.log_density(latents[:50] + 0.1, sigma=0.01)
+    tiny = engine.log_sum(latents[:50] + 0.1, sigma=0.01)
     assert np.all(tiny.precision != 32)
 
 
@@ -126,35 +127,36 @@ def test_leave_one_out(backend: str, sigma: float) -> None:
     latents[10] = latents[11]  # a duplicate: leaving one out must still count its twin
     rows = np.array([0, 10, 11, 399, 200])
     engine = DensityEngine(latents, backend=backend, latent_block=128)  # type: ignore[arg-type]
-    got = engine.log_density(latents[rows], sigma, exclude=rows).log_density
-    want = log_density_reference(latents[rows], latents, sigma, exclude=rows)
+    got = engine.log_sum(latents[rows], sigma, exclude=rows).log_sum
+    want = log_sum_reference(latents[rows], latents, sigma, exclude=rows)
     np.testing.assert_allclose(got, want, atol=CONTRACT_TOLERANCE, rtol=0)
-    with_self = engine.log_density(latents[rows], sigma).log_density
+    with_self = engine.log_sum(latents[rows], sigma).log_sum
     assert np.all(got < with_self + 1e-12)  # without itself a point is never denser
 
 
-def test_identical_query_scores_at_most_zero_and_exactly_log_one_over_n() -> None:
+def test_identical_query_sums_exactly_n_kernels_of_one() -> None:
     latents = np.zeros((4, 3), dtype=np.float32)
     engine = DensityEngine(latents)
-    got = engine.log_density(np.zeros((1, 3), dtype=np.float32), 1.0).log_density
-    assert got[0] == pytest.approx(0.0, abs=1e-12)  # all four kernels are exactly 1
+    got = engine.log_sum(np.zeros((1, 3), dtype=np.float32), 1.0).log_sum
+    assert got[0] == pytest.approx(math.log(4), abs=1e-12)  # all four kernels are exactly 1
+    assert got[0] <= math.log(4)  # the clamp: no kernel exceeds 1
 
 
 def test_rejects_bad_inputs() -> None:
     engine = DensityEngine(np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
-        engine.log_density(np.zeros((1, 3)), 1.0)
+        engine.log_sum(np.zeros((1, 3)), 1.0)
     with pytest.raises(ValueError, match="sigma"):
-        engine.log_density(np.zeros((1, 2)), 0.0)
+        engine.log_sum(np.zeros((1, 2)), 0.0)
     with pytest.raises(ValueError, match="sigma"):
-        engine.log_density(np.zeros((1, 2)), float("nan"))
+        engine.log_sum(np.zeros((1, 2)), float("nan"))
     for out_of_range in (5e-324, 1e-101, 1e101, float("inf")):
         with pytest.raises(ValueError, match="1e-100"):
-            engine.log_density(np.zeros((1, 2)), out_of_range)
+            engine.log_sum(np.zeros((1, 2)), out_of_range)
     with pytest.raises(ValueError, match="NaN"):
-        engine.log_density(np.array([[np.nan, 0.0]]), 1.0)
+        engine.log_sum(np.array([[np.nan, 0.0]]), 1.0)
     with pytest.raises(ValueError, match="exclude"):
-        engine.log_density(np.zeros((1, 2)), 1.0, exclude=np.array([5]))
+        engine.log_sum(np.zeros((1, 2)), 1.0, exclude=np.array([5]))
 
 
 def float32_logits(engine: DensityEngine, queries: np.ndarray, sigma: float) -> np.ndarray:
@@ -276,9 +278,9 @@ def test_certified_rows_are_within_the_engine_tolerance(
     exclude = np.concatenate([rows, rng.integers(0, n, q)]) if leave_one_out else None
     sigma = 10.0**log_sigma
     engine = DensityEngine(latents, latent_block=block, tolerance=tolerance)
-    got = engine.log_density(queries, sigma, exclude=exclude)
-    want = log_density_reference(queries, latents, sigma, exclude=exclude)
-    error = np.abs(got.log_density - want)
+    got = engine.log_sum(queries, sigma, exclude=exclude)
+    want = log_sum_reference(queries, latents, sigma, exclude=exclude)
+    error = np.abs(got.log_sum - want)
     reference_slack = 1e-12 * (1.0 + np.abs(want))  # the reference's own float64 rounding
     certified = got.precision == PRECISION_DOMINANT
     assert np.all(error[certified] <= tolerance + reference_slack[certified])
@@ -299,10 +301,10 @@ def test_stable_diffusion_shape_is_certified_or_falls_back_to_float64() -> None:
     engine = DensityEngine(latents)
     q_norm = np.sqrt(((queries.astype(np.float64) - engine.mean) ** 2).sum(1))
     assert np.all(float32_logit_bound(q_norm, engine.radius, d, sigma) > 100 * DEFAULT_TOLERANCE)
-    got = engine.log_density(queries, sigma)
-    want = log_density_reference(queries, latents, sigma, query_block=1)
+    got = engine.log_sum(queries, sigma)
+    want = log_sum_reference(queries, latents, sigma, query_block=1)
     assert got.precision.tolist() == [64, 64, 64, PRECISION_DOMINANT, PRECISION_DOMINANT]
-    error = np.abs(got.log_density - want)
+    error = np.abs(got.log_sum - want)
     assert np.all(error <= CONTRACT_TOLERANCE)
     assert np.all(error[3:] <= DEFAULT_TOLERANCE)
 
@@ -315,11 +317,11 @@ def test_dominant_path_when_every_exp_underflows(sigma: float) -> None:
     rng = np.random.default_rng(8)
     latents = rng.standard_normal((300, 16_384), dtype=np.float32)
     queries = latents[[3, 150, 299]] + rng.standard_normal((3, 16_384), dtype=np.float32)
-    want = log_density_reference(queries, latents, sigma)
-    assert np.all(want + math.log(300) < -745)  # the naive sum is 0 everywhere
-    got = DensityEngine(latents).log_density(queries, sigma)
+    want = log_sum_reference(queries, latents, sigma)
+    assert np.all(want < -745)  # the naive sum is 0 everywhere
+    got = DensityEngine(latents).log_sum(queries, sigma)
     assert np.all(got.precision == PRECISION_DOMINANT)
-    np.testing.assert_allclose(got.log_density, want, rtol=1e-12, atol=DEFAULT_TOLERANCE)
+    np.testing.assert_allclose(got.log_sum, want, rtol=1e-12, atol=DEFAULT_TOLERANCE)
 
 
 @pytest.mark.parametrize("sigma", [1e3, 1e20, 1e50, 1e100])
@@ -336,8 +338,8 @@ def test_huge_sigma(sigma: float) -> None:
     bound = float32_logit_bound(q_norm, engine.radius, 1024, sigma)[:, None]
     error = np.abs(float32_logits(engine, queries, sigma) - exact)
     assert np.all(error <= bound + direct_term_error(exact, 1024, sigma))
-    got = engine.log_density(queries, sigma).log_density
-    want = log_density_reference(queries, latents, sigma)
+    got = engine.log_sum(queries, sigma).log_sum
+    want = log_sum_reference(queries, latents, sigma)
     np.testing.assert_allclose(got, want, rtol=0, atol=CONTRACT_TOLERANCE)
 
 
@@ -355,3 +357,23 @@ def test_percentile_is_monotone_and_in_unit_interval(
     assert np.all(np.diff(pct) >= 0)
     expected = np.array([(ref <= v).mean() for v in values])
     np.testing.assert_array_equal(pct, expected)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 20.0])
+def test_default_blocks_widen_for_few_queries_and_score_alike(sigma: float) -> None:
+    """Without a given block size the float32 blocks widen while a block's logits fit in
+    FLOAT32_LOGITS_BYTES (fewer, wider GEMMs for few queries); the scores stay within the
+    contract of the reference, and a given latent_block is kept as given."""
+    rng = np.random.default_rng(9)
+    n = 3 * density.LATENT_BLOCK + 5
+    latents = clustered(rng, n, 24, 2.0, 1.0)
+    queries = latents[rng.integers(0, n, 6)] + 0.3
+    wide, fixed = DensityEngine(latents), DensityEngine(latents, latent_block=density.LATENT_BLOCK)
+    assert wide._float32_width(len(queries)) == n
+    assert wide._float32_width(512) == 2 * density.LATENT_BLOCK
+    assert wide._float32_width(1024) == density.LATENT_BLOCK  # a full query block
+    assert fixed._float32_width(len(queries)) == density.LATENT_BLOCK
+    want = log_sum_reference(queries, latents, sigma)
+    for engine in (wide, fixed):
+        np.testing.assert_allclose(engine.log_sum(queries, sigma).log_sum, want, rtol=0,
+                                   atol=CONTRACT_TOLERANCE)

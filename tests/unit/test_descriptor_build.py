@@ -13,10 +13,11 @@ import torch
 from latentsieve.cli import main
 from latentsieve.index.manifest import PercentileBounds, Policy
 from latentsieve.index.store import LatentStore
+from latentsieve.service.errors import ServiceError
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.demo_models.digits_vae import decoder, training_latents
 from latentsieve.workers.modules import ModuleLoadError
 from latentsieve.workers.policy import PERCENTILE_BELOW_MIN, decide
-from latentsieve.workers.scoring import ModelScorer
 
 GENERATOR = "latentsieve.workers.demo_models.digits_vae:decoder"
 
@@ -67,20 +68,23 @@ def test_import_path_and_torchscript_generators_calibrate_alike(
     assert np.ptp(by_import.descriptor_calibration["delta"]) > 0
     # Scoring through either reference gives the same descriptors.
     queries = training_latents()[400:405]
-    one = ModelScorer(by_import).score(queries, None, ["psi", "nu"])
-    two = ModelScorer(by_file).score(queries, None, ["psi", "nu"])
+    with SyncScorer(by_import) as scorer:
+        one = scorer.score(queries, None, ["psi", "nu"])
+    with SyncScorer(by_file) as scorer:
+        two = scorer.score(queries, None, ["psi", "nu"])
+        with pytest.raises(ServiceError, match="psi and nu only") as refused:
+            scorer.score(queries, None, ["delta"])
+    assert refused.value.status == 422
     for name in ("psi", "nu"):
         np.testing.assert_allclose(one.descriptors[name], two.descriptors[name], rtol=1e-9)
-    with pytest.raises(ValueError, match="psi and nu only"):
-        ModelScorer(by_file).score(queries, None, ["delta"])
 
 
 def test_models_without_a_generator_have_no_descriptors(tmp_path: Path, source: Path) -> None:
     assert build(tmp_path / "s", source) == 0
     loaded = LatentStore(tmp_path / "s").load("m")
     assert loaded.manifest.descriptors is None and loaded.descriptor_calibration is None
-    with pytest.raises(ValueError, match="no generator"):
-        ModelScorer(loaded).score(training_latents()[:2], None, ["psi"])
+    with SyncScorer(loaded) as scorer, pytest.raises(ServiceError, match="no generator"):
+        scorer.score(training_latents()[:2], None, ["psi"])
 
 
 @pytest.mark.parametrize(
@@ -159,8 +163,8 @@ def test_changed_weights_behind_an_import_path_are_refused(
     loaded = LatentStore(tmp_path / "s").load("m")
     assert loaded.manifest.generator is not None
     assert loaded.manifest.generator.state_sha256 is not None
-    ModelScorer(loaded)  # loads and verifies
+    SyncScorer(loaded).close()  # loads and verifies
     torch.manual_seed(1)
     torch.save(torch.nn.Linear(8, 16).state_dict(), weights)  # "retrained"
     with pytest.raises(ModuleLoadError, match="weights changed"):
-        ModelScorer(LatentStore(tmp_path / "s").load("m"))
+        SyncScorer(LatentStore(tmp_path / "s").load("m"))

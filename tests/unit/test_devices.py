@@ -15,10 +15,10 @@ from conftest import serve_app
 from latentsieve.cli import main
 from latentsieve.index.ivf_lists import faiss_has_gpu
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.service.settings import Settings
 from latentsieve.workers.density import DensityEngine
 from latentsieve.workers.devices import resolve_device
-from latentsieve.workers.scoring import ModelScorer
 
 MODEL = "digits-vae"
 
@@ -54,13 +54,14 @@ def test_this_machine_resolves_auto_to_what_torch_sees() -> None:
 
 
 def test_the_device_reaches_the_engines(store_root: Path) -> None:
-    scorer = ModelScorer(LatentStore(store_root).load(MODEL), device="cpu")
-    assert isinstance(scorer.engine, DensityEngine) and scorer.engine.device.type == "cpu"
-    assert scorer.descriptor_engine is not None
-    assert scorer.descriptor_engine.device.type == "cpu"
-    if not torch.cuda.is_available():  # a device torch does not have fails at load time
-        with pytest.raises((RuntimeError, AssertionError)):
-            ModelScorer(LatentStore(store_root).load(MODEL), device="cuda:0")
+    with SyncScorer(LatentStore(store_root).load(MODEL), device="cpu") as scorer:
+        engine = scorer.served.shards[0].engine
+        assert isinstance(engine, DensityEngine) and engine.device.type == "cpu"
+        assert scorer.descriptor_engine is not None
+        assert scorer.descriptor_engine.device.type == "cpu"
+    if not torch.cuda.is_available():  # a device this machine does not have: one line
+        with pytest.raises(ValueError, match="has no CUDA device"):
+            SyncScorer(LatentStore(store_root).load(MODEL), device="cuda:0")
 
 
 @pytest.mark.anyio

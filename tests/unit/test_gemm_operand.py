@@ -14,7 +14,7 @@ from latentsieve.index.errors import StoreError
 from latentsieve.index.gemm_operand import gemm_operand, operand_files
 from latentsieve.index.store import LatentStore, manifest_json
 from latentsieve.workers.calibration import calibrate_build
-from latentsieve.workers.density import DensityEngine, log_density_reference
+from latentsieve.workers.density import DensityEngine, log_sum_reference
 
 
 @pytest.fixture
@@ -45,10 +45,10 @@ def test_served_engines_use_the_stored_operand(store: Path, shards: int) -> None
         np.testing.assert_array_equal(operand.sq_norms, fresh.sq_norms)
         mapped = DensityEngine(shard.latents, operand=operand)
         assert mapped.augmented is operand.augmented  # no copy
-        got = mapped.log_density(queries, 0.7).log_density
-        np.testing.assert_array_equal(got, DensityEngine(shard.latents).log_density(
-            queries, 0.7).log_density)
-        np.testing.assert_allclose(got, log_density_reference(queries, shard.latents, 0.7),
+        got = mapped.log_sum(queries, 0.7).log_sum
+        np.testing.assert_array_equal(got, DensityEngine(shard.latents).log_sum(
+            queries, 0.7).log_sum)
+        np.testing.assert_allclose(got, log_sum_reference(queries, shard.latents, 0.7),
                                    atol=1e-4, rtol=0)
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from latentsieve.cli import main
 from latentsieve.index.manifest import IndexManifest
-from latentsieve.index.store import LatentStore
+from latentsieve.index.store import LatentStore, LoadedVersion
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.density import log_density_reference
-from latentsieve.workers.scoring import ModelScorer
 
 ACTIVE = [0, 2, 5]
 
@@ -40,6 +40,12 @@ def queries(count: int = 40) -> np.ndarray:
     return np.random.default_rng(3).standard_normal((count, 6)).astype(np.float32)
 
 
+def scored(loaded: LoadedVersion, latents: np.ndarray, sigma: float) -> np.ndarray:
+    """log_density of ``latents`` (as sent) at ``sigma``, through the scoring engine."""
+    with SyncScorer(loaded) as scorer:
+        return scorer.score(latents, sigma).log_density
+
+
 def test_active_space_drops_collapsed_coordinates_and_scores_there(
     tmp_path: Path, vae_like: Path
 ) -> None:
@@ -52,7 +58,7 @@ def test_active_space_drops_collapsed_coordinates_and_scores_there(
     assert loaded.manifest.exact is False
     source = np.load(vae_like)
     q = queries()
-    got = ModelScorer(loaded).score(q, 0.3).log_density
+    got = scored(loaded, q, 0.3)
     want = log_density_reference(q[:, ACTIVE], source[:, ACTIVE], 0.3)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -62,7 +68,7 @@ def test_raw_space_keeps_every_coordinate(tmp_path: Path, vae_like: Path) -> Non
     loaded = LatentStore(tmp_path / "s").load("m")
     assert loaded.manifest.projection is None and loaded.manifest.exact is True
     q = queries()
-    got = ModelScorer(loaded).score(q, 0.3).log_density
+    got = scored(loaded, q, 0.3)
     np.testing.assert_allclose(got, log_density_reference(q, np.load(vae_like), 0.3), atol=1e-4)
 
 
@@ -76,7 +82,7 @@ def test_standardized_space_is_a_per_coordinate_bandwidth(tmp_path: Path, vae_li
     source = np.load(vae_like).astype(np.float64)
     sd = source[:, ACTIVE].std(axis=0)
     q = queries()
-    got = ModelScorer(loaded).score(q, 0.3).log_density
+    got = scored(loaded, q, 0.3)
     # sigma 0.3 in standardized units = bandwidth 0.3 * sd_j along coordinate j.
     want = log_density_reference(q[:, ACTIVE] / sd, source[:, ACTIVE] / sd, 0.3)
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -30,7 +30,11 @@ def _worker(folder: str, batch: str, queued: int, done: multiprocessing.Queue) -
     assert multiprocess_dir() == folder
     metrics = ServiceMetrics(BOUNDS, multiprocess_dir=folder)
     log_density, percentile, reasons = BATCHES[batch]
-    metrics.observe_results("m", log_density, percentile, reasons)
+    # Half, a flush (the periodic task), the rest: each flush writes the totals so far.
+    metrics.observe_results("m", log_density[:2], percentile[:2], reasons[:2])
+    metrics.flush()
+    metrics.observe_results("m", log_density[2:], percentile[2:], reasons[2:])
+    metrics.observe_descriptors("m", {"psi": log_density, "nu": percentile})
     metrics.observe_request("/score", 200, 0.003)
     metrics.cache_hits.inc(len(log_density))
     metrics.watch_queue_depth(lambda: {"m": queued})
@@ -78,15 +82,18 @@ def test_render_sums_every_worker_like_one_process(
     single = ServiceMetrics(BOUNDS)
     for log_density, percentile, reasons in BATCHES.values():
         single.observe_results("m", log_density, percentile, reasons)
+        single.observe_descriptors("m", {"psi": log_density, "nu": percentile})
         single.observe_request("/score", 200, 0.003)
         single.cache_hits.inc(len(log_density))
     expected = samples(single.render().decode())
 
-    shared = [key for key in expected if key[0].startswith((
-        "latentsieve_score_", "latentsieve_decisions", "latentsieve_request_duration",
-        "latentsieve_cache_requests",
-    ))]
-    assert len(shared) > 40
+    families = ("latentsieve_score_", "latentsieve_descriptor", "latentsieve_decisions",
+                "latentsieve_request_duration", "latentsieve_cache_requests")
+    shared = [key for key in expected if key[0].startswith(families)]
+    assert len(shared) > 80
+    # The same series, no more (the flushed gauges and the probe stay out of the exposition).
+    assert {key for key in merged if key[0].startswith(families)} == set(shared)
+    assert not [name for name, _ in merged if "probe" in name or "flushed" in name]
     for key in shared:
         assert merged.get(key) == pytest.approx(expected[key]), key
     # Negative log-density bounds: no _sum, in either mode; percentiles keep theirs.
@@ -100,9 +107,11 @@ def test_render_sums_every_worker_like_one_process(
     assert after[("latentsieve_score_percentile_count", (("model", "m"),))] == 7
 
 
-def test_multiprocess_dir_refuses_a_late_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multiprocess_dir_refuses_a_late_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Set after prometheus_client chose its in-memory values: refuse rather than lose counts."""
-    monkeypatch.setenv(MULTIPROC_ENV, "/tmp")
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
     with pytest.raises(RuntimeError, match="set it before the process starts"):
         multiprocess_dir()
     monkeypatch.delenv(MULTIPROC_ENV)
@@ -110,10 +119,10 @@ def test_multiprocess_dir_refuses_a_late_variable(monkeypatch: pytest.MonkeyPatc
 
 
 def test_settings_survive_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ``serve --workers`` hands each worker rebuilds exactly the parent's settings."""
+    """What ``serve --processes`` hands each process rebuilds exactly the parent's settings."""
     original = Settings(
         store=Path("/srv/store"), port=9001, redis_url="redis://:pw@127.0.0.1:6390/2",
-        api_keys=["alpha", "beta"], max_wait_ms=2.5, cache_ttl_s=0.125, workers=3,
+        api_keys=["alpha", "beta"], max_wait_ms=2.5, cache_ttl_s=0.125, processes=3,
         log_density_buckets=[-40.5, -30.0, -0.001, -1e-7],
     )
     for name in [key for key in os.environ if key.startswith("LATENTSIEVE_")]:

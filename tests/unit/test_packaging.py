@@ -55,7 +55,7 @@ def test_pins_satisfy_the_declared_ranges_and_torch_is_pinned() -> None:
     pinned = pins()
     assert pinned["torch"] == Version("2.13.0")
     server = [req for req in requirements("server") if not req.name.startswith("latentsieve")]
-    for req in [*requirements(), *server, *requirements("demo")]:
+    for req in [*requirements(), *server, *requirements("demo"), *requirements("report")]:
         assert req.name.lower() in pinned, f"{req.name} is not pinned in constraints.txt"
         assert req.specifier.contains(pinned[req.name.lower()], prereleases=True), (
             f"constraints.txt pins {req.name}=={pinned[req.name.lower()]}, outside {req}")
@@ -100,7 +100,7 @@ def test_the_lowest_constraints_are_the_declared_lower_bounds() -> None:
             name, _, pinned = line.partition("==")
             lowest[name.lower()] = Version(pinned)
     declared = [*requirements(), *requirements("server"), *requirements("cpu"),
-                *requirements("demo")]
+                *requirements("demo"), *requirements("report")]
     for req in declared:
         if req.name == "latentsieve":
             continue

@@ -15,10 +15,10 @@ from scipy.stats import spearmanr
 
 from latentsieve.cli import main
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.demo_models.digits_quality import digits_quality
 from latentsieve.workers.demo_models.digits_vae import decoder
 from latentsieve.workers.policy import decide
-from latentsieve.workers.scoring import ModelScorer
 
 MODEL = "digits-vae"
 SEEDS = range(0, 300)
@@ -42,11 +42,11 @@ def demo_report(store_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 @pytest.fixture(scope="module")
 def recomputed(store_root: Path) -> dict[str, np.ndarray]:
     """log_density and the classifier's confidence of the same seeds, computed here directly."""
-    scorer = ModelScorer(LatentStore(store_root).load(MODEL))
-    latents = scorer.draw(SEEDS)
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        latents = scorer.draw(SEEDS)
+        scored = scorer.score(latents, None, {"psi"})
     with torch.no_grad():
         images = decoder()(torch.from_numpy(latents)).numpy()
-    scored = scorer.score(latents, None, {"psi"})
     return {
         "log_density": scored.log_density,
         "percentile": scored.percentile,
@@ -177,13 +177,14 @@ def test_quality_seeds_must_agree_with_seeds(
 def test_grid_png_holds_the_best_samples(
     demo_report: dict[str, Any], recomputed: dict[str, np.ndarray], store_root: Path
 ) -> None:
-    from PIL import Image  # Pillow comes with diffusers, in the dev extra
+    from PIL import Image  # Pillow comes with the report extra (in the dev extra)
 
     grid = Image.open(demo_report["out"] / "grid_highest.png")
     assert grid.size == ((8 * 9 - 1) * 4, (2 * 9 - 1) * 4) and grid.mode == "L"
     pixels = np.asarray(grid, dtype=np.float64)[::4, ::4]  # one value per 4 x 4 block
     best = int(np.argmax(recomputed["log_density"]))
-    scorer = ModelScorer(LatentStore(store_root).load(MODEL))
+    with SyncScorer(LatentStore(store_root).load(MODEL)) as scorer:
+        latent = scorer.draw([SEEDS[best]])
     with torch.no_grad():
-        image = decoder()(torch.from_numpy(scorer.draw([SEEDS[best]]))).numpy().reshape(8, 8)
+        image = decoder()(torch.from_numpy(latent)).numpy().reshape(8, 8)
     np.testing.assert_allclose(pixels[:8, :8], np.round(image * 255), atol=0.5)

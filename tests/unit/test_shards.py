@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from latentsieve.index.build import BuildOptions, build_version
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
 from latentsieve.workers.log_sums import NO_ROW, merge_intervals, merge_log_sums
-from latentsieve.workers.scoring import ModelScorer
 from latentsieve.workers.shard_scoring import ShardQuery, ShardScores
 from latentsieve.workers.streams import Job, Reply
+from latentsieve.workers.transport import ScoreSpec
 
 DIM = 5
 
@@ -46,16 +47,16 @@ def test_a_sharded_version_scores_as_float64_equation_one(
     assert {s.file for s in manifest.shards} <= set(manifest.files)
     assert not (folder / "index.faiss").exists()
     queries = np.random.default_rng(1).standard_normal((7, DIM)).astype(np.float32)
-    scorer = ModelScorer(loaded)
-    for sigma in (0.7, 0.05, 40.0):  # every exp underflows at 0.05: still finite and exact
-        got = scorer.score(queries, sigma).log_density
-        np.testing.assert_allclose(got, log_density_reference(queries, latents, sigma),
-                                   atol=1e-4, rtol=0)
-    # Leave-one-out calibration at a new sigma, summed across shards, equals the brute force.
     rows = loaded.calibration_indices
     assert rows is not None
-    want = np.sort(log_density_reference(latents[rows], latents, 0.3, exclude=rows))
-    np.testing.assert_allclose(scorer.calibration(0.3), want, atol=1e-4, rtol=0)
+    with SyncScorer(loaded) as scorer:
+        for sigma in (0.7, 0.05, 40.0):  # every exp underflows at 0.05: still finite and exact
+            got = scorer.score(queries, sigma).log_density
+            np.testing.assert_allclose(got, log_density_reference(queries, latents, sigma),
+                                       atol=1e-4, rtol=0)
+        # Leave-one-out calibration at a new sigma, summed across shards, equals brute force.
+        want = np.sort(log_density_reference(latents[rows], latents, 0.3, exclude=rows))
+        np.testing.assert_allclose(scorer.calibration(0.3), want, atol=1e-4, rtol=0)
 
 
 def test_a_worker_opens_only_its_shards(tmp_path: Path, latents: np.ndarray) -> None:
@@ -153,28 +154,26 @@ def test_typed_batches_concatenate_and_split() -> None:
     plain = ShardQuery.concat([a, a])
     assert plain.exclude is None and plain.latents.shape == (4, 3)
     assert ShardQuery.concat([b, b]).exclude.tolist() == [7, 7]  # type: ignore[union-attr]
-    scores = ShardScores.concat([ShardScores(np.array([1.0]), {"psi": np.array([2.0])}),
-                                 ShardScores(np.array([3.0]), {"psi": np.array([4.0])})])
+    # Results are only split: each slice keeps its descriptors and bounds (None: exact).
+    scores = ShardScores(np.array([1.0, 3.0]), {"psi": np.array([2.0, 4.0])})
     assert scores.take(1, 2).log_sum.tolist() == [3.0]
-    assert scores.descriptors["psi"].tolist() == [2.0, 4.0]
-    assert scores.bound is None  # exact parts stay exact
-    # Certified parts keep their bounds in order; an exact part among them is bounded by 0.
-    certified = ShardScores.concat([ShardScores(np.array([1.0, 2.0]), bound=np.array([0.1, 0.2])),
-                                    ShardScores(np.array([3.0])),
-                                    ShardScores(np.array([4.0]), bound=np.array([0.4]))])
-    assert certified.bound is not None and certified.bound.tolist() == [0.1, 0.2, 0.0, 0.4]
-    assert certified.take(1, 3).bound.tolist() == [0.2, 0.0]  # type: ignore[union-attr]
-    assert certified.log_sum.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert scores.take(1, 2).descriptors["psi"].tolist() == [4.0]
+    assert scores.take(0, 1).bound is None
+    certified = ShardScores(np.array([1.0, 2.0, 3.0]), bound=np.array([0.1, 0.2, 0.3]))
+    assert certified.take(1, 3).bound.tolist() == [0.2, 0.3]  # type: ignore[union-attr]
+    assert certified.take(1, 3).log_sum.tolist() == [2.0, 3.0]
 
 
 def test_jobs_and_replies_survive_the_wire() -> None:
     query = ShardQuery(np.arange(6, dtype=np.float32).reshape(2, 3), np.array([4, NO_ROW]))
-    job = Job("j1", "latentsieve:replies:g", 1e9, "m", "v1", 1, 0.5, ("nu", "psi"), True, query)
+    spec = ScoreSpec("m", "v1", 0.5, ("psi", "nu"), "index")
+    job = Job("j1", "latentsieve:replies:g", 1e9, 1, spec, query)
     fields = {key.encode(): value if isinstance(value, bytes) else value.encode()
               for key, value in job.to_fields().items()}
     back = Job.from_fields(fields)
-    assert (back.id, back.shard, back.sigma, back.descriptors, back.index_space) == (
-        "j1", 1, 0.5, ("nu", "psi"), True)
+    assert (back.id, back.shard, back.spec) == ("j1", 1, spec)
+    assert (back.spec.sigma, back.spec.descriptors, back.spec.space) == (0.5, ("nu", "psi"),
+                                                                          "index")
     np.testing.assert_array_equal(back.query.latents, query.latents)
     assert back.query.exclude is not None and back.query.exclude.tolist() == [4, NO_ROW]
     assert back.expired(now=1e9) and not back.expired(now=1e9 - 1)

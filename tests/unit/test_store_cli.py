@@ -15,9 +15,9 @@ from latentsieve.index.bandwidth import AUTO_K
 from latentsieve.index.build import BuildOptions, CalibrationRequest, build_version
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import INDEX_FILE, LatentStore
+from latentsieve.service.offline import SyncScorer
 from latentsieve.workers.calibration import calibrate_build
 from latentsieve.workers.density import log_density_reference
-from latentsieve.workers.scoring import ModelScorer
 
 
 def snapshot(root: Path) -> list[tuple[str, int, int]]:
@@ -88,7 +88,8 @@ def test_build_list_score_roundtrip(
     )
     assert code == 0, err
     report = json.loads(out)
-    direct = ModelScorer(LatentStore(store).load("m")).score(latents[:5] + 0.1)
+    with SyncScorer(LatentStore(store).load("m")) as scorer:
+        direct = scorer.score(latents[:5] + 0.1)
     got = [r["log_density"] for r in report["results"]]
     np.testing.assert_allclose(got, direct.log_density, rtol=0, atol=1e-12)
     assert report["index_version"] == second["version"] and report["exact"] is True

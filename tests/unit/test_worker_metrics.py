@@ -10,7 +10,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from latentsieve.service.metrics import ServiceMetrics
-from latentsieve.workers.stream_worker import OUTCOMES, WorkerMetrics
+from latentsieve.workers.worker_metrics import OUTCOMES, WorkerMetrics
 
 CONTRACT = {  # name: (type, labels)
     "latentsieve_batch_size": ("histogram", {"model"}),

@@ -1,6 +1,7 @@
-"""The hot routes are dispatched past FastAPI's routing (``service.direct_routes``); they must
-behave exactly as the FastAPI routes they shadow: same endpoints, errors in the one shape, a
-bug still a logged 500, auth and request metrics still wrapping them."""
+"""``POST /score`` and ``POST /select`` are plain FastAPI routes that read their own bodies
+(service/requests.py): other methods and paths fall through to FastAPI's answers, a bug is a
+logged 500 in the one error shape, auth and request metrics wrap them, and a ``ServiceError``
+keeps its headers and content type."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from latentsieve.service.app import _telemetry_options, create_app
-from latentsieve.service.direct_routes import direct_endpoints
 from latentsieve.service.routers import scoring
 from latentsieve.service.settings import Settings
 from latentsieve.workers.shard_scoring import ShardScorer
@@ -25,11 +26,16 @@ pytestmark = pytest.mark.anyio
 MODEL = "digits-vae"
 
 
-def test_the_marked_endpoints_are_the_scoring_routes() -> None:
-    assert direct_endpoints(scoring.router.routes) == {
-        ("POST", "/score"): scoring.score,
-        ("POST", "/select"): scoring.select,
+def test_the_scoring_routes_are_fastapi_routes(tmp_path: Any) -> None:
+    declared = {
+        (method, route.path): route.endpoint for route in scoring.router.routes
+        if isinstance(route, APIRoute) for method in route.methods or ()
     }
+    assert declared == {("POST", "/score"): scoring.score, ("POST", "/select"): scoring.select}
+    # Nothing in front of FastAPI's router answers for them (no shadow router).
+    app = create_app(Settings(store=tmp_path))
+    names = [middleware.cls.__name__ for middleware in app.user_middleware]
+    assert names == ["RequestObserver", "DrainMiddleware", "ApiKeyMiddleware"]
 
 
 def test_fastapi_telemetry_is_opt_in(tmp_path: Any) -> None:
@@ -47,13 +53,9 @@ def test_fastapi_telemetry_is_opt_in(tmp_path: Any) -> None:
     assert all(asked._telemetry[signal] for signal in ("tracing", "metrics", "logs"))
 
 
-async def test_fastapi_still_declares_them(app_client: httpx.AsyncClient) -> None:
-    spec = (await app_client.get("/openapi.json")).json()
-    assert "post" in spec["paths"]["/score"] and "post" in spec["paths"]["/select"]
-
-
 async def test_other_methods_and_paths_fall_through(app_client: httpx.AsyncClient) -> None:
     assert (await app_client.get("/score")).status_code == 405
+    assert (await app_client.get("/select")).status_code == 405
     assert (await app_client.post("/score/")).status_code in (307, 404)
     assert (await app_client.get("/models")).status_code == 200
 
@@ -85,7 +87,7 @@ async def test_a_bug_is_a_logged_500_and_the_server_stays_up(
         assert (await client.post("/score", json=good)).status_code == 200
 
 
-async def test_auth_and_request_metrics_wrap_the_direct_routes(
+async def test_auth_and_request_metrics_wrap_the_scoring_routes(
     settings: Settings, serve: Callable[..., Any]
 ) -> None:
     body = {"model": MODEL, "latents": [[0.1] * 8]}
@@ -108,3 +110,14 @@ async def test_service_errors_keep_their_headers(
     assert response.status_code == 413
     assert "queue limit" in response.json()["detail"]
     assert response.headers["content-type"] == "application/json"
+
+
+async def test_before_start_up_the_scoring_routes_are_503(settings: Settings) -> None:
+    app = create_app(settings)  # its lifespan not entered: no runtime yet
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        for path, body in (("/score", {"model": MODEL, "seeds": [1]}),
+                           ("/select", {"model": MODEL, "count": 4, "keep": 1})):
+            response = await client.post(path, json=body)
+            assert response.status_code == 503
+            assert response.json() == {"detail": "the service is starting; retry shortly"}
