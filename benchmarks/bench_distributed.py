@@ -11,10 +11,11 @@ For each: throughput of 2,000 fresh latents as 8 concurrent ``POST /score`` of 2
 NumPy ``q @ Z.T`` of the same shapes, timed here: target <= 1.5x for embedded and for 1 worker);
 p50/p99 of 16-latent requests at concurrency 8; the computed batch sizes (the workers' or the
 gateway's ``latentsieve_batch_size`` histogram over that phase); the Redis hop: the p50 of
-one-latent requests one at a time, against embedded; and sequential requests of 500 latents,
-one at a time, each against NumPy ``q @ Z.T`` of the same 500 latents timed just before it
-(the median of the per-request ratios: target <= 1.3x through one worker). Every latent is
-fresh (no cache hits).
+one-latent requests one at a time, against embedded. Then, with the three configurations up
+at once, rounds of sequential requests of 500 latents, one configuration after the other (the
+order rotated each round), each request between two NumPy ``q @ Z.T`` of its own latents (the
+faster is its floor): the median of the per-request ratios (target <= 1.3x through one worker)
+and the fastest request over the fastest floor. Every latent is fresh (no cache hits).
 
     python benchmarks/bench_distributed.py            # full size: docs/performance.md section
     python benchmarks/bench_distributed.py --quick    # N = 6,000 smoke run
@@ -115,7 +116,7 @@ def workers(store: Path, redis_url: str, count: int, folder: Path) -> Iterator[l
             process.wait(timeout=30)
 
 
-def numpy_s(queries: np.ndarray, training: np.ndarray) -> float:
+def gemm_seconds(queries: np.ndarray, training: np.ndarray) -> float:
     """Seconds of one float32 ``q @ Z.T``."""
     started = time.perf_counter()
     product = queries @ training.T
@@ -125,33 +126,50 @@ def numpy_s(queries: np.ndarray, training: np.ndarray) -> float:
 
 
 async def sequential(
-    client: httpx.AsyncClient, metrics: list[str], training: np.ndarray, stream: QueryStream,
-    requests: int,
-) -> dict[str, Any]:
-    """``requests`` POSTs of SEQUENTIAL_ROWS fresh latents one after another, each after
-    NumPy ``q @ Z.T`` of the same latents (so each ratio compares two timings a moment apart
-    on this noisy machine); the computed batches show whether a request was split."""
-    await post(client, score_body(stream.take(SEQUENTIAL_ROWS)))  # warm
-    before = batch_histogram(metrics)
-    times, floors = [], []
-    for _ in range(requests):
-        queries = stream.take(SEQUENTIAL_ROWS)
-        body = score_body(queries)
-        floors.append(numpy_s(queries, training))
-        elapsed, _ = await post(client, body)
-        times.append(elapsed)
-    ratios = np.asarray(times) / np.asarray(floors)
-    return {
-        "p50_ms": percentile_ms(times, 50), "numpy_p50_ms": percentile_ms(floors, 50),
-        "ratio": float(np.median(ratios)), "ratios": sorted(ratios.tolist()),
-        "best_ratio": min(times) / min(floors),
-        "batches": describe_batches(before, batch_histogram(metrics)),
-    }
+    targets: dict[str, tuple[str, list[str]]], training: np.ndarray, stream: QueryStream,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """``rounds`` rounds over every configuration (label -> gateway URL, metrics URLs), in a
+    new order each round: NumPy ``q @ Z.T`` of SEQUENTIAL_ROWS fresh latents, one POST of
+    them alone, the product again (the faster of the two is the request's floor: each ratio
+    compares timings a moment apart on this noisy machine). The computed batches show whether
+    a request was split."""
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=300)
+               for label, (url, _) in targets.items()}
+    times: dict[str, list[float]] = {label: [] for label in targets}
+    floors: dict[str, list[float]] = {label: [] for label in targets}
+    try:
+        for client in clients.values():
+            await post(client, score_body(stream.take(SEQUENTIAL_ROWS)))  # warm
+        before = {label: batch_histogram(metrics) for label, (_, metrics) in targets.items()}
+        order = list(targets)
+        for index in range(rounds):
+            for label in order[index % len(order):] + order[: index % len(order)]:
+                queries = stream.take(SEQUENTIAL_ROWS)
+                body = score_body(queries)
+                floor = gemm_seconds(queries, training)
+                elapsed, _ = await post(clients[label], body)
+                floors[label].append(min(floor, gemm_seconds(queries, training)))
+                times[label].append(elapsed)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    results = {}
+    for label, (_, metrics) in targets.items():
+        ratios = np.asarray(times[label]) / np.asarray(floors[label])
+        results[label] = {
+            "p50_ms": percentile_ms(times[label], 50),
+            "numpy_p50_ms": percentile_ms(floors[label], 50),
+            "ratio": float(np.median(ratios)), "ratios": sorted(ratios.tolist()),
+            "best_ratio": min(times[label]) / min(floors[label]),
+            "batches": describe_batches(before[label], batch_histogram(metrics)),
+        }
+    return results
 
 
-async def measure(
-    url: str, metrics: list[str], sizes: Sizes, stream: QueryStream, training: np.ndarray
-) -> dict[str, Any]:
+async def measure(url: str, metrics: list[str], sizes: Sizes, stream: QueryStream) -> dict[
+    str, Any
+]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
@@ -178,13 +196,11 @@ async def measure(
         bodies = [score_body(stream.take(1)) for _ in range(HOP_REQUESTS)]
         latencies, _, _ = await run_concurrently(client, bodies, 1)
         results["single_p50_ms"] = percentile_ms(latencies, 50)
-        results["sequential"] = await sequential(
-            client, metrics, training, stream, SEQUENTIAL_REQUESTS
-        )
     return results
 
 
-def table(sizes: Sizes, numpy_s: float, rows: dict[str, dict[str, Any]], command: str) -> str:
+def table(sizes: Sizes, numpy_s: float, rows: dict[str, dict[str, Any]],
+          sequential_rows: dict[str, dict[str, Any]], command: str) -> str:
     embedded_hop = rows["embedded"]["single_p50_ms"]
     lines = [
         "## Distributed: embedded against Redis workers",
@@ -220,18 +236,19 @@ def table(sizes: Sizes, numpy_s: float, rows: dict[str, dict[str, Any]], command
         "",
         f"### Sequential requests of {SEQUENTIAL_ROWS} latents",
         "",
-        f"Each request is sent alone, right after NumPy `q @ Z.T` of its own {SEQUENTIAL_ROWS} "
-        f"latents ({SEQUENTIAL_ROWS} x {sizes.d} @ {sizes.d} x {sizes.n:,}, float32) in this "
-        "process; the ratio is the median of the per-request ratios (the two timings a moment "
-        "apart, so the machine's load hits both alike); *best / best*: the fastest request over "
-        "the fastest NumPy product (load only ever slows either down).",
+        "Measured after the rows above, with every configuration up at once: "
+        f"{SEQUENTIAL_REQUESTS} rounds, each visiting the configurations in turn (the order "
+        "rotated each round). A request is sent alone, between two NumPy `q @ Z.T` of its own "
+        f"{SEQUENTIAL_ROWS} latents ({SEQUENTIAL_ROWS} x {sizes.d} @ {sizes.d} x {sizes.n:,}, "
+        "float32, a fresh output each time) in this process, the faster of which is its floor; "
+        "the ratio is the median of the per-request ratios; *best / best*: the fastest request "
+        "over the fastest floor (load only ever slows either down).",
         "",
         "| compute | requests | request p50 | NumPy p50 | request / NumPy (median) | target "
         "| best / best | per-request ratios | computed batches (size: count) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for label, row in rows.items():
-        seq = row["sequential"]
+    for label, seq in sequential_rows.items():
         target = f"<= {SEQUENTIAL_TARGET}x" if label == "1 worker" else ""
         lines.append(
             f"| {label} | {len(seq['ratios'])} | {seq['p50_ms']:.1f} ms "
@@ -257,25 +274,30 @@ def main(argv: list[str] | None = None) -> int:
     stream = QueryStream(sizes.d, centres)
     numpy_s = numpy_baseline(stream.take(sizes.queries), training, sizes.repeats + 1)
     rows: dict[str, dict[str, Any]] = {}
-    with workdir(args.keep) as folder:
+    with workdir(args.keep) as folder, contextlib.ExitStack() as running:
         store = folder / "store"
         build_store(store, training)
-        with Server(store, folder / "embedded.log") as server:
-            server.wait_ready()
-            rows["embedded"] = asyncio.run(
-                measure(server.url, [f"{server.url}/metrics"], sizes, stream, training)
-            )
+        targets: dict[str, tuple[str, list[str]]] = {}
+        server = running.enter_context(Server(store, folder / "embedded.log"))
+        server.wait_ready()
+        targets["embedded"] = (server.url, [f"{server.url}/metrics"])
         for count in (1, 2):
-            with (
-                redis_server(folder) as redis_url,
-                workers(store, redis_url, count, folder) as metrics,
-                Server(store, folder / f"gateway-{count}.log",
-                       args=("--compute", "workers", "--redis", redis_url)) as server,
-            ):
-                server.wait_ready()
-                label = "1 worker" if count == 1 else f"{count} workers"
-                rows[label] = asyncio.run(measure(server.url, metrics, sizes, stream, training))
-    report = table(sizes, numpy_s, rows, command)
+            redis_url = running.enter_context(redis_server(folder))
+            logs = folder / f"workers-{count}"
+            logs.mkdir()
+            metrics = running.enter_context(workers(store, redis_url, count, logs))
+            server = running.enter_context(Server(
+                store, folder / f"gateway-{count}.log",
+                args=("--compute", "workers", "--redis", redis_url),
+            ))
+            server.wait_ready()
+            targets["1 worker" if count == 1 else f"{count} workers"] = (server.url, metrics)
+        for label, (url, metrics) in targets.items():  # one at a time, the others idle
+            rows[label] = asyncio.run(measure(url, metrics, sizes, stream))
+        sequential_rows = asyncio.run(
+            sequential(targets, training, stream, SEQUENTIAL_REQUESTS)
+        )
+    report = table(sizes, numpy_s, rows, sequential_rows, command)
     print(report)
     write_section("distributed", report, args.out)
     return 0

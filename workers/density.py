@@ -59,14 +59,14 @@ EXACT_WINDOW_NATS = 60.0
 _SUM_LIMIT = {4: 1e37, 8: 1e300}
 # Latents per GEMM block, and the float32 logits of one block when the engine is given no block
 # size: the block widens (in multiples of LATENT_BLOCK, up to N) while the block's logits
-# (query rows x block, float32) fit in FLOAT32_LOGITS_BYTES, the buffer a full query block of
-# 1024 always had. Each multi-threaded BLAS call starts and synchronises its threads, which
-# costs milliseconds on a loaded machine, so a call of few queries runs a few wide GEMMs, not
-# N / LATENT_BLOCK narrow ones (W1, 60,000 x 512, 2-core CPU under other work: 500 queries
-# 15 -> 8 GEMMs, 1.3x-1.6x faster; 16 to 128 queries 15 -> 1 or 2, 2x-3x; no change measured
-# on the idle machine, nor for full query blocks, which keep 4,096).
+# (query rows x block, float32) fit in FLOAT32_LOGITS_BYTES. Each multi-threaded BLAS call
+# starts and synchronises its threads, which costs milliseconds when other work shares the
+# cores, so a call of few queries runs a few wide GEMMs, not N / LATENT_BLOCK narrow ones. W1
+# (60,000 x 512) on a 2-core CPU at load 3.5-5, against NumPy q @ Z.T of the same queries: 500
+# queries (4 GEMMs, was 15) 0.83-0.92x -> 0.60-0.74x, 128 queries (1) 3.1x -> 1.2x; 64 MiB was
+# slower again (the exp pass leaves the cache); no change measured on an idle machine.
 LATENT_BLOCK = 4096
-FLOAT32_LOGITS_BYTES = 16 * 2**20
+FLOAT32_LOGITS_BYTES = 32 * 2**20
 # Bytes of the float64 tile the latents are centred into before the float64 GEMM (cache-sized:
 # a latent block of 4096 x 16,384 in float64 would be half a gigabyte per call).
 FLOAT64_TILE_BYTES = 32 * 2**20

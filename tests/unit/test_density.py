@@ -370,8 +370,8 @@ def test_default_blocks_widen_for_few_queries_and_score_alike(sigma: float) -> N
     queries = latents[rng.integers(0, n, 6)] + 0.3
     wide, fixed = DensityEngine(latents), DensityEngine(latents, latent_block=density.LATENT_BLOCK)
     assert wide._float32_width(len(queries)) == n
-    assert wide._float32_width(512) == 2 * density.LATENT_BLOCK
-    assert wide._float32_width(1024) == density.LATENT_BLOCK  # a full query block
+    assert wide._float32_width(1024) == 2 * density.LATENT_BLOCK  # a full query block
+    assert wide._float32_width(4096) == density.LATENT_BLOCK
     assert fixed._float32_width(len(queries)) == density.LATENT_BLOCK
     want = log_sum_reference(queries, latents, sigma)
     for engine in (wide, fixed):
