@@ -1,4 +1,5 @@
-"""``RedisCache`` against a real ``redis-server`` on loopback: roundtrip, TTL, Redis down/up."""
+"""``RedisCache`` against a real ``redis-server`` on loopback: roundtrip, TTL, Redis down/up;
+``WriteBehindCache`` over it: writes after the answer, read-your-writes, backpressure, close."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ import pytest
 import redis
 from conftest import free_port, start_redis
 
-from latentsieve.service.cache import CachedScore, RedisCache, _Throttled, cache_key, make_cache
+from latentsieve.service.cache import (
+    CachedScore,
+    RedisCache,
+    WriteBehindCache,
+    _Throttled,
+    cache_key,
+    make_cache,
+)
 from latentsieve.service.settings import Settings
 from latentsieve.workers.transport import ScoreSpec
 
@@ -168,11 +176,13 @@ async def test_unresponsive_redis_costs_one_short_timeout() -> None:
         # longer default timeout would show as a stall.
         settings = Settings(store=Path("unused"), redis_url=f"redis://127.0.0.1:{port}/0")
         cache = make_cache(settings)
-        assert isinstance(cache, RedisCache)
+        assert isinstance(cache, WriteBehindCache)
+        assert isinstance(cache.inner, RedisCache)
         try:
             started = time.monotonic()
             assert await cache.get_many([key(1)]) == [None]
             await cache.set_many([(key(1), score(1))])
+            await cache.flush()
             assert time.monotonic() - started < 1.0
             assert cache.errors == 2
         finally:
@@ -249,3 +259,67 @@ def test_warnings_are_throttled_and_count_what_they_suppressed(
     throttled.warning("redis down", attempt=5)
     records = [(r.getMessage(), r.attempt, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
     assert records == [("redis down", 0, 0), ("redis down", 3, 2), ("redis down", 5, 1)]
+
+
+async def test_write_behind_answers_before_the_write_and_reads_its_own_writes(
+    _redis_server: RedisProcess,
+) -> None:
+    """``set_many`` returns with the write still pending; a read of pending keys waits for
+    their write, so it finds them in Redis."""
+    cache = WriteBehindCache(RedisCache(_redis_server.url, ttl_s=60))
+    raw = redis.Redis(port=_redis_server.port)
+    try:
+        items = [(key(40_000 + i), score(i)) for i in range(500)]
+        await cache.set_many(items)
+        assert cache.pending == 500
+        assert raw.get(key(40_000)) is None  # not written yet: nothing awaited the write
+        found = await cache.get_many([key(40_000 + i) for i in range(495, 505)])
+        assert found == [score(i) for i in range(495, 500)] + [None] * 5
+        assert (cache.hits, cache.misses, cache.errors) == (5, 5, 0)
+        assert raw.get(key(40_003)) == b"[-1237.5678901234567,0.030303030303030304]"
+        await cache.flush()
+        assert cache.pending == 0
+    finally:
+        raw.close()
+        await cache.close()
+
+
+async def test_write_behind_bounds_what_waits_and_close_writes_it(
+    _redis_server: RedisProcess,
+) -> None:
+    """Past ``max_pending`` a write waits for earlier ones; a later write of a key wins over
+    an earlier one; ``close`` finishes every pending write before it returns."""
+    cache = WriteBehindCache(RedisCache(_redis_server.url, ttl_s=60), max_pending=10)
+    for start in range(0, 40, 8):
+        await cache.set_many([(key(50_000 + i), score(i)) for i in range(start, start + 8)])
+        assert cache.pending <= 10
+    for i in range(20):  # each its own write, in flight together: the last one wins
+        await cache.set_many([(key(50_000), score(i)), (key(50_001 + i), score(i))])
+    assert await cache.get_many([key(50_000)]) == [score(19)]
+    await cache.set_many([(key(50_100), score(3))])
+    await cache.close()
+    assert cache.pending == 0
+    raw = redis.Redis(port=_redis_server.port)
+    try:
+        assert raw.get(key(50_039)) is not None
+        assert raw.get(key(50_100)) == b"[-1237.5678901234567,0.030303030303030304]"
+    finally:
+        raw.close()
+
+
+async def test_write_behind_to_a_dead_redis_counts_the_error() -> None:
+    """A write that fails in the background is counted like a failed write in the request,
+    and a read after it misses."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        cache = WriteBehindCache(RedisCache(f"redis://127.0.0.1:{port}/0", retry_interval_s=0))
+        try:
+            await cache.set_many([(key(1), score(1))])
+            assert (cache.pending, cache.errors) == (1, 0)
+            assert await cache.get_many([key(1)]) == [None]  # after the failed write
+            assert (cache.pending, cache.errors, cache.misses) == (0, 2, 1)
+        finally:
+            await cache.close()
+        with pytest.raises(ValueError, match="max_pending"):
+            WriteBehindCache(cache.inner, max_pending=0)

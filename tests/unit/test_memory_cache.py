@@ -13,6 +13,7 @@ from latentsieve.service.cache import (
     CachedScore,
     MemoryCache,
     RedisCache,
+    WriteBehindCache,
     make_cache,
 )
 
@@ -126,7 +127,8 @@ async def test_make_cache_picks_the_backend() -> None:
     assert isinstance(memory, MemoryCache) and memory.max_bytes == 1 << 20
     assert memory.ttl_s == 60.0
     redis = make_cache(_Settings(redis_url="redis://127.0.0.1:1/0", cache_ttl_s=0))
-    assert isinstance(redis, RedisCache) and redis.ttl_ms is None
+    assert isinstance(redis, WriteBehindCache)  # Redis writes wait for no answer
+    assert isinstance(redis.inner, RedisCache) and redis.inner.ttl_ms is None
     await redis.close()
     await memory.close()
 
