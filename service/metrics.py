@@ -5,14 +5,15 @@ counts to memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client
 multiprocess mode) and ``/metrics``, whichever worker answers it, sums them all.
 
 Only prometheus_client's public API is used (metric classes, ``prometheus_client.core``'s metric
-families and ``Sample``, ``Collector``, ``MultiProcessCollector``, ``floatToGoString`` for the
-``le`` label as ``Histogram`` writes it), so no release caps the version.
+families and ``Sample``, ``Collector``, ``MultiProcessCollector``), so no release caps the
+version. ``le_label`` writes a bucket bound as ``Histogram`` does (a test holds the two equal).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import secrets
 import threading
@@ -26,9 +27,28 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, Sample
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from latentsieve.workers.worker_metrics import BATCH_SIZE, COMPUTE_SECONDS, DURATION_BUCKETS
+
+
+def le_label(bound: float) -> str:
+    """A bucket bound as ``Histogram``'s ``le`` label: Go's ``FormatFloat(x, 'g', -1, 64)``, the
+    shortest round-trip digits with an exponent from 1e6 up (``1.0000005e+06``; ``repr``
+    otherwise), and ``+Inf``/``-Inf``/``NaN``. The pinned prometheus_client (0.26) writes the
+    same, and tests/unit/test_array_histogram.py holds the installed one to it; some older
+    releases dropped the fraction of a positive bound >= 1e6, which no bound here has."""
+    bound = float(bound)
+    if math.isinf(bound):
+        return "+Inf" if bound > 0 else "-Inf"
+    if math.isnan(bound):
+        return "NaN"
+    text = repr(bound)
+    dot = text.find(".")
+    if bound > 0 and dot > 6:  # Go switches to an exponent sooner than Python
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
 
 PERCENTILE_BUCKETS = tuple(step / 20 for step in range(1, 21))
 FALLBACK_LOG_DENSITY_BUCKETS = tuple(float(-(2**power)) for power in range(12, -1, -1))
@@ -127,7 +147,7 @@ class ArrayHistogram(Collector):
         if SLOT in self.labelnames:
             raise ValueError(f"{name}: the label {SLOT!r} is the flushed gauge's own")
         self.bounds = np.asarray(sorted(float(b) for b in buckets if b != float("inf")))
-        self._les = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        self._les = [le_label(bound) for bound in self.bounds] + ["+Inf"]
         self._slots = {le: index for index, le in enumerate(self._les)}
         # OpenMetrics allows a sum only where no observation can be negative (Histogram's rule).
         self._has_sum = bool(self.bounds[0] >= 0)

@@ -112,7 +112,7 @@ class ScoreSpec:
     def from_fields(cls, fields: Mapping[bytes, bytes]) -> ScoreSpec:
         """The spec of wire fields (``to_fields`` encoded to bytes); KeyError for a missing
         required field, ValueError for a malformed one."""
-        hints = typing.get_type_hints(cls)
+        hints = _field_types(cls)
         values: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             raw = fields.get(item.name.encode())
@@ -137,6 +137,18 @@ class ScoreSpec:
             else:
                 parts.append(_length_prefixed(b"" if value is None else _encode(value).encode()))
         return b"".join(parts)
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a spec class, resolved once per class: it evaluates every
+    annotation string again on each call, and ``from_fields`` runs once per job."""
+    found = _FIELD_TYPES.get(cls)
+    if found is None:
+        found = _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return found
 
 
 def _length_prefixed(part: bytes) -> bytes:

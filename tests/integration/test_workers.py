@@ -15,13 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.utils import floatToGoString
 from servers import Server, running_server
 from test_uvicorn import build_small_version
 
 from latentsieve.demo import ensure_demo_index, index_latents
 from latentsieve.index.store import LatentStore
 from latentsieve.service.main import store_log_density_buckets
+from latentsieve.service.metrics import le_label
 
 MODEL = "digits-vae"
 CLIENTS, REQUESTS_EACH, SEEDS_EACH = 8, 12, 3
@@ -123,7 +123,7 @@ def test_two_processes_serve_and_metrics_count_every_request(
     assert metric(text, "latentsieve_index_latents", ".*") == len(index_latents())
     # One set of score buckets, fixed by the parent from the store: what one process derives.
     bounds = re.findall(r'^latentsieve_score_log_density_bucket\{le="([^"]+)"', text, re.M)
-    assert bounds == [floatToGoString(b) for b in store_log_density_buckets(server.store)] + [
+    assert bounds == [le_label(b) for b in store_log_density_buckets(server.store)] + [
         "+Inf"
     ]
 

@@ -123,9 +123,22 @@ def test_metrics_use_only_public_prometheus_client_names() -> None:
                              or name in {"values", "metrics", "mmap_dict", "samples"}]
     assert {module for module, _ in imported} <= {
         "prometheus_client", "prometheus_client.core", "prometheus_client.multiprocess",
-        "prometheus_client.registry", "prometheus_client.utils",
+        "prometheus_client.registry",
     }
     assert not [node for node in ast.walk(tree) if isinstance(node, ast.Import)
                 and any(alias.name.startswith("prometheus") for alias in node.names)]
     attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     assert not attributes & {"ValueClass", "_use_created", "_multiprocess", "values"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(bound=st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e6, 1e7, 1234567.0, 12345678.5, 1e10, 1e21, 1e22, 5e-324, -1e7, 0.0]),
+))
+def test_le_label_is_histograms(bound: float) -> None:
+    """``le_label`` writes a bound as ``Histogram`` labels its bucket (public ``collect``)."""
+    reference = Histogram("h", "help", buckets=(bound,), registry=None)
+    written = [sample.labels["le"] for sample in next(iter(reference.collect())).samples
+               if sample.name == "h_bucket"]
+    assert written == [metrics.le_label(bound), "+Inf"]
