@@ -24,11 +24,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, Sample
+from prometheus_client.core import HistogramMetricFamily, Metric, Sample
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from latentsieve.workers.worker_metrics import BATCH_SIZE, COMPUTE_SECONDS, DURATION_BUCKETS
+from latentsieve.workers.worker_metrics import (
+    BATCH_SIZE,
+    COMPUTE_SECONDS,
+    DURATION_BUCKETS,
+    GaugeCallback,
+    certified_rows,
+)
 
 
 def le_label(bound: float) -> str:
@@ -73,25 +79,6 @@ def log_density_buckets(ranges: Sequence[tuple[float, float]]) -> tuple[float, .
     low, high = low - margin, min(high + margin, 0.0)
     step = (high - low) / (LOG_DENSITY_BUCKET_COUNT - 1)
     return tuple(round(low + step * i, 6) for i in range(LOG_DENSITY_BUCKET_COUNT))
-
-
-class _GaugeCallback(Collector):
-    """A labelled gauge read from the app's state at scrape time."""
-
-    def __init__(
-        self, name: str, documentation: str, labels: Sequence[str],
-        read: Callable[[], Mapping[tuple[str, ...], float]],
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labels = list(labels)
-        self.read = read
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
-        for values, value in sorted(self.read().items()):
-            family.add_metric(list(values), value)
-        yield family
 
 
 # Metrics made only to ask prometheus_client something; render() never shows them.
@@ -398,7 +385,7 @@ class ServiceMetrics:
         self._queue_depth_read = read
         if self._queue_depth is None:
             self._add_scrape_time(
-                _GaugeCallback(
+                GaugeCallback(
                     "latentsieve_queue_depth", "Latents waiting to be scored.", ["model"],
                     lambda: {(model,): float(depth) for model, depth in read().items()},
                 )
@@ -410,7 +397,7 @@ class ServiceMetrics:
         """``latentsieve_queue_limit{model}``: latents one model may have queued in one process
         (``model_queue_limit``); past it, 429. Alerts compare the queue depth with it."""
         self._add_scrape_time(
-            _GaugeCallback(
+            GaugeCallback(
                 "latentsieve_queue_limit", "Latents one model may queue before 429.", ["model"],
                 lambda: {(model,): float(limit) for model in models()},
             )
@@ -426,7 +413,7 @@ class ServiceMetrics:
     def watch_live_workers(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """``latentsieve_live_workers{model, shard}``: workers with a fresh heartbeat."""
         self._add_scrape_time(
-            _GaugeCallback(
+            GaugeCallback(
                 "latentsieve_live_workers", "Workers with a live heartbeat, per model shard.",
                 ["model", "shard"],
                 lambda: {key: float(count) for key, count in read().items()},
@@ -443,7 +430,7 @@ class ServiceMetrics:
     def watch_index_latents(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """``latentsieve_index_latents{model, version}``: N of each served version."""
         self._add_scrape_time(
-            _GaugeCallback(
+            GaugeCallback(
                 "latentsieve_index_latents", "Training latents in each served index.",
                 ["model", "version"],
                 lambda: {key: float(n) for key, n in read().items()},
@@ -451,19 +438,9 @@ class ServiceMetrics:
         )
 
     def watch_certified_paths(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
-        """``latentsieve_certified_rows{model, path}``: rows a certified ivf index of this
-        process scored by each path since it was loaded (``bounds``: the bounds alone,
-        ``probed``, ``dense``: the cost model sent them to the dense GEMM, ``bailed``: dense
-        after probing stopped paying). The fallback's decision, for an operator."""
-        self._add_scrape_time(
-            _GaugeCallback(
-                "latentsieve_certified_rows",
-                "Certified ivf rows scored by each path since load (bounds, probed, dense, "
-                "bailed).",
-                ["model", "path"],
-                lambda: {key: float(n) for key, n in read().items()},
-            )
-        )
+        """``latentsieve_certified_rows`` (workers.worker_metrics.certified_rows) of the
+        certified ivf shards this process scores (embedded compute)."""
+        self._add_scrape_time(certified_rows(read))
 
     def _add_scrape_time(self, collector: Collector) -> None:
         self._scrape_time.append(collector)

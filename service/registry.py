@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore, LoadedVersion
-from latentsieve.workers.kinds import scorer_of
 from latentsieve.workers.scoring import ModelView
-from latentsieve.workers.shard_scoring import ShardScorer, open_shards
+from latentsieve.workers.shard_scoring import ShardScorer, open_shards, sum_paths
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +35,7 @@ class ServedModel:
     def certified_paths(self) -> dict[str, int]:
         """Rows each certified ivf path scored, summed over this process's shards (empty for
         a flat index or in front of workers)."""
-        totals: dict[str, int] = {}
-        for shard in self.shards:  # none for a kind the store cannot open
-            for path, count in scorer_of(self.view.manifest.kind).paths(shard.engine).items():
-                totals[path] = totals.get(path, 0) + count
-        return totals
+        return sum_paths(self.shards)
 
 
 class ModelRegistry:

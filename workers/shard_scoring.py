@@ -14,7 +14,7 @@ The types here are the batches the batcher combines and splits: ``ShardQuery`` i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -127,6 +127,11 @@ class ShardScorer:
                 delta_radius=settings.delta_radius,
             )
 
+    def paths(self) -> dict[str, int]:
+        """Rows each certified ivf path scored on this shard since it was opened (empty for
+        a flat index): the ``latentsieve_certified_rows`` gauge, wherever this shard runs."""
+        return scorer_of(self.loaded.manifest.kind).paths(self.engine)
+
     def score(self, key: ShardKey, query: ShardQuery) -> ShardScores:
         """This shard's log-sums (and shard 0's descriptors) for a batch of latents."""
         spec = key.spec
@@ -159,6 +164,15 @@ class ShardScorer:
             values = score_descriptors(self.descriptor_engine, latents)
             descriptors = {name: values[name] for name in spec.descriptors}
         return ShardScores(log_sum, descriptors, bound if certified else None)
+
+
+def sum_paths(shards: Iterable[ShardScorer]) -> dict[str, int]:
+    """Rows each certified ivf path scored, summed over ``shards``."""
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for path, count in shard.paths().items():
+            totals[path] = totals.get(path, 0) + count
+    return totals
 
 
 def open_shards(loaded: LoadedVersion, device: str = "cpu") -> tuple[ShardScorer, ...]:

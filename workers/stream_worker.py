@@ -51,7 +51,7 @@ from latentsieve.workers.local_compute import ModelBatchers
 from latentsieve.workers.modules import ModuleLoadError
 from latentsieve.workers.retry import Backoff
 from latentsieve.workers.settings import WorkerOptions
-from latentsieve.workers.shard_scoring import ShardKey, ShardScorer, open_shards
+from latentsieve.workers.shard_scoring import ShardKey, ShardScorer, open_shards, sum_paths
 from latentsieve.workers.streams import (
     GROUP,
     REPLY_TTL_S,
@@ -116,8 +116,20 @@ class StreamWorker:
         self._inflight = asyncio.Semaphore(options.read_count * 4)
         self._handling: set[bytes] = set()  # entry ids this process is working on
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics.watch_certified_paths(self.certified_paths)
 
     # -- what this worker serves ------------------------------------------------------
+
+    def certified_paths(self) -> dict[tuple[str, str], int]:
+        """(model, path) -> rows the certified ivf shards this worker holds (every kept
+        version) scored by that path. Read by the metrics server's thread: each container is
+        copied in one C call before it is walked."""
+        totals: dict[tuple[str, str], int] = {}
+        for model, kept in list(self._versions.items()):
+            for shards in list(kept.values()):
+                for path, count in sum_paths(list(shards.values())).items():
+                    totals[model, path] = totals.get((model, path), 0) + count
+        return totals
 
     def assignments(self) -> list[tuple[str, int]]:
         """(model, shard) pairs this worker serves: the newest version's shards of every

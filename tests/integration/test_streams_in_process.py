@@ -167,6 +167,12 @@ async def test_sharded_and_plain_scores_match_float64_through_the_streams(
             want = log_density_reference(queries, training, sigma)
             assert np.all(bounds <= max(max_error, 1e-6))
             assert np.all(np.abs(got - want) <= bounds + 1e-6)  # float32 storage rounding
+        # The cost model's decision, on the worker's own /metrics: every row of each of the
+        # three requests, on both shards (calibration at sigma 0.5 adds more).
+        rows = sum(running.metrics.registry.get_sample_value(
+            "latentsieve_certified_rows", {"model": "lists", "path": path}) or 0.0
+            for path in ("bounds", "probed", "dense", "bailed"))
+        assert rows >= 3 * len(queries) * 2
         models = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         assert [s["live_workers"] for s in models["split"]["compute"]["shards"]] == [1, 1, 1]
         assert (await client.get("/readyz")).status_code == 200

@@ -49,6 +49,7 @@ def test_the_contract_lists_the_metric_names_the_service_exports() -> None:
     metrics.watch_queue_depth(lambda: {"m": 0})
     metrics.watch_live_workers(lambda: {("m", "0"): 1})
     metrics.watch_index_latents(lambda: {("m", "v"): 10})
+    metrics.watch_certified_paths(lambda: {("m", "dense"): 1})
     exported = {metric.name.removesuffix("_total") for metric in metrics.registry.collect()}
     gateway = {name.removesuffix("_total") for name in listed} - {
         "latentsieve_compute_seconds", "latentsieve_worker_jobs", "latentsieve_worker_up"}

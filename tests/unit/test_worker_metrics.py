@@ -86,3 +86,21 @@ def test_two_workers_in_one_process_keep_separate_registries() -> None:
     assert models == {"b"}
     assert all(sample.value == 0 for sample in seen["latentsieve_worker_jobs"].samples
                if sample.name == "latentsieve_worker_jobs_total")
+
+
+def test_certified_rows_on_a_worker_are_the_gateways_gauge() -> None:
+    """A worker exports the certified ivf decisions of the shards it scores under the gateway's
+    name, help text and labels (``latentsieve_certified_rows``, read at scrape time)."""
+    counts = {("digits-ivf", "dense"): 3, ("digits-ivf", "bounds"): 5}
+    worker = WorkerMetrics()
+    worker.watch_certified_paths(lambda: counts)
+    gateway = ServiceMetrics([-10.0, 0.0])
+    gateway.watch_certified_paths(lambda: counts)
+    mine, theirs = families(generate_latest(worker.registry)), families(gateway.render())
+    name = "latentsieve_certified_rows"
+    assert mine[name].documentation == theirs[name].documentation
+    assert mine[name].samples == theirs[name].samples
+    assert {s.labels["path"]: s.value for s in mine[name].samples} == {"dense": 3, "bounds": 5}
+    counts[("digits-ivf", "dense")] = 7  # read again at each scrape
+    again = families(generate_latest(worker.registry))[name]
+    assert {s.labels["path"]: s.value for s in again.samples} == {"dense": 7, "bounds": 5}
