@@ -116,6 +116,15 @@ def workers(store: Path, redis_url: str, count: int, folder: Path) -> Iterator[l
             process.wait(timeout=30)
 
 
+# OpenBLAS's threads spin-wait about 2^28 cycles (~0.1 s) after a product before they sleep
+# (OPENBLAS_THREAD_TIMEOUT). On a 2-core machine a request sent right after this process's
+# NumPy product shares a core with that spinning thread: measured on W1, 500 latents, embedded,
+# the server's own compute of the batch took 252 ms straight after the product and 209 ms after a
+# 0.3 s pause (the engine alone in process: 200-220 ms), request / NumPy 1.58x -> 1.28x. The
+# sequential rounds wait this long on each side of a request.
+SETTLE_S = 0.3
+
+
 def gemm_seconds(queries: np.ndarray, training: np.ndarray) -> float:
     """Seconds of one float32 ``q @ Z.T``."""
     started = time.perf_counter()
@@ -132,7 +141,8 @@ async def sequential(
     """``rounds`` rounds over every configuration (label -> gateway URL, metrics URLs), in a
     new order each round: NumPy ``q @ Z.T`` of SEQUENTIAL_ROWS fresh latents, one POST of
     them alone, the product again (the faster of the two is the request's floor: each ratio
-    compares timings a moment apart on this noisy machine). The computed batches show whether
+    compares timings a moment apart on this noisy machine), with ``SETTLE_S`` between a product
+    and the request on either side. The computed batches show whether
     a request was split."""
     clients = {label: httpx.AsyncClient(base_url=url, timeout=300)
                for label, (url, _) in targets.items()}
@@ -148,7 +158,9 @@ async def sequential(
                 queries = stream.take(SEQUENTIAL_ROWS)
                 body = score_body(queries)
                 floor = gemm_seconds(queries, training)
+                await asyncio.sleep(SETTLE_S)  # this process's BLAS threads stop spinning
                 elapsed, _ = await post(clients[label], body)
+                await asyncio.sleep(SETTLE_S)  # and the server's
                 floors[label].append(min(floor, gemm_seconds(queries, training)))
                 times[label].append(elapsed)
     finally:
@@ -240,7 +252,9 @@ def table(sizes: Sizes, numpy_s: float, rows: dict[str, dict[str, Any]],
         f"{SEQUENTIAL_REQUESTS} rounds, each visiting the configurations in turn (the order "
         "rotated each round). A request is sent alone, between two NumPy `q @ Z.T` of its own "
         f"{SEQUENTIAL_ROWS} latents ({SEQUENTIAL_ROWS} x {sizes.d} @ {sizes.d} x {sizes.n:,}, "
-        "float32, a fresh output each time) in this process, the faster of which is its floor; "
+        "float32, a fresh output each time) in this process, "
+        f"{SETTLE_S:g} s apart from each (OpenBLAS's threads spin that long after a product), "
+        "the faster of which is its floor; "
         "the ratio is the median of the per-request ratios; *best / best*: the fastest request "
         "over the fastest floor (load only ever slows either down).",
         "",
