@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from latentsieve.service.cache import (
+    DESCRIPTOR_DICT_BYTES,
     DESCRIPTOR_VALUE_BYTES,
     CachedScore,
     MemoryCache,
@@ -142,7 +143,7 @@ def described(i: int) -> CachedScore:
 
 async def test_descriptor_values_are_counted_and_freed() -> None:
     cost = MemoryCache.entry_bytes(key(0), described(0))
-    assert cost == ENTRY + 3 * DESCRIPTOR_VALUE_BYTES
+    assert cost == ENTRY + DESCRIPTOR_DICT_BYTES + 3 * DESCRIPTOR_VALUE_BYTES
     cache = MemoryCache(100 * ENTRY)
     await cache.set_many([(key(i), described(i)) for i in range(4)])
     assert cache.size_bytes == 4 * cost
@@ -167,3 +168,33 @@ async def test_returned_descriptors_are_copies() -> None:
     assert first is not None
     first["descriptors"]["psi"] = -1.0
     assert await cache.get_many([key(1)]) == [described(1)]
+
+
+@pytest.mark.parametrize("descriptors", [0, 1, 3])
+async def test_entry_bytes_is_what_an_entry_holds(descriptors: int) -> None:
+    """``entry_bytes`` within 15% of the heap an entry really holds (tracemalloc: the key
+    string, the cache's slot, tuple and private copy), plain and with descriptors."""
+    import tracemalloc
+
+    names = ("psi", "nu", "delta")[:descriptors]
+
+    def entry(i: int) -> CachedScore:
+        found = score(i)
+        if names:
+            found["descriptors"] = {**{n: 0.5 + i for n in names},
+                                    **{f"{n}_percentile": 0.25 for n in names}}
+        return found
+
+    count = 5_000
+    cache = MemoryCache(1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        items = [(key(i), entry(i)) for i in range(count)]
+        await cache.set_many(items)
+        del items  # the caller's score dicts; the cache keeps the keys and its copies
+        held = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    counted = MemoryCache.entry_bytes(key(0), entry(0))
+    assert 0.85 <= held / counted <= 1.15, (held, counted)
