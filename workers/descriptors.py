@@ -347,6 +347,11 @@ class DescriptorEngine:
             raise ValueError(
                 f"unknown descriptor(s) {sorted(unknown)}; allowed: {sorted(DESCRIPTOR_NAMES)}"
             )
+        if isinstance(latents, np.ndarray) and not latents.flags.writeable:
+            # A read-only array (a memory map, a decoded request body): a tensor sharing its
+            # buffer is undefined behaviour to torch (it warns). Copy it: small next to the
+            # Jacobians.
+            latents = latents.copy()
         batch = torch.as_tensor(latents).to(self.device, self.dtype)
         if tuple(batch.shape[1:]) != self.latent_shape:
             raise ValueError(

@@ -269,3 +269,17 @@ def test_toy_cpwl_generator_is_fixed_and_piecewise_linear() -> None:
     result = DescriptorEngine(first, (2,), 3).compute(latents, {"psi", "nu", "delta"})
     assert all(np.isfinite(value).all() for value in result.values())
     assert (result["nu"] <= 2.0 + 1e-9).all()  # rank of a 3 x 2 Jacobian
+
+
+def test_a_read_only_batch_is_scored_without_sharing_its_buffer() -> None:
+    """A read-only array (a memory map, a decoded body) is copied before torch sees it: torch
+    calls a tensor over a read-only buffer undefined and warns; the scores are the same."""
+    import warnings
+
+    generator = linear_generator(np.diag([1.0, 2.0, 3.0]), np.zeros(3))
+    latents = np.ones((2, 3))
+    latents.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not writable")  # torch's warning fails it
+        result = DescriptorEngine(generator, (3,), 3).compute(latents, {"psi"})
+    np.testing.assert_allclose(result["psi"], math.log(6.0), rtol=1e-12)
