@@ -474,6 +474,8 @@ class WriteBehindCache:
             if previous is not None:  # in order, one at a time: a later entry of a key wins
                 await asyncio.wait({previous})
             await self.inner.set_many(entries)
+        except Exception:  # the protocol says never; no request is left to see it if it does
+            log.exception("score cache write failed", extra={"entries": len(entries)})
         finally:
             this = asyncio.current_task()
             for key, _ in entries:

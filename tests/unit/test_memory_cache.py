@@ -198,3 +198,29 @@ async def test_entry_bytes_is_what_an_entry_holds(descriptors: int) -> None:
         tracemalloc.stop()
     counted = MemoryCache.entry_bytes(key(0), entry(0))
     assert 0.85 <= held / counted <= 1.15, (held, counted)
+
+
+async def test_write_behind_logs_a_failing_write_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A back end that breaks the never-raise rule: the failure is logged, the entries are no
+    longer pending, and later writes still land."""
+
+    class Broken(MemoryCache):
+        fail = True
+
+        async def set_many(self, items: list[tuple[str, CachedScore]]) -> None:
+            if self.fail:
+                raise RuntimeError("disk on fire")
+            await super().set_many(items)
+
+    inner = Broken(100 * ENTRY)
+    cache = WriteBehindCache(inner)
+    await cache.set_many([(key(1), score(1))])
+    assert await cache.get_many([key(1)]) == [None]  # waited for the failed write
+    assert cache.pending == 0
+    assert any("score cache write failed" in r.getMessage() for r in caplog.records)
+    inner.fail = False
+    await cache.set_many([(key(2), score(2))])
+    assert await cache.get_many([key(2)]) == [score(2)]
+    await cache.close()
