@@ -39,6 +39,7 @@ from latentsieve.service.runtime import Runtime
 from latentsieve.service.schemas import ScoreRequest, SelectRequest
 from latentsieve.service.settings import Settings
 from latentsieve.service.stream_compute import StreamCompute
+from latentsieve.workers.density import FLOAT64_OPERANDS
 from latentsieve.workers.devices import resolve_device
 from latentsieve.workers.local_compute import LocalCompute, ModelBatchers
 from latentsieve.workers.transport import Compute, QueueLimits
@@ -154,6 +155,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = settings.compute == "embedded"
+        FLOAT64_OPERANDS.limit = settings.float64_operand_bytes
         # An absent CUDA device stops start-up here; in front of workers nothing computes here.
         device = resolve_device(settings.device) if embedded else "cpu"
         registry = ModelRegistry(LatentStore(settings.store), device=device,

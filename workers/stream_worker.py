@@ -47,6 +47,7 @@ from redis.exceptions import RedisError, ResponseError
 from latentsieve.index.errors import StoreError
 from latentsieve.index.store import LatentStore
 from latentsieve.workers.batcher import QueueFull
+from latentsieve.workers.density import FLOAT64_OPERANDS
 from latentsieve.workers.local_compute import ModelBatchers
 from latentsieve.workers.modules import ModuleLoadError
 from latentsieve.workers.retry import Backoff
@@ -97,6 +98,7 @@ class StreamWorker:
 
     def __init__(self, options: WorkerOptions, metrics: WorkerMetrics | None = None) -> None:
         self.options = options
+        FLOAT64_OPERANDS.limit = options.float64_operand_bytes
         self.metrics = metrics or WorkerMetrics()
         self.store = LatentStore(options.store)
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
