@@ -99,6 +99,7 @@ PRECISION_FLOAT64 = 64
 PRECISION_EXACT = 0
 PRECISION_DOMINANT = 1
 
+
 class Float64Budget:
     """Bytes this process lets its exact engines hold as float64 copies of their centred GEMM
     operands, N x (d + 2) x 8 each (``--float64-operand-bytes``, set by ``serve`` and ``worker``;
@@ -566,13 +567,17 @@ class DensityEngine:
         nbytes = self.n * (self.dim + 2) * 8
         with self._operand64_lock:
             if self._operand64 is None and FLOAT64_OPERANDS.reserve(nbytes):
-                operand = np.empty((self.n, self.dim + 2))
-                for start in range(0, self.n, self._tile64):  # as _product64's tiles, exactly
-                    stop = min(self.n, start + self._tile64)
-                    np.subtract(self.latents[start:stop], self.mean,
-                                out=operand[start:stop, : self.dim])
-                operand[:, self.dim] = -0.5 * self.sq_norms
-                operand[:, self.dim + 1] = 1.0
+                try:
+                    operand = np.empty((self.n, self.dim + 2))
+                    for start in range(0, self.n, self._tile64):  # as _product64's tiles
+                        stop = min(self.n, start + self._tile64)
+                        np.subtract(self.latents[start:stop], self.mean,
+                                    out=operand[start:stop, : self.dim])
+                    operand[:, self.dim] = -0.5 * self.sq_norms
+                    operand[:, self.dim + 1] = 1.0
+                except BaseException:  # MemoryError, an interrupted build: give the bytes back
+                    FLOAT64_OPERANDS.release(nbytes)
+                    raise
                 weakref.finalize(self, FLOAT64_OPERANDS.release, nbytes)
                 self._operand64 = operand
                 log.info("float64 operand kept", extra={
