@@ -40,6 +40,7 @@ import numpy as np
 from bench_http import (  # benchmarks/ is on sys.path when run as a script
     FULL,
     QUICK,
+    SETTLE_S,
     QueryStream,
     Server,
     Sizes,
@@ -116,13 +117,6 @@ def workers(store: Path, redis_url: str, count: int, folder: Path) -> Iterator[l
             process.wait(timeout=30)
 
 
-# OpenBLAS's threads spin-wait about 2^28 cycles (~0.1 s) after a product before they sleep
-# (OPENBLAS_THREAD_TIMEOUT). On a 2-core machine a request sent right after this process's
-# NumPy product shares a core with that spinning thread: measured on W1, 500 latents, embedded,
-# the server's own compute of the batch took 252 ms straight after the product and 209 ms after a
-# 0.3 s pause (the engine alone in process: 200-220 ms), request / NumPy 1.58x -> 1.28x. The
-# sequential rounds wait this long on each side of a request.
-SETTLE_S = 0.3
 
 
 def gemm_seconds(queries: np.ndarray, training: np.ndarray) -> float:

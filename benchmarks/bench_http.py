@@ -89,6 +89,16 @@ QUICK = Sizes(n=6_000, d=512, queries=500, batch=250, small_batch=16,
               requests_per_level=100, repeats=2)
 
 
+# OpenBLAS's threads spin-wait about 2^28 cycles (~0.1 s) after a product before they sleep
+# (OPENBLAS_THREAD_TIMEOUT). On a 2-core machine a request sent right after this process's
+# NumPy product shares a core with that spinning thread: measured on W1, 500 latents, embedded,
+# the server's own compute of the batch took 252 ms straight after the product and 209 ms after a
+# 0.3 s pause (the engine alone in process: 200-220 ms), request / NumPy 1.58x -> 1.28x. A
+# benchmark that times a product and a request back to back waits this long between them
+# (bench_distributed.py's sequential rounds, bench_sd.py's HTTP rounds).
+SETTLE_S = 0.3
+
+
 def clustered(count: int, d: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
     """``count`` points: a random centre plus 0.5 N(0, I), float32 (count, d)."""
     labels = rng.integers(0, len(centres), size=count)

@@ -33,9 +33,10 @@ and served by ``latentsieve serve`` (embedded, request timeout 600 s), once by d
 with ``LATENTSIEVE_FLOAT64_OPERAND_BYTES`` room for the float64 copy. Rounds of, in order: NumPy
 ``q @ Z.T`` of 64 latents; ``POST /score`` with 64 fresh posted latents (base64); ``POST /score``
 with 64 fresh seeds; NumPy ``q @ Z.T`` of 1,000 latents; ``POST /select`` over 1,000 fresh seeds
-keeping 4. Each request's best time over ``--repeats`` rounds is printed as a ratio to the best
-float32 GEMM of the same shapes in the same run (64 or 1,000 x 16,384 by 16,384 x N). Build,
-server and client share the machine.
+keeping 4, each ``SETTLE_S`` (0.3 s) after the one before (OpenBLAS's threads spin that long
+after a product: bench_http.py). Each request's best time over ``--repeats`` rounds is printed
+as a ratio to the best float32 GEMM of the same shapes in the same run (64 or 1,000 x 16,384
+by 16,384 x N). Build, server and client share the machine.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_http import Server, clean_env, latentsieve, workdir
+from bench_http import SETTLE_S, Server, clean_env, latentsieve, workdir
 from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 from scipy.special import logsumexp
 
@@ -149,6 +150,7 @@ async def http_rounds(url: str, latents: np.ndarray, repeats: int) -> dict[str, 
 
     def floor(name: str, count: int) -> None:
         queries = rng.standard_normal((count, DIM), dtype=np.float32)
+        time.sleep(SETTLE_S)  # and the server's, after a request
         started = time.perf_counter()
         product = queries @ latents.T
         keep(name, time.perf_counter() - started)
@@ -158,6 +160,7 @@ async def http_rounds(url: str, latents: np.ndarray, repeats: int) -> dict[str, 
 
         async def timed(name: str, path: str, body: dict[str, object]) -> None:
             content = json.dumps(body).encode()
+            await asyncio.sleep(SETTLE_S)  # the floor's BLAS threads stop spinning first
             started = time.perf_counter()
             response = await client.post(path, content=content,
                                          headers={"content-type": "application/json"})
