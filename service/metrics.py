@@ -41,8 +41,8 @@ def le_label(bound: float) -> str:
     """A bucket bound as ``Histogram``'s ``le`` label: Go's ``FormatFloat(x, 'g', -1, 64)``, the
     shortest round-trip digits with an exponent from 1e6 up (``1.0000005e+06``; ``repr``
     otherwise), and ``+Inf``/``-Inf``/``NaN``. The pinned prometheus_client (0.26) writes the
-    same, and tests/unit/test_array_histogram.py holds the installed one to it; some older
-    releases dropped the fraction of a positive bound >= 1e6, which no bound here has."""
+    same, and tests/unit/test_array_histogram.py holds the installed one to it below 1e10;
+    0.20 writes ``e+010`` from 1e10 up, which no bound here reaches."""
     bound = float(bound)
     if math.isinf(bound):
         return "+Inf" if bound > 0 else "-Inf"

@@ -20,7 +20,7 @@ from test_uvicorn import build_small_version
 
 from latentsieve.demo import ensure_demo_index, index_latents
 from latentsieve.index.store import LatentStore
-from latentsieve.service.main import store_log_density_buckets
+from latentsieve.service.main import PROCESS_READY_TIMEOUT_S, store_log_density_buckets
 from latentsieve.service.metrics import le_label
 
 MODEL = "digits-vae"
@@ -197,7 +197,11 @@ def test_a_dead_process_is_replaced(tmp_path: Path) -> None:
                 f"{server.url}/score", json={"model": MODEL, "seeds": [1]}, timeout=30
             )
             assert response.status_code == 200
-        deadline = time.monotonic() + 60
+        # Usually within a second. But uvicorn's supervisor pings each process in turn and
+        # waits up to its health-check timeout (PROCESS_READY_TIMEOUT_S, 120 s) for the answer,
+        # and a process killed while a ping is out never answers: uvicorn's parent keeps the
+        # child's end of the pipe open, so it sees no EOF either. CI hit that window twice.
+        deadline = time.monotonic() + PROCESS_READY_TIMEOUT_S + 30
         while time.monotonic() < deadline:
             now = process_pids(server)
             if len(now) == 2 and victim not in now:

@@ -133,11 +133,14 @@ def test_metrics_use_only_public_prometheus_client_names() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(bound=st.one_of(
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.sampled_from([1e6, 1e7, 1234567.0, 12345678.5, 1e10, 1e21, 1e22, 5e-324, -1e7, 0.0]),
+    st.floats(min_value=-1e300, max_value=9.99e9, allow_nan=False),
+    st.sampled_from([1e6, 1e7, 1234567.0, 12345678.5, 999999999.5, 5e-324, -1e7, -1e21, 0.0]),
 ))
 def test_le_label_is_histograms(bound: float) -> None:
-    """``le_label`` writes a bound as ``Histogram`` labels its bucket (public ``collect``)."""
+    """``le_label`` writes a bound as ``Histogram`` labels its bucket (public ``collect``).
+    Positive bounds from 1e10 up are left out: prometheus-client 0.20 (the floor, `make
+    check-lowest`) writes their exponent ``e+010``, 0.26 and Go ``e+10``; no bound here is
+    that large."""
     reference = Histogram("h", "help", buckets=(bound,), registry=None)
     written = [sample.labels["le"] for sample in next(iter(reference.collect())).samples
                if sample.name == "h_bucket"]
