@@ -543,8 +543,8 @@ class DensityEngine:
     def _product64(self, q_aug: np.ndarray, start: int, out: np.ndarray, tile: np.ndarray) -> None:
         """``out`` (B, m) = ``q_aug`` (B, d + 2) . [z_c, -|z_c|^2/2, 1] of latents
         [start, start + m) in float64, tile by tile: each tile of raw latents is centred into
-        ``tile`` (one ufunc pass, the exact float32 -> float64 cast then one rounding, as
-        ``astype(float64) - mean``) and multiplied while it is still in cache."""
+        ``tile`` (:meth:`_centre64`) and multiplied while it is still in cache; or by the kept
+        float64 operand (``FLOAT64_OPERANDS``)."""
         operand = self._float64_operand()
         if operand is not None:  # the same values, centred once
             np.matmul(q_aug, operand[start : start + out.shape[1]].T, out=out)
@@ -553,11 +553,17 @@ class DensityEngine:
         for offset in range(0, out.shape[1], rows):
             first = start + offset
             block = tile[: min(rows, out.shape[1] - offset)]
-            stop = first + block.shape[0]
-            np.subtract(self.latents[first:stop], self.mean, out=block[:, : self.dim])
-            block[:, self.dim] = -0.5 * self.sq_norms[first:stop]
-            block[:, self.dim + 1] = 1.0
+            self._centre64(first, block)
             np.matmul(q_aug, block.T, out=out[:, offset : offset + block.shape[0]])
+
+    def _centre64(self, first: int, out: np.ndarray) -> None:
+        """``out`` (m, d + 2) = float64 [z_c, -|z_c|^2/2, 1] of latents [first, first + m):
+        one ufunc pass, the exact float32 -> float64 cast then one rounding, as
+        ``astype(float64) - mean``."""
+        stop = first + out.shape[0]
+        np.subtract(self.latents[first:stop], self.mean, out=out[:, : self.dim])
+        out[:, self.dim] = -0.5 * self.sq_norms[first:stop]
+        out[:, self.dim + 1] = 1.0
 
     def _float64_operand(self) -> np.ndarray | None:
         """The centred float64 operand [z_c, -|z_c|^2/2, 1] (N, d + 2), made once when
@@ -569,12 +575,8 @@ class DensityEngine:
             if self._operand64 is None and FLOAT64_OPERANDS.reserve(nbytes):
                 try:
                     operand = np.empty((self.n, self.dim + 2))
-                    for start in range(0, self.n, self._tile64):  # as _product64's tiles
-                        stop = min(self.n, start + self._tile64)
-                        np.subtract(self.latents[start:stop], self.mean,
-                                    out=operand[start:stop, : self.dim])
-                    operand[:, self.dim] = -0.5 * self.sq_norms
-                    operand[:, self.dim + 1] = 1.0
+                    for start in range(0, self.n, self._tile64):  # the tiles' values, kept
+                        self._centre64(start, operand[start : start + self._tile64])
                 except BaseException:  # MemoryError, an interrupted build: give the bytes back
                     FLOAT64_OPERANDS.release(nbytes)
                     raise
