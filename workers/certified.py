@@ -45,6 +45,7 @@ stays certified. ``CertifiedScores.dense`` and ``CertifiedIVF.decisions`` record
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ import numpy as np
 from latentsieve.index.gemm_operand import GemmOperand, gemm_operand
 from latentsieve.index.ivf_lists import IvfLists, ListStats, kmeans_labels
 from latentsieve.index.manifest import check_sigma
+from latentsieve.workers.cores import run_parts, split_ranges
 from latentsieve.workers.density import float32_logit_bound, gamma
 
 log = logging.getLogger(__name__)
@@ -663,21 +665,38 @@ class CertifiedIVF:
         q_aug[:, self.dim] = 1.0 / s2
         q_aug[:, self.dim + 1] = -m
         sums = np.zeros(q.shape[0])
-        width = min(DENSE_BLOCK, self.n)
-        buffer = np.empty((min(q.shape[0], DENSE_QUERY_BLOCK), width), dtype=np.float32)
-        for first in range(0, q.shape[0], DENSE_QUERY_BLOCK):
-            part = slice(first, first + DENSE_QUERY_BLOCK)
-            block_q, block_skip = q_aug[part], skip[part]
-            for start in range(0, self.n, DENSE_BLOCK):
-                logits = buffer[: block_q.shape[0], : min(width, self.n - start)]
-                np.matmul(block_q, operand.augmented[start : start + DENSE_BLOCK].T, out=logits)
+
+        def block_sums(block_q: np.ndarray, block_skip: np.ndarray, lo: int, hi: int
+                       ) -> np.ndarray:
+            """Float64 sum over the DENSE_BLOCK blocks of latents [lo, hi) of their float32
+            sums of exps: (B,)."""
+            out = np.zeros(block_q.shape[0])
+            buffer = np.empty((block_q.shape[0], min(DENSE_BLOCK, hi - lo)), dtype=np.float32)
+            for start in range(lo, hi, DENSE_BLOCK):
+                logits = buffer[:, : min(DENSE_BLOCK, hi - start)]
+                np.matmul(block_q, operand.augmented[start : start + logits.shape[1]].T,
+                          out=logits)
                 hit = np.flatnonzero((block_skip >= start)
                                      & (block_skip < start + logits.shape[1]))
                 logits[hit, block_skip[hit] - start] = -np.inf
                 with np.errstate(over="ignore", under="ignore"):
                     np.exp(logits, out=logits)
                 with np.errstate(over="ignore"):
-                    sums[part] += logits.sum(axis=1)
+                    out += logits.sum(axis=1)
+            return out
+
+        for first in range(0, q.shape[0], DENSE_QUERY_BLOCK):
+            part = slice(first, first + DENSE_QUERY_BLOCK)
+            block_q, block_skip = q_aug[part], skip[part]
+            # one range per core, cut at DENSE_BLOCK boundaries: the blocks, and so the error
+            # terms of _dense_sum_error, are those of one pass (the float64 sum in any order)
+            ranges = split_ranges(self.n, block_q.shape[0] * self.n * (self.dim + 2),
+                                  align=DENSE_BLOCK)
+            with np.errstate(over="ignore"):
+                sums[part] = np.sum(run_parts([
+                    functools.partial(block_sums, block_q, block_skip, lo, hi)
+                    for lo, hi in ranges
+                ]), axis=0)
         summed = self._dense_sum_error()
         tiny = self.n * FLOAT32_TINY
         finite = np.isfinite(sums)

@@ -35,12 +35,12 @@ latents tile by tile into one reused buffer of ``FLOAT64_TILE_BYTES``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -49,6 +49,7 @@ import torch
 
 from latentsieve.index.gemm_operand import GemmOperand, gemm_operand
 from latentsieve.index.manifest import check_sigma
+from latentsieve.workers.cores import run_parts, split_ranges
 
 log = logging.getLogger(__name__)
 
@@ -507,21 +508,10 @@ class DensityEngine:
         whose first block held no term) come back with ok = False.
         """
         q_aug = self._augmented_query(q_centred, sigma, dtype)
-        width = self._float32_width(q_aug.shape[0])
-
-        def product32(start: int, out: np.ndarray) -> None:
-            np.matmul(q_aug, self.augmented[start : start + width].T, out=out)
-
         if dtype == np.float32 and self.backend == "torch":
             shift, sums = self._exp_sums_torch(q_aug, exclude)
-        elif dtype == np.float32:
-            shift, sums = self._exp_sums_numpy(q_aug, exclude, product32, width)
         else:
-            tile = np.empty((self._tile64, self.dim + 2))
-            shift, sums = self._exp_sums_numpy(
-                q_aug, exclude, lambda start, out: self._product64(q_aug, start, out, tile),
-                self.latent_block,
-            )
+            shift, sums = self._exp_sums_split(q_aug, exclude)
         limit = _SUM_LIMIT[np.dtype(dtype).itemsize]
         ok = np.isfinite(sums) & (sums > 0) & (sums < limit)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -590,32 +580,65 @@ class DensityEngine:
     def _blocks(self) -> range:
         return range(0, self.n, self.latent_block)
 
-    def _exp_sums_numpy(
-        self,
-        q_aug: np.ndarray,
-        exclude: np.ndarray | None,
-        product: Callable[[int, np.ndarray], None],
-        width: int,
+    def _exp_sums_split(
+        self, q_aug: np.ndarray, exclude: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row shift (B,) and sum of exp(logit - shift) (B,) over blocks of ``width``
-        latents; ``product(start, out)`` writes one block's logits (B, m) into ``out``.
+        """Per-row shift (B,) and sum of exp(logit - shift) (B,) over all N latents, in
+        ``q_aug``'s dtype, the latents split into one contiguous range per core
+        when the pass is worth it (:func:`~latentsieve.workers.cores.split_ranges`).
+
+        Each range has its own shift (its first block's row maximum); the ranges are merged
+        in float64 as ``sum_p S_p exp(m_p - m)`` with ``m`` the largest: ``log S`` moves by
+        a few float64 roundings. A range that overflowed or held no term gives the row a
+        non-finite or zero sum, as one range would.
+        """
+        rows = q_aug.shape[0]
+        ranges = split_ranges(self.n, rows * self.n * (self.dim + 2))
+        if len(ranges) == 1:
+            return self._exp_sums_range(q_aug, exclude, 0, self.n, 1)
+        results = run_parts([
+            functools.partial(self._exp_sums_range, q_aug.copy(), exclude, lo, hi, len(ranges))
+            for lo, hi in ranges
+        ])
+        shifts = np.stack([shift for shift, _ in results])
+        shift = shifts.max(axis=0)
+        sums = np.zeros(rows)
+        with np.errstate(invalid="ignore", over="ignore"):
+            for part_shift, part_sums in results:
+                sums += part_sums * np.exp(part_shift - shift)
+        return shift, sums
+
+    def _exp_sums_range(
+        self, q_aug: np.ndarray, exclude: np.ndarray | None, first: int, stop: int, parts: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row shift (B,) and sum of exp(logit - shift) (B,) over latents [first, stop),
+        block by block; ``q_aug``'s shift column is set here (the caller's copy).
 
         The GEMM runs in ``q_aug``'s dtype (the logits' rounding is what needs float64); the
         shifted exponents, at most a few hundred nats, are exponentiated in float32, which adds
         under u32 * (log N + 10) nats to the log-sum (float32 exp is ~5x faster than float64).
+        Float32 blocks are ``_float32_width`` latents (the logits budget shared by ``parts``
+        ranges); float64 blocks are ``latent_block`` latents, centred tile by tile
+        (:meth:`_product64`).
         """
         rows = q_aug.shape[0]
-        width = min(width, self.n)
+        float32 = q_aug.dtype == np.float32
+        width = self._float32_width(rows * parts) if float32 else self.latent_block
+        width = min(width, stop - first)
         buffer = np.empty((rows, width), dtype=q_aug.dtype)
-        exps = buffer if q_aug.dtype == np.float32 else np.empty((rows, width), np.float32)
+        exps = buffer if float32 else np.empty((rows, width), np.float32)
+        tile = None if float32 else np.empty((max(1, self._tile64 // parts), self.dim + 2))
         sums = np.zeros(rows, dtype=np.float64)
         shift = np.zeros(rows, dtype=np.float64)
-        for start in range(0, self.n, width):
-            logits = buffer[:, : min(width, self.n - start)]
-            product(start, logits)
+        for start in range(first, stop, width):
+            logits = buffer[:, : min(width, stop - start)]
+            if tile is None:
+                np.matmul(q_aug, self.augmented[start : start + logits.shape[1]].T, out=logits)
+            else:
+                self._product64(q_aug, start, logits, tile)
             if exclude is not None:
                 _mask_excluded(logits, exclude, start)
-            if start == 0:
+            if start == first:
                 top = logits.max(axis=1)
                 top[~np.isfinite(top)] = 0.0
                 logits -= top[:, None]

@@ -4,14 +4,17 @@ bail-out), and the decision is reported."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 import latentsieve.workers.certified as certified
+import latentsieve.workers.cores as cores
 from latentsieve.workers.certified import DENSE_SHARE, CertifiedIVF
 from latentsieve.workers.density import log_sum_reference
 
@@ -66,12 +69,15 @@ ROUTES = {
     max_error=st.sampled_from([0.003, 0.05, 0.5]),
     leave_out=st.booleans(),
     route=st.sampled_from(sorted(ROUTES)),
+    split=st.booleans(),
     seed=st.integers(0, 2**31),
 )
 def test_dense_rows_hold_the_reference(
     n: int, d: int, scale: float, offset: float, nlist: int, log_sigma: float,
-    max_error: float, leave_out: bool, route: str, seed: int,
+    max_error: float, leave_out: bool, route: str, split: bool, seed: int,
 ) -> None:
+    """``split``: the dense pass cut into blocks of 16 latents, on two threads
+    (workers/cores.py), as it runs on a multi-core machine for large passes."""
     rng = np.random.default_rng(seed)
     latents = blobs(rng, n, d, scale, offset)
     ivf = CertifiedIVF.from_labels(latents, rng.integers(0, nlist, n), nlist)
@@ -83,9 +89,13 @@ def test_dense_rows_hold_the_reference(
         exclude = np.where(rng.random(queries.shape[0]) < 0.5,
                            rng.integers(0, n, queries.shape[0]), -1)
         queries[exclude >= 0] = stored[exclude[exclude >= 0]]
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
         for name, value in ROUTES[route].items():
             patch.setattr(certified, name, value)
+        if split:
+            patch.setattr(certified, "DENSE_BLOCK", 16)
+            patch.setattr(cores, "SPLIT_MIN_PRODUCTS", 0)
+            stack.enter_context(threadpool_limits(limits=2, user_api="blas"))
         got = ivf.score(queries, sigma, max_error=max_error, exclude=exclude)
     event(f"{route}: dense rows {bool(got.dense.any())}")  # --hypothesis-show-statistics
     if exclude is None:
