@@ -4,7 +4,8 @@
 
 W1 = N 60,000 training latents, d 512, 2,000 queries, sigma 20, clustered synthetic data
 (100 centres ~ N(0, I), points = centre + 0.5 N(0, I)). Every time is the best of ``--repeats``
-runs, engine and baselines interleaved so that machine noise hits both alike. Printed:
+runs, engine and baselines interleaved so that machine noise hits both alike (``SETTLE_S``
+apart). Printed:
 
 - engine latents/s, and engine time / NumPy ``q @ Z.T`` time (the GEMM any exact method does);
 - speed-up over scikit-learn ``KernelDensity`` (exact: atol = rtol = 0) on a query subset,
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from bench_http import SETTLE_S
 from report import PAGE, write_section  # benchmarks/ is on sys.path when run as a script
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
@@ -72,7 +74,11 @@ def main() -> None:
     paths = dict(zip(bits.tolist(), counts.tolist(), strict=True))
     engine_times, matmul_times = [], []
     for _ in range(args.repeats):  # interleaved: noise on this machine hits both alike
+        # SETTLE_S apart: OpenBLAS's threads spin ~0.1 s after the product, and the engine
+        # runs its own threads on every core (workers/cores.py)
+        time.sleep(SETTLE_S)
         engine_times.append(best_of(lambda: engine.log_sum(queries, sigma), 1))
+        time.sleep(SETTLE_S)
         matmul_times.append(best_of(lambda: queries @ latents.T, 1))
     engine_s, matmul_s = min(engine_times), min(matmul_times)
 
