@@ -27,10 +27,12 @@ float32 when the bound is under the tolerance. Otherwise, where few terms carry 
 GEMM picks them and they are recomputed from direct float64 differences, with a *proven* bound on
 what the float32 rest can add (:func:`float32_logit_bound`, :func:`log_sum_certificate`); else
 float64, and an exact re-computation of the dominant terms by direct differences when even
-float64 cannot meet it (tiny ``sigma``, where every ``exp`` underflows). The streaming
-log-sum-exp keeps memory at one ``query_block x latent_block`` buffer for any ``N`` (float32
-blocks of few queries widen within ``FLOAT32_LOGITS_BYTES``); the float64 GEMM centres the
-latents tile by tile into one reused buffer of ``FLOAT64_TILE_BYTES``.
+float64 cannot meet it (tiny ``sigma``, where every ``exp`` underflows). The float32 and
+float64 passes split the latents into one range per core (:mod:`latentsieve.workers.cores`).
+The streaming log-sum-exp keeps memory at one ``query_block x latent_block`` buffer per range
+for any ``N`` (float32 blocks of few queries widen within ``FLOAT32_LOGITS_BYTES``, shared by
+the ranges); the float64 GEMM centres the latents tile by tile into reused buffers of
+``FLOAT64_TILE_BYTES`` in all.
 """
 
 from __future__ import annotations
